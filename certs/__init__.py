@@ -1,0 +1,1 @@
+"""certs: the mesh certificate authority (root CA, SPIFFE workload certificates)."""

@@ -1,0 +1,1 @@
+"""The data plane's configuration contract: frozen dataclasses (see ``model``)."""
