@@ -260,13 +260,15 @@ class RouteTable:
 
     ``exact`` holds every alias of every host, lower-case, without port: the FQDN and, for
     ``*.svc.cluster.local`` names, ``name.ns.svc``, ``name.ns`` and the short ``name`` (short
-    names of the proxy's own namespace win a clash). ``wildcards`` holds ``(suffix, vhost)``
-    for ``*.suffix`` hosts, with ``suffix`` starting with ``.``, longest suffix first; ``"*"``
-    is stored as suffix ``""`` and matches everything, last.
+    names of the proxy's own namespace win a clash). ``wildcards`` maps the suffix of a
+    ``*.suffix`` host, with its leading dot (``".example.com"``), to its virtual host; a lookup
+    walks the request host's dot-suffixes longest first (O(labels), not O(wildcards)).
+    ``catch_all`` is the virtual host for ``"*"``, tried last.
     """
 
     exact: Mapping[str, VirtualHost] = field(default_factory=dict)
-    wildcards: tuple[tuple[str, VirtualHost], ...] = ()
+    wildcards: Mapping[str, VirtualHost] = field(default_factory=dict)
+    catch_all: VirtualHost | None = None
 
 
 # --------------------------------------------------------------------------- clusters
