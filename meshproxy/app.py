@@ -1,0 +1,246 @@
+"""The composition root of one proxy process: wires state, metrics, config source, data plane
+and admin, and runs the process lifecycle (start, serve, drain, exit).
+
+Theory of operation
+-------------------
+:func:`run` builds the first snapshot *before* the event loop starts (bad config -> exit 2 with
+the problem lines), then on uvloop: starts the admin server, the outbound listener, prints
+``listening outbound=HOST:PORT admin=HOST:PORT`` (flushed) and watches the config files.
+
+Lifecycle of :class:`Proxy`::
+
+    starting --(listeners up, config applied)--> serving --(POST /drain)--> draining
+        serving/draining --(SIGTERM, SIGINT, POST /quitquitquit, parent gone)--> stopping -> exit 0
+
+Draining = ``/ready`` answers 503, the listener stops accepting, idle keep-alive connections are
+closed at once and busy ones after their in-flight response. Stopping = drain, then wait up to
+``--drain-seconds`` for in-flight requests, then close everything. A second SIGTERM/SIGINT
+while stopping cuts the wait short.
+
+A ``--workers`` child runs this same code with ``--reuse-port`` (it shares the outbound port with
+its siblings) and ``--parent-pid`` (it stops when its supervisor is gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from meshproxy.admin import Admin, snapshot_dump
+from meshproxy.cli import Addr, RunOptions, UsageError, format_addr
+from meshproxy.config.model import ProxyIdentity
+from meshproxy.metrics import Export, Metrics
+from meshproxy.settings import Settings
+from meshproxy.sources.file import ConfigError, FileSource
+from meshproxy.state import State
+
+log = logging.getLogger("meshproxy.app")
+
+PARENT_CHECK_INTERVAL = 0.5  # seconds between "is my supervisor still alive?" checks
+
+
+def settings_for(opts: RunOptions) -> Settings:
+    return Settings(drain_seconds=opts.drain_seconds)
+
+
+def identity_for(opts: RunOptions) -> ProxyIdentity:
+    return ProxyIdentity(namespace=opts.namespace, labels=dict(opts.labels))
+
+
+class Proxy:
+    """One proxy process: the admin backend and the owner of every component."""
+
+    def __init__(self, opts: RunOptions, settings: Settings) -> None:
+        from meshproxy.dataplane import DataPlane
+
+        self.opts = opts
+        self.settings = settings
+        self.identity = identity_for(opts)
+        self.state = State()
+        self.metrics = Metrics(self.identity)
+        self.state.subscribe(self.metrics.on_snapshot)
+        self.source = FileSource(opts.config, self.identity, self.state, settings, self.metrics)
+        self.dataplane = DataPlane(self.state, self.metrics, settings)
+        self.admin = Admin(self)
+        self.outbound: Addr | None = None
+        self.admin_addr: Addr | None = None
+        self.listening = False
+        self.draining = False
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def __repr__(self) -> str:
+        return (
+            f"Proxy(outbound={self.outbound!r}, admin={self.admin_addr!r}, "
+            f"version={self.state.snapshot.version!r}, draining={self.draining})"
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def load_config(self) -> None:
+        """Initial build; raises UsageError naming every problem (exit 2)."""
+        try:
+            self.source.load_initial()
+        except ConfigError as e:
+            raise UsageError(
+                "invalid config:\n" + "\n".join(f"  {p}" for p in e.problems)
+            ) from None
+
+    async def start(self) -> None:
+        host, port = self.opts.admin
+        try:
+            self.admin_addr = await self.admin.start(host, port)
+        except OSError as e:
+            raise UsageError(f"cannot listen on admin {format_addr(self.opts.admin)}: {e}") from e
+        host, port = self.opts.outbound
+        try:
+            self.outbound = await self.dataplane.start_outbound(
+                host, port, reuse_port=self.opts.reuse_port
+            )
+        except OSError as e:
+            await self.admin.close()
+            raise UsageError(
+                f"cannot listen on outbound {format_addr(self.opts.outbound)}: {e}"
+            ) from e
+        self.listening = True
+        self._tasks.append(asyncio.create_task(self._watch_config(), name="config-watch"))
+        if self.opts.parent_pid is not None:
+            self._tasks.append(asyncio.create_task(self._watch_parent(), name="parent-watch"))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def listening_line(self) -> str:
+        assert self.outbound is not None and self.admin_addr is not None
+        return (
+            f"listening outbound={format_addr(self.outbound)} admin={format_addr(self.admin_addr)}"
+        )
+
+    async def serve(self) -> int:
+        """Wait for a stop request, then drain and close; returns the exit code."""
+        await self._stop.wait()
+        await self.drain()
+        timeout = self.settings.drain_seconds
+        log.info(
+            "stopping: waiting up to %.1fs for %d in-flight request(s)",
+            timeout,
+            self.dataplane.active_requests,
+        )
+        drained = asyncio.create_task(self.dataplane.wait_drained(timeout))
+        forced = asyncio.create_task(self._force.wait())
+        await asyncio.wait({drained, forced}, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if not drained.done():
+            drained.cancel()
+            log.warning("second signal: not waiting for in-flight requests")
+        elif not drained.result():
+            log.warning(
+                "drain timed out after %.1fs with %d request(s) in flight",
+                timeout,
+                self.dataplane.active_requests,
+            )
+        await self.close()
+        return 0
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        await self.dataplane.close()
+        await self.admin.close()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stop.is_set():
+            self._force.set()
+            return
+        log.info("%s: draining, then exiting", sig.name)
+        self._stop.set()
+
+    async def _watch_config(self) -> None:
+        while True:
+            try:
+                await self.source.watch()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("config watcher failed; restarting it in 1s")
+                await asyncio.sleep(1.0)
+
+    async def _watch_parent(self) -> None:
+        while os.getppid() == self.opts.parent_pid:
+            await asyncio.sleep(PARENT_CHECK_INTERVAL)
+        log.warning("supervisor (pid %s) is gone: stopping", self.opts.parent_pid)
+        self._stop.set()
+
+    # ------------------------------------------------------------------ AdminBackend
+
+    async def is_ready(self) -> bool:
+        return self.listening and self.state.applied and not self.draining
+
+    async def config_dump(self) -> dict[str, Any]:
+        listeners = []
+        if self.outbound is not None:
+            listeners.append(
+                {"name": "outbound", "address": format_addr(self.outbound), "protocol": "HTTP"}
+            )
+        snapshot, last_error = self.state.snapshot, self.state.last_error
+        dump = await asyncio.to_thread(
+            snapshot_dump, snapshot, last_error=last_error, listeners=listeners
+        )
+        dump["pid"] = os.getpid()
+        return dump
+
+    async def clusters(self) -> dict[str, Any]:
+        return self.dataplane.clusters_view()
+
+    async def stats_export(self) -> Export:
+        return self.metrics.export()
+
+    async def drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        log.info(
+            "draining: refusing new connections, %d open, %d request(s) in flight",
+            self.dataplane.active_connections,
+            self.dataplane.active_requests,
+        )
+        self.dataplane.stop_accepting()
+        self.dataplane.close_idle()
+
+    def request_quit(self) -> None:
+        log.info("quitquitquit: draining, then exiting")
+        self._stop.set()
+
+
+async def _main(opts: RunOptions, settings: Settings) -> int:
+    proxy = Proxy(opts, settings)
+    proxy.load_config()
+    await proxy.start()
+    print(proxy.listening_line(), flush=True)
+    log.info("%s", proxy.listening_line())
+    return await proxy.serve()
+
+
+def run(opts: RunOptions) -> int:
+    """``meshproxy run`` in one process; returns the exit code."""
+    import uvloop
+
+    settings = settings_for(opts)
+    try:
+        return uvloop.run(_main(opts, settings))
+    finally:
+        sys.stdout.flush()

@@ -1,0 +1,272 @@
+"""The ``meshproxy`` command line: argument parsing and dispatch, nothing else.
+
+Theory of operation
+-------------------
+``main(argv)`` parses with argparse (which already exits 2 with a usage line on a bad flag)
+and hands a typed :class:`RunOptions` to the composition root: :func:`meshproxy.app.run` for
+one process, :func:`meshproxy.workers.supervise` for ``--workers N`` with N > 1. Value parsers
+(:func:`parse_addr`, :func:`parse_labels`) raise ``argparse.ArgumentTypeError`` so a bad
+value is reported like a bad flag. :class:`UsageError` raised later (a bad config at start-up,
+a port in use) becomes exit code 2 with its message on stderr. Anything else that escapes is
+a bug: it is logged with its traceback and the exit code is 1. No user mistake produces a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from meshproxy import __version__
+
+log = logging.getLogger("meshproxy")
+
+Addr = tuple[str, int]
+
+DEFAULT_OUTBOUND = "127.0.0.1:15001"
+DEFAULT_ADMIN = "127.0.0.1:15000"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class UsageError(Exception):
+    """A user mistake found after argument parsing: exit 2, message on stderr."""
+
+
+# --------------------------------------------------------------------------- value parsers
+
+
+def parse_addr(text: str) -> Addr:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port). Port 0 means "let the OS choose"."""
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or not text[end + 1 :].startswith(":"):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected [IPV6]:PORT")
+        host, port_s = text[1:end], text[end + 2 :]
+    else:
+        host, sep, port_s = text.rpartition(":")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
+        if ":" in host:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: an IPv6 address needs brackets, e.g. [::1]:15001"
+            )
+    if not host:
+        raise argparse.ArgumentTypeError(f"{text!r}: missing host")
+    if not port_s.isdigit() or int(port_s) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: port must be a number 0..65535")
+    return host, int(port_s)
+
+
+def format_addr(addr: Addr) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listening_line(outbound: Addr, admin: Addr) -> str:
+    """The start-up line scripts wait for (printed on stdout once every listener is up)."""
+    return f"listening outbound={format_addr(outbound)} admin={format_addr(admin)}"
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """``k=v,k2=v2`` -> dict (empty text -> {})."""
+    labels: dict[str, str] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"{item!r}: expected KEY=VALUE")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds, e.g. 5 or 0.5") from None
+    if not s >= 0 or s == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number >= 0")
+    return s
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """Everything ``meshproxy run`` was asked to do, typed."""
+
+    config: tuple[str, ...]
+    outbound: Addr = ("127.0.0.1", 15001)
+    admin: Addr = ("127.0.0.1", 15000)
+    workers: int = 1
+    namespace: str = "default"
+    labels: dict[str, str] = field(default_factory=dict)
+    drain_seconds: float = 5.0
+    log_level: str = "info"
+    reuse_port: bool = False  # set by the supervisor for its workers
+    parent_pid: int | None = None  # a worker exits when its supervisor is gone
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshproxy",
+        description="A service-mesh sidecar proxy that speaks Istio's configuration.",
+    )
+    parser.add_argument("--version", action="version", version=f"meshproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser(
+        "run",
+        help="run the proxy",
+        description="Run the proxy in standalone mode: read Istio YAML from --config and "
+        "re-apply it when the files change.",
+    )
+    run.add_argument(
+        "--config",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="Istio YAML file or directory (read recursively for *.yaml/*.yml); repeatable",
+    )
+    run.add_argument(
+        "--outbound",
+        type=parse_addr,
+        default=DEFAULT_OUTBOUND,
+        metavar="ADDR",
+        help=f"outbound listener HOST:PORT (port 0: OS-chosen) [{DEFAULT_OUTBOUND}]",
+    )
+    run.add_argument(
+        "--admin",
+        type=parse_addr,
+        default=DEFAULT_ADMIN,
+        metavar="ADDR",
+        help=f"admin API HOST:PORT [{DEFAULT_ADMIN}]",
+    )
+    run.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the outbound port (SO_REUSEPORT) [1]",
+    )
+    run.add_argument(
+        "--namespace",
+        default="default",
+        metavar="NS",
+        help="this workload's namespace (sourceNamespace matches, metrics) [default]",
+    )
+    run.add_argument(
+        "--labels",
+        type=parse_labels,
+        default={},
+        metavar="K=V,...",
+        help="this workload's labels (sourceLabels matches, source_app/source_version metrics)",
+    )
+    run.add_argument(
+        "--drain-seconds",
+        type=_seconds,
+        default=5.0,
+        metavar="S",
+        help="on SIGTERM/SIGINT/quitquitquit, how long in-flight requests may take [5]",
+    )
+    run.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="[info]")
+    run.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    run.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+
+    val = sub.add_parser(
+        "validate",
+        help="check Istio YAML without running anything",
+        description="Check Istio YAML. Prints one line per problem on stdout "
+        "(FILE: Kind/name: field.path: message) and exits 1 when there is any; warnings go "
+        "to stderr. Exit 0 when valid.",
+    )
+    val.add_argument("paths", nargs="+", metavar="PATH", help="files or directories")
+    return parser
+
+
+def _check_paths(paths: Sequence[str]) -> None:
+    for p in paths:
+        if not os.path.exists(p):
+            raise UsageError(f"{p}: no such file or directory")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _validate(paths: Sequence[str]) -> int:
+    from control.istio import validate_paths
+
+    _check_paths(paths)
+    report = validate_paths(list(paths))
+    for w in report.warnings:
+        print(w, file=sys.stderr)
+    for p in report.problems:
+        print(p)
+    sys.stdout.flush()
+    return 1 if report.problems else 0
+
+
+def _run(ns: argparse.Namespace) -> int:
+    opts = RunOptions(
+        config=tuple(ns.config),
+        outbound=ns.outbound,
+        admin=ns.admin,
+        workers=ns.workers,
+        namespace=ns.namespace,
+        labels=ns.labels,
+        drain_seconds=ns.drain_seconds,
+        log_level=ns.log_level,
+        reuse_port=ns.reuse_port,
+        parent_pid=ns.parent_pid,
+    )
+    _check_paths(opts.config)
+    setup_logging(opts.log_level)
+    if opts.workers > 1:
+        from meshproxy.workers import supervise
+
+        return supervise(opts)
+    from meshproxy.app import run
+
+    return run(opts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``meshproxy`` / ``python -m meshproxy``; returns the exit code."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)  # exits 2 on a bad flag or value
+    try:
+        if ns.command == "validate":
+            return _validate(ns.paths)
+        return _run(ns)
+    except UsageError as e:
+        print(f"meshproxy: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        logging.getLogger("meshproxy").exception("meshproxy: internal error")
+        return 1

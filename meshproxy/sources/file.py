@@ -1,0 +1,192 @@
+"""Standalone config source: Istio YAML files -> Snapshot, re-applied when the files change.
+
+Theory of operation
+-------------------
+The one translation lives in ``control.istio``; this module only drives it. At start-up
+:meth:`FileSource.load_initial` builds a snapshot synchronously (problems are fatal: the caller
+exits 2 with them). :meth:`FileSource.watch` then waits on ``watchfiles.awatch`` for changes
+under the configured paths (the parent directory of a file path is watched, so editors that
+replace a file by renaming are seen) and, once the files have been quiet for
+``Settings.reload_debounce``, calls :meth:`FileSource.reload`.
+
+A reload parses and translates in a worker thread (``asyncio.to_thread``), so even a
+10,000-host config never holds the event loop for more than the GIL switch interval; only the
+final ``state.apply`` (one reference swap) runs on the loop. The outcome is one of:
+
+* problems -> every problem line logged at WARNING, ``state.reject`` records them (admin
+  ``/config_dump`` shows ``last_error``), the last good snapshot stays live;
+* the same ``version`` as the live snapshot -> nothing happens (no swap, no pool churn);
+* otherwise -> ``state.apply(snapshot)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from meshproxy.config.model import ProxyIdentity, Snapshot
+from meshproxy.settings import Settings
+from meshproxy.state import State
+
+log = logging.getLogger("meshproxy.sources.file")
+
+
+class Report(Protocol):
+    problems: list[str]
+    warnings: list[str]
+
+
+Builder = Callable[[list[str], ProxyIdentity], tuple[Snapshot | None, Report]]
+
+
+class ReloadRecorder(Protocol):
+    def config_reload(self, result: str) -> None: ...
+
+
+def _default_builder(paths: list[str], proxy: ProxyIdentity) -> tuple[Snapshot | None, Report]:
+    from control.istio import build_snapshot
+
+    return build_snapshot(paths, proxy)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    """What one build attempt gave: ``snapshot`` is None when there were problems."""
+
+    snapshot: Snapshot | None
+    problems: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+
+class ConfigError(Exception):
+    """The initial config has problems; ``problems`` are formatted lines."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = tuple(problems)
+
+
+class FileSource:
+    """Feeds ``state`` from Istio YAML under ``paths`` (files or directories)."""
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        proxy: ProxyIdentity,
+        state: State,
+        settings: Settings,
+        metrics: ReloadRecorder | None = None,
+        build: Builder = _default_builder,
+    ) -> None:
+        self.paths = [os.path.abspath(p) for p in paths]
+        self.proxy = proxy
+        self.state = state
+        self.settings = settings
+        self.metrics = metrics
+        self._build = build
+        self.reloads = 0  # reload attempts that reached a verdict (applied/unchanged/rejected)
+
+    def __repr__(self) -> str:
+        return f"FileSource(paths={self.paths!r}, version={self.state.snapshot.version!r})"
+
+    # ------------------------------------------------------------------ building
+
+    def build(self) -> LoadResult:
+        """Parse, validate and translate (blocking: call from a thread once running)."""
+        try:
+            snapshot, report = self._build(list(self.paths), self.proxy)
+        except Exception as e:  # a bug in translation must not take the proxy down
+            log.exception("config build failed")
+            return LoadResult(None, (f"internal error while building config: {e!r}",), ())
+        problems = tuple(report.problems)
+        if problems or snapshot is None:
+            return LoadResult(None, problems or ("config produced no snapshot",), ())
+        return LoadResult(snapshot, (), tuple(report.warnings))
+
+    def load_initial(self) -> Snapshot:
+        """Build and apply the start-up config; raise :class:`ConfigError` on problems."""
+        result = self.build()
+        if result.snapshot is None:
+            raise ConfigError(result.problems)
+        for w in result.warnings:
+            log.warning("%s", w)
+        self._apply(result.snapshot)
+        return result.snapshot
+
+    async def reload(self) -> bool:
+        """Rebuild off the loop and apply it if valid and changed; True when swapped."""
+        result = await asyncio.to_thread(self.build)
+        self.reloads += 1
+        if result.snapshot is None:
+            for p in result.problems:
+                log.warning("config rejected: %s", p)
+            log.warning(
+                "keeping config version %s after %d problem(s)",
+                self.state.snapshot.version,
+                len(result.problems),
+            )
+            self.state.reject("\n".join(result.problems))
+            if self.metrics is not None:
+                self.metrics.config_reload("rejected")
+            return False
+        if result.snapshot.version == self.state.snapshot.version:
+            log.debug("config unchanged (version %s)", result.snapshot.version)
+            if self.state.last_error is not None:
+                self.state.last_error = None  # the bad edit was reverted
+            return False
+        for w in result.warnings:
+            log.warning("%s", w)
+        self._apply(result.snapshot)
+        return True
+
+    def _apply(self, snapshot: Snapshot) -> None:
+        self.state.apply(snapshot)
+        if self.metrics is not None:
+            self.metrics.config_reload("success")
+        log.info(
+            "applied config version %s (%d clusters)", snapshot.version, len(snapshot.clusters)
+        )
+
+    # ------------------------------------------------------------------ watching
+
+    def watch_roots(self) -> list[str]:
+        """Directories to watch: each config directory, and each config file's parent."""
+        roots: list[str] = []
+        for p in self.paths:
+            root = p if os.path.isdir(p) else os.path.dirname(p)
+            if root not in roots:
+                roots.append(root)
+        return roots
+
+    def is_relevant(self, path: str) -> bool:
+        """True when a change at ``path`` can alter the config."""
+        path = os.path.abspath(path)
+        for p in self.paths:
+            if path == p:
+                return True
+            if path.startswith(p + os.sep) and os.path.isdir(p):
+                name = os.path.basename(path)
+                if name.startswith(".") or name.endswith("~"):
+                    return False  # editor swap / backup files
+                return True
+        return False
+
+    async def watch(self, stop: asyncio.Event | None = None) -> None:
+        """Reload on every relevant change until cancelled or ``stop`` is set."""
+        from watchfiles import awatch
+
+        step_ms = max(10, int(self.settings.reload_debounce * 1000))
+        async for changes in awatch(
+            *self.watch_roots(),
+            watch_filter=lambda _change, path: self.is_relevant(path),
+            step=step_ms,
+            debounce=1000,
+            stop_event=stop,
+            recursive=True,
+        ):
+            log.debug("config change: %s", sorted(p for _, p in changes))
+            await self.reload()

@@ -1,0 +1,405 @@
+"""``--workers N``: a supervisor process that owns admin and N worker processes.
+
+Theory of operation
+-------------------
+Each worker is an ordinary single-process proxy (``python -m meshproxy run ...``) started with
+``--reuse-port`` so all of them bind the same outbound port with SO_REUSEPORT and the kernel
+spreads connections across them, ``--admin 127.0.0.1:0`` for a private admin port, and
+``--parent-pid`` so a worker stops by itself if the supervisor disappears. The supervisor reads
+each worker's ``listening ...`` line from its stdout to learn that private admin address.
+
+When ``--outbound`` asks for port 0, the supervisor first binds (without listening) a
+SO_REUSEPORT socket to pick a concrete port, keeps it bound for its lifetime (so the port stays
+reserved across worker restarts), and hands the number to the workers.
+
+Every worker watches the config files itself (same files, same translation, same version).
+The supervisor's admin answers by asking the workers' admins: ``/ready`` is 200 only when every
+worker is; ``/stats/prometheus`` sums the workers' raw exports (``/stats?format=json``) with
+:func:`meshproxy.metrics.merge_exports`; ``/clusters`` sums ``active_requests`` per endpoint;
+``/config_dump`` comes from one worker; ``/workers`` lists them. ``POST /drain`` and SIGTERM /
+SIGINT / ``POST /quitquitquit`` are passed on (``/drain`` over HTTP, stop as SIGTERM); a worker
+that dies while not stopping is restarted, with a growing pause if it keeps dying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from meshproxy.admin import Admin
+from meshproxy.cli import Addr, RunOptions, UsageError, format_addr, parse_addr
+from meshproxy.metrics import Export, merge_exports
+from meshproxy.sources.file import FileSource
+from meshproxy.state import State
+
+log = logging.getLogger("meshproxy.workers")
+
+WORKER_START_TIMEOUT = 30.0  # seconds for a worker to print its listening line
+WORKER_ADMIN_TIMEOUT = 5.0  # seconds for one admin call to a worker
+RESTART_BACKOFF_MAX = 5.0  # seconds between restarts of a worker that keeps dying
+STOP_GRACE = 5.0  # seconds after --drain-seconds before a worker is killed
+
+
+class WorkerStartError(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class Worker:
+    index: int
+    proc: asyncio.subprocess.Process | None = None
+    admin: Addr | None = None
+    restarts: int = 0
+    pump: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def url(self, path: str) -> str:
+        assert self.admin is not None
+        return f"http://{format_addr(self.admin)}{path}"
+
+
+def merge_clusters(views: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge ``/clusters`` answers of several workers: per endpoint, sum ``active_requests``
+    and ``ejections``; ``ejected`` if any worker ejected it; ``healthy`` if every worker
+    considers it healthy. Cluster and endpoint order follow the first worker."""
+    clusters: dict[str, dict[str, Any]] = {}
+    for view in views:
+        for c in view.get("clusters", []):
+            acc = clusters.get(c["name"])
+            if acc is None:
+                clusters[c["name"]] = {**c, "endpoints": [dict(e) for e in c["endpoints"]]}
+                continue
+            eps = {e["address"]: e for e in acc["endpoints"]}
+            for e in c["endpoints"]:
+                a = eps.get(e["address"])
+                if a is None:
+                    acc["endpoints"].append(dict(e))
+                    continue
+                a["active_requests"] = a.get("active_requests", 0) + e.get("active_requests", 0)
+                a["ejections"] = a.get("ejections", 0) + e.get("ejections", 0)
+                a["ejected"] = bool(a.get("ejected")) or bool(e.get("ejected"))
+                a["healthy"] = bool(a.get("healthy", True)) and bool(e.get("healthy", True))
+    return {"clusters": list(clusters.values())}
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) a SO_REUSEPORT socket on host:port; port 0 picks a free one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Supervisor:
+    """Owns the admin port and the worker processes; the admin backend for ``--workers``."""
+
+    def __init__(self, opts: RunOptions, outbound: Addr) -> None:
+        self.opts = opts
+        self.outbound = outbound
+        self.workers = [Worker(i) for i in range(opts.workers)]
+        self.admin = Admin(self, extra={("GET", "/workers"): self._workers_handler})
+        self.admin_addr: Addr | None = None
+        self.draining = False
+        self.stopping = False
+        self._stop = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._monitors: list[asyncio.Task[None]] = []
+
+    def __repr__(self) -> str:
+        return f"Supervisor(outbound={self.outbound!r}, workers={[w.pid for w in self.workers]})"
+
+    # ------------------------------------------------------------------ workers
+
+    def worker_argv(self) -> list[str]:
+        o = self.opts
+        argv = [sys.executable, "-m", "meshproxy", "run"]
+        for p in o.config:
+            argv += ["--config", os.path.abspath(p)]
+        argv += [
+            "--outbound",
+            format_addr(self.outbound),
+            "--admin",
+            "127.0.0.1:0",
+            "--namespace",
+            o.namespace,
+            "--labels",
+            ",".join(f"{k}={v}" for k, v in o.labels.items()),
+            "--drain-seconds",
+            str(o.drain_seconds),
+            "--log-level",
+            o.log_level,
+            "--reuse-port",
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+        return argv
+
+    async def spawn(self, w: Worker) -> None:
+        """Start worker ``w`` and wait for its listening line."""
+        proc = await asyncio.create_subprocess_exec(
+            *self.worker_argv(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE
+        )
+        w.proc, w.admin = proc, None
+        assert proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), WORKER_START_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise WorkerStartError(f"worker {w.index} did not start in time") from None
+        text = line.decode(errors="replace").strip()
+        fields = dict(p.split("=", 1) for p in text.split()[1:] if "=" in p)
+        if not text.startswith("listening ") or "admin" not in fields:
+            code = await proc.wait()
+            raise WorkerStartError(f"worker {w.index} exited with code {code} before listening")
+        w.admin = parse_addr(fields["admin"])
+        w.pump = asyncio.create_task(self._pump(proc), name=f"worker-{w.index}-stdout")
+        log.info("worker %d started (pid %d, admin %s)", w.index, proc.pid, fields["admin"])
+
+    @staticmethod
+    async def _pump(proc: asyncio.subprocess.Process) -> None:
+        """Keep reading a worker's stdout so it can never block on a full pipe."""
+        assert proc.stdout is not None
+        while await proc.stdout.readline():
+            pass
+
+    async def _monitor(self, w: Worker) -> None:
+        """Restart worker ``w`` whenever it dies while we are not stopping."""
+        loop = asyncio.get_running_loop()
+        backoff = 0.1
+        started = loop.time()
+        while not self.stopping:
+            if w.proc is not None:
+                code = await w.proc.wait()
+                if self.stopping:
+                    return
+                log.warning(
+                    "worker %d (pid %d) exited with code %s: restarting", w.index, w.pid, code
+                )
+                if loop.time() - started > 10 * RESTART_BACKOFF_MAX:
+                    backoff = 0.1  # it ran fine for a while: not a crash loop
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
+            if self.stopping:
+                return
+            try:
+                started = loop.time()
+                await self.spawn(w)
+                w.restarts += 1
+                if self.draining:
+                    await self._post(w, "/drain")
+            except (WorkerStartError, OSError, aiohttp.ClientError) as e:
+                log.error("restarting worker %d failed: %s", w.index, e)
+                if w.proc is not None and w.proc.returncode is None:
+                    continue  # it started; only the drain call failed
+                w.proc = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=WORKER_ADMIN_TIMEOUT)
+        )
+        try:
+            await asyncio.gather(*(self.spawn(w) for w in self.workers))
+        except WorkerStartError as e:
+            await self._terminate_all(0.0)
+            raise UsageError(f"{e} (see its log above)") from None
+        host, port = self.opts.admin
+        try:
+            self.admin_addr = await self.admin.start(host, port)
+        except OSError as e:
+            await self._terminate_all(0.0)
+            raise UsageError(f"cannot listen on admin {format_addr(self.opts.admin)}: {e}") from e
+        self._monitors = [asyncio.create_task(self._monitor(w)) for w in self.workers]
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def listening_line(self) -> str:
+        assert self.admin_addr is not None
+        return (
+            f"listening outbound={format_addr(self.outbound)} admin={format_addr(self.admin_addr)}"
+        )
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("%s: stopping %d worker(s)", sig.name, len(self.workers))
+        if self._stop.is_set():  # second signal: pass it on, workers cut their drain short
+            for w in self.workers:
+                if w.alive and w.proc is not None:
+                    w.proc.send_signal(signal.SIGTERM)
+        self._stop.set()
+
+    async def serve(self) -> int:
+        await self._stop.wait()
+        self.stopping = True
+        self.draining = True
+        await self._terminate_all(self.opts.drain_seconds + STOP_GRACE)
+        for t in self._monitors:
+            t.cancel()
+        for t in self._monitors:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.admin.close()
+        if self._session is not None:
+            await self._session.close()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        return 0
+
+    async def _terminate_all(self, grace: float) -> None:
+        """SIGTERM every worker (each drains itself), SIGKILL any still alive after grace."""
+        self.stopping = True
+        procs = [w.proc for w in self.workers if w.alive and w.proc is not None]
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        if not procs:
+            return
+        await asyncio.wait([asyncio.create_task(p.wait()) for p in procs], timeout=grace)
+        for p in procs:
+            if p.returncode is None:
+                log.warning("worker pid %d did not stop in time: killing it", p.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+        for p in procs:
+            await p.wait()
+        for w in self.workers:
+            if w.pump is not None:
+                w.pump.cancel()
+
+    # ------------------------------------------------------------------ worker admin calls
+
+    async def _get(self, w: Worker, path: str) -> tuple[int, Any]:
+        assert self._session is not None
+        async with self._session.get(w.url(path)) as resp:
+            body = await resp.read()
+            if resp.content_type == "application/json":
+                return resp.status, json.loads(body)
+            return resp.status, body.decode(errors="replace")
+
+    async def _post(self, w: Worker, path: str) -> int:
+        assert self._session is not None
+        async with self._session.post(w.url(path)) as resp:
+            await resp.read()
+            return resp.status
+
+    async def _ask_all(self, path: str) -> list[tuple[int, Any] | BaseException]:
+        live = [w for w in self.workers if w.alive and w.admin is not None]
+        if len(live) < len(self.workers):
+            return [ConnectionError("a worker is not running")]
+        return await asyncio.gather(*(self._get(w, path) for w in live), return_exceptions=True)
+
+    # ------------------------------------------------------------------ AdminBackend
+
+    async def is_ready(self) -> bool:
+        if self.draining or self.admin_addr is None:
+            return False
+        answers = await self._ask_all("/ready")
+        return all(not isinstance(a, BaseException) and a[0] == 200 for a in answers)
+
+    async def config_dump(self) -> dict[str, Any]:
+        for w in self.workers:
+            if w.alive and w.admin is not None:
+                try:
+                    status, dump = await self._get(w, "/config_dump")
+                except (aiohttp.ClientError, TimeoutError):
+                    continue
+                if status == 200 and isinstance(dump, dict):
+                    dump["workers"] = [w.pid for w in self.workers]
+                    return dump
+        return {"version": "", "last_error": "no worker is answering", "workers": []}
+
+    async def clusters(self) -> dict[str, Any]:
+        views = [
+            a[1]
+            for a in await self._ask_all("/clusters")
+            if not isinstance(a, BaseException) and a[0] == 200
+        ]
+        return merge_clusters(views)
+
+    async def stats_export(self) -> Export:
+        exports = [
+            a[1]
+            for a in await self._ask_all("/stats?format=json")
+            if not isinstance(a, BaseException) and a[0] == 200
+        ]
+        return merge_exports(exports)
+
+    async def drain(self) -> None:
+        self.draining = True
+        live = [w for w in self.workers if w.alive and w.admin is not None]
+        await asyncio.gather(*(self._post(w, "/drain") for w in live), return_exceptions=True)
+
+    def request_quit(self) -> None:
+        log.info("quitquitquit: stopping %d worker(s)", len(self.workers))
+        self._stop.set()
+
+    async def _workers_handler(self, request: web.Request) -> web.Response:
+        rows = [
+            {
+                "index": w.index,
+                "pid": w.pid,
+                "alive": w.alive,
+                "admin": None if w.admin is None else format_addr(w.admin),
+                "restarts": w.restarts,
+            }
+            for w in self.workers
+        ]
+        return web.json_response({"workers": rows})
+
+
+async def _main(opts: RunOptions, outbound: Addr) -> int:
+    sup = Supervisor(opts, outbound)
+    await sup.start()
+    print(sup.listening_line(), flush=True)
+    log.info("%s (%d workers)", sup.listening_line(), len(sup.workers))
+    return await sup.serve()
+
+
+def supervise(opts: RunOptions) -> int:
+    """``meshproxy run --workers N`` (N > 1); returns the exit code."""
+    import uvloop
+
+    from meshproxy.app import identity_for, settings_for
+
+    # Validate once here, so a bad config is exit 2 with its problems, not N dead workers.
+    source = FileSource(opts.config, identity_for(opts), State(), settings_for(opts))
+    result = source.build()
+    if result.snapshot is None:
+        raise UsageError("invalid config:\n" + "\n".join(f"  {p}" for p in result.problems))
+    host, port = opts.outbound
+    try:
+        reservation = reserve_port(host, port)
+    except OSError as e:
+        raise UsageError(f"cannot listen on outbound {format_addr(opts.outbound)}: {e}") from e
+    try:
+        outbound = (host, reservation.getsockname()[1])
+        return uvloop.run(_main(opts, outbound))
+    finally:
+        reservation.close()
