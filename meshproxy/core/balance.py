@@ -170,11 +170,15 @@ class RandomPicker:
         idx = self._eligible[k]
         if available is None or available[idx]:
             return idx
-        # Slow path (some endpoint is out): weighted pick among the available ones.
+        # Slow path (the drawn endpoint is out): a weighted pick among the available ones,
+        # with rand re-spread over [0, 1) from where it fell inside the drawn endpoint's
+        # interval, so the overall distribution is exactly weight / available weight.
         idxs = [i for i in self._eligible if available[i]]
         if not idxs:
             return None
-        return _weighted_choice(idxs, [self._by_index[i] for i in idxs], rand)
+        lo = self._cum[k - 1] if k else 0
+        rest = (rand * self._total - lo) / self._weights[k]
+        return _weighted_choice(idxs, [self._by_index[i] for i in idxs], _clamp_rand(rest))
 
     def __repr__(self) -> str:
         pairs = dict(zip(self._eligible, self._weights, strict=True))
@@ -325,9 +329,12 @@ class LeastRequestPicker:
             return None
         if available is not None and not (available[a] and (b is None or available[b])):
             # Slow path: choose among the available ones only (Envoy's host set is the
-            # healthy hosts); same derivation from rand.
+            # healthy hosts), with the entropy of rand left over by the first draw, so
+            # every available pair stays equally likely.
+            n = len(elig)
+            rest = rand * (n * (n - 1)) if n > 1 else rand
             elig = tuple(i for i in elig if available[i])
-            a, b = self._two(elig, rand)
+            a, b = self._two(elig, rest - int(rest))
             if a is None:
                 return None
         if b is not None and active[b] < active[a]:
