@@ -164,7 +164,9 @@ def find_virtual_host(table: RouteTable, host: str) -> VirtualHost | None:
         return vh
     wildcards = table.wildcards
     if wildcards:
-        i = host.find(".")
+        # From the first dot after position 0: a wildcard never matches an empty label
+        # (Envoy: "*.foo.com" does not match ".foo.com").
+        i = host.find(".", 1)
         while i >= 0:
             vh = wildcards.get(host[i:])
             if vh is not None:

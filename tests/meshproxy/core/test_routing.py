@@ -329,6 +329,11 @@ class TestFindVirtualHost:
         vh = find_virtual_host(table, "example.com")
         assert vh is not None and vh.name == "*"
 
+    def test_wildcard_needs_a_non_empty_label(self) -> None:
+        table, _, _ = _table(1)
+        vh = find_virtual_host(table, ".example.com")
+        assert vh is not None and vh.name == "*"
+
     def test_catch_all_and_none(self) -> None:
         table, _, _ = _table(1)
         vh = find_virtual_host(table, "unknown.host")
