@@ -1,0 +1,133 @@
+"""The data plane's public face: listeners, live upstream pools and drain, for ``meshproxy.app``.
+
+Theory of operation
+-------------------
+A :class:`DataPlane` wires the pieces once: the upstream :class:`~meshproxy.upstream.pool.Pools`
+(subscribed to ``State`` so a snapshot swap re-picks changed clusters and closes idle
+connections to endpoints that are gone), a :class:`~meshproxy.proxy.ProxyContext` whose
+``make_exchange`` serves every request, and one
+:class:`~meshproxy.http.server.ServerContext` shared by the connections of every outbound
+listener. Drain is three steps the composition root calls in order: :meth:`stop_accepting`,
+:meth:`close_idle` (idle connections close now, busy ones after their current response, with
+``Connection: close``), :meth:`wait_drained`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from meshproxy.http.server import HttpConnection, ServerContext
+from meshproxy.net.listen import listen
+from meshproxy.proxy import ProxyContext
+from meshproxy.settings import Settings
+from meshproxy.state import State
+from meshproxy.upstream.pool import EndpointState, Pools
+
+if TYPE_CHECKING:
+    from meshproxy.metrics import Metrics
+
+
+class DataPlane:
+    def __init__(self, state: State, metrics: Metrics, settings: Settings) -> None:
+        self._state = state
+        self._metrics = metrics
+        self._settings = settings
+        self._pools = Pools(metrics, settings)
+        state.subscribe(self._pools.on_snapshot)
+        self._servers: list[asyncio.Server] = []
+        self._proxy: ProxyContext | None = None
+        self._server_ctx: ServerContext | None = None
+
+    def _contexts(self) -> ServerContext:
+        if self._server_ctx is None:
+            self._proxy = ProxyContext(self._state, self._pools, self._metrics, self._settings)
+            self._server_ctx = ServerContext(
+                self._settings, self._metrics, self._proxy.make_exchange
+            )
+        return self._server_ctx
+
+    async def start_outbound(
+        self, host: str, port: int, *, reuse_port: bool = False
+    ) -> tuple[str, int]:
+        """Start an outbound listener; returns the bound (host, port)."""
+        ctx = self._contexts()
+        server, addr = await listen(lambda: HttpConnection(ctx), host, port, reuse_port=reuse_port)
+        self._servers.append(server)
+        return addr
+
+    def stop_accepting(self) -> None:
+        """Close the listening sockets: new connections are refused."""
+        for server in self._servers:
+            server.close()
+
+    def close_idle(self) -> None:
+        """Drain: idle client connections close now; busy ones after their current response."""
+        ctx = self._server_ctx
+        if ctx is None:
+            return
+        ctx.draining = True
+        for conn in list(ctx.connections):
+            conn.drain()
+
+    async def wait_drained(self, timeout: float) -> bool:
+        """True once no client connection is left (False if ``timeout`` passed first)."""
+        ctx = self._server_ctx
+        if ctx is None:
+            return True
+        return await ctx.wait_empty(timeout)
+
+    @property
+    def active_connections(self) -> int:
+        ctx = self._server_ctx
+        return 0 if ctx is None else len(ctx.connections)
+
+    @property
+    def active_requests(self) -> int:
+        return 0 if self._proxy is None else self._proxy.active_requests
+
+    def clusters_view(self) -> dict[str, Any]:
+        """``/clusters`` per INTERFACE.md, for every cluster of the current snapshot."""
+        live = self._pools.states()
+        out = []
+        for name, cluster in self._state.snapshot.clusters.items():
+            cs = live.get(name)
+            states: list[EndpointState] = (
+                cs.endpoints if cs is not None else [EndpointState(e) for e in cluster.endpoints]
+            )
+            out.append(
+                {
+                    "name": name,
+                    "endpoints": [
+                        {
+                            "address": st.key,
+                            "healthy": st.healthy,
+                            "ejected": st.ejected,
+                            "ejections": st.ejections,
+                            "active_requests": st.active,
+                        }
+                        for st in states
+                    ],
+                }
+            )
+        return {"clusters": out}
+
+    async def close(self) -> None:
+        """Close listeners, client connections and upstream pools."""
+        self.stop_accepting()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        ctx = self._server_ctx
+        if ctx is not None:
+            ctx.draining = True
+            for conn in list(ctx.connections):
+                conn.abort()
+        self._pools.close()
+        await asyncio.sleep(0)
+
+    def __repr__(self) -> str:
+        return (
+            f"DataPlane(servers={len(self._servers)}, connections={self.active_connections},"
+            f" requests={self.active_requests})"
+        )

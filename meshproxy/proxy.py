@@ -1,0 +1,528 @@
+"""One request's life: read the snapshot once, route, make the upstream attempt, stream back.
+
+Theory of operation
+-------------------
+The downstream connection (``meshproxy.http.server``) creates one :class:`Exchange` per request
+head and starts it when it reaches the front of the pipeline queue. ``start`` does all the
+deciding synchronously, against one ``state.snapshot`` read:
+
+1. target + authority -> :class:`~meshproxy.core.routing.RequestInfo`;
+2. virtual host, route (404 ``NR``), then the route's action: direct response, redirect, or
+   a weighted destination -> cluster (503 ``NC``) -> endpoint through the cluster's picker
+   (503 ``UH``);
+3. the upstream request head: hop-by-hop headers dropped, ``x-request-id`` / XFF / XFP /
+   ``x-envoy-attempt-count``, rewrite (``x-envoy-original-path``), request header operations
+   of the route and the destination.
+
+Then :meth:`Exchange._attempt` makes *one* upstream attempt: a pooled keep-alive connection
+when there is one (no await at all on that path), else a connect under the cluster's
+``connect_timeout``. Every failure of the attempt arrives as a :class:`~meshproxy.errors.Failure`
+in :meth:`Exchange._attempt_failed`, the single place where retries, per-try timeouts and
+outlier accounting will slot in; today it maps the failure to Envoy's local reply.
+
+Bodies stream both ways without buffering: request body pieces are written to the upstream
+as they arrive (re-chunked if chunked; held only while the connection is being set up, with
+reading paused above the high-water mark), response pieces go straight to the client, and
+each side's write back-pressure pauses reading on the other side.
+
+Nothing here formats log lines; the outcome of every request is one ``metrics.record_request``
+call with the response code and Envoy response flag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import TYPE_CHECKING
+
+from meshproxy.config.model import Cluster, Route, WeightedCluster
+from meshproxy.core.balance import hash_key_for
+from meshproxy.core.routing import (
+    RequestInfo,
+    apply_header_ops,
+    find_virtual_host,
+    pick_cluster,
+    redirect_response,
+    rewritten_path,
+    select_route,
+)
+from meshproxy.errors import Failure, LocalReply, local_reply
+from meshproxy.http.codec import (
+    CONTINUE_100,
+    LAST_CHUNK,
+    BodyFraming,
+    TargetError,
+    downstream_body_framing,
+    encode_chunk,
+    filter_response_headers,
+    lines_to_pairs,
+    local_reply_bytes,
+    pairs_to_lines,
+    parse_target,
+    prepare_request_headers,
+    request_head,
+    response_head,
+    split_authority,
+    upstream_body_framing,
+)
+from meshproxy.http.server import HttpConnection, RequestHead
+from meshproxy.settings import Settings
+from meshproxy.state import State
+from meshproxy.upstream.connection import UpstreamConnection
+from meshproxy.upstream.pool import ClusterState, ConnectFailure, EndpointState, Pools
+
+if TYPE_CHECKING:
+    from meshproxy.metrics import Metrics
+
+_NO_ROUTE = local_reply(Failure.NO_ROUTE)
+_BAD_REQUEST = local_reply(Failure.BAD_REQUEST)
+_NONE = BodyFraming.NONE
+_LENGTH = BodyFraming.LENGTH
+_CHUNKED = BodyFraming.CHUNKED
+_CLOSE = BodyFraming.CLOSE
+
+
+class ProxyContext:
+    """Shared by every exchange of a data plane (built once by ``DataPlane``)."""
+
+    __slots__ = ("active_requests", "loop", "metrics", "pools", "random", "settings", "state")
+
+    def __init__(self, state: State, pools: Pools, metrics: Metrics, settings: Settings) -> None:
+        self.state = state
+        self.pools = pools
+        self.metrics = metrics
+        self.settings = settings
+        self.loop = asyncio.get_running_loop()
+        self.random = random.random
+        self.active_requests = 0
+
+    def make_exchange(self, conn: HttpConnection, head: RequestHead) -> Exchange:
+        return Exchange(self, conn, head)
+
+
+class Exchange:
+    """One request from head to the last byte of its response."""
+
+    __slots__ = (
+        "_buf",
+        "_buf_size",
+        "_connect_task",
+        "_down_framing",
+        "_holds_down_pause",
+        "_holds_up_pause",
+        "_up_framing",
+        "close_after",
+        "cluster",
+        "conn",
+        "cs",
+        "ctx",
+        "done",
+        "ep",
+        "head",
+        "req_bytes",
+        "req_head",
+        "request_complete",
+        "request_sent",
+        "resp_bytes",
+        "response_started",
+        "route",
+        "started",
+        "status",
+        "t0",
+        "up",
+        "wc",
+    )
+
+    def __init__(self, ctx: ProxyContext, conn: HttpConnection, head: RequestHead) -> None:
+        self.ctx = ctx
+        self.conn = conn
+        self.head = head
+        self.t0 = ctx.loop.time()
+        self.started = False
+        self.response_started = False
+        self.request_complete = False
+        self.request_sent = False  # the whole request reached the upstream connection
+        self.done = False
+        self.close_after = False
+        self.status = 0
+        self.req_bytes = 0
+        self.resp_bytes = 0
+        self.route: Route | None = None
+        self.wc: WeightedCluster | None = None
+        self.cluster: Cluster | None = None
+        self.cs: ClusterState | None = None
+        self.ep: EndpointState | None = None
+        self.up: UpstreamConnection | None = None
+        self.req_head = b""
+        self._buf: list[bytes] | None = None  # body pieces waiting for the upstream connection
+        self._buf_size = 0
+        self._holds_down_pause = 0  # pause_reading calls on the client we must undo
+        self._holds_up_pause = False
+        self._connect_task: asyncio.Task[None] | None = None
+        self._up_framing = _NONE
+        self._down_framing = _NONE
+
+    # ------------------------------------------------------------------ start: decide
+
+    def start(self) -> None:
+        """Called by the connection when this request is at the front of the queue."""
+        self.started = True
+        ctx = self.ctx
+        ctx.active_requests += 1
+        head = self.head
+        try:
+            scheme, authority, path = parse_target(head.target)
+        except TargetError:
+            self._local(_BAD_REQUEST)
+            return
+        if authority is None:
+            authority = head.host or ""
+        if scheme is None:
+            scheme = self.conn.scheme
+        host, port = split_authority(authority)
+        req = RequestInfo(head.method, path, host, port, scheme, head.map, authority)
+        snap = ctx.state.snapshot
+        vh = find_virtual_host(snap.routes, host)
+        if vh is None:
+            self._local(_NO_ROUTE)
+            return
+        sel = select_route(vh, req)
+        if sel is None:
+            self._local(_NO_ROUTE)
+            return
+        route, match = sel
+        self.route = route
+        if route.direct_response is not None:
+            dr = route.direct_response
+            self._local(LocalReply(dr.status, "-", dr.body or b""), route=route)
+            return
+        if route.redirect is not None:
+            status, location = redirect_response(route.redirect, req, match)
+            self._local(LocalReply(status, "-"), extra=(("location", location),), route=route)
+            return
+        if not route.clusters:
+            self._local(_NO_ROUTE)
+            return
+        wc, cname = pick_cluster(route, ctx.random(), port)
+        self.wc = wc
+        cluster = snap.clusters.get(cname)
+        if cluster is None:
+            self._local(local_reply(Failure.NO_CLUSTER))
+            return
+        self.cluster = cluster
+        cs = ctx.pools.cluster_state(cluster)
+        self.cs = cs
+        hkey = None
+        if cluster.lb.hash is not None:
+            hkey = hash_key_for(cluster.lb.hash, req, self.conn.peer_ip)
+        ep = cs.pick(ctx.random(), hkey)
+        if ep is None:
+            self._local(local_reply(Failure.NO_HEALTHY_UPSTREAM))
+            return
+        self.ep = ep
+        ep.active += 1
+
+        # the upstream request head
+        rw = route.rewrite
+        up_authority = rw.authority if rw is not None and rw.authority else authority
+        if not up_authority:
+            up_authority = cluster.host
+        headers, _ = prepare_request_headers(
+            head.headers,
+            host=up_authority,
+            client_ip=self.conn.peer_ip,
+            scheme=scheme,
+            request_id=None,
+        )
+        if rw is not None:
+            new_path = rewritten_path(route, match, path)
+            if new_path is not None:
+                headers.append(("x-envoy-original-path", path))
+                path = new_path
+        rq = route.headers.request
+        if not rq.empty:
+            headers = apply_header_ops(headers, rq)
+        rq = wc.headers.request
+        if not rq.empty:
+            headers = apply_header_ops(headers, rq)
+        self.req_head = request_head(head.method, path, headers, head.framing, head.content_length)
+        if head.framing is _NONE:
+            self.request_complete = True  # llhttp may not have called on_message_complete yet
+        if head.expect_continue and head.http11 and not self.request_complete:
+            self.conn.write(CONTINUE_100)
+        self._attempt()
+
+    # ------------------------------------------------------------------ the attempt
+
+    def _attempt(self) -> None:
+        """One upstream attempt: a pooled connection now, or a connect in the background."""
+        assert self.cs is not None and self.ep is not None
+        up = self.ctx.pools.take_idle(self.ep)
+        if up is not None:
+            self._send_on(up)
+            return
+        self._connect_task = self.ctx.loop.create_task(self._connect(self.cs, self.ep))
+
+    async def _connect(self, cs: ClusterState, ep: EndpointState) -> None:
+        try:
+            up = await self.ctx.pools.connect(cs, ep)
+        except ConnectFailure:
+            self._connect_task = None
+            if not self.done:
+                self._attempt_failed(Failure.CONNECT_FAILURE)
+            return
+        self._connect_task = None
+        if self.done:
+            self.ctx.pools.release(up, True, cs)  # unused, still good for the next request
+            return
+        self._send_on(up)
+
+    def _send_on(self, up: UpstreamConnection) -> None:
+        self.up = up
+        up.bind(self, self.head.method == "HEAD")
+        buf = self._buf
+        if buf:
+            self._buf = None
+            self._buf_size = 0
+            up.write(b"".join([self.req_head, *buf]))
+            while self._holds_down_pause:
+                self._holds_down_pause -= 1
+                self.conn.resume_reading()
+        else:
+            up.write(self.req_head)
+        if self.request_complete:
+            self.request_sent = True
+
+    def _attempt_failed(self, failure: Failure) -> None:
+        """Every failed attempt lands here (retry / outlier decisions go here)."""
+        self._local(local_reply(failure))
+
+    # ------------------------------------------------------------------ request body
+
+    def on_request_body(self, data: bytes) -> None:
+        """Parser callback (via the connection): a piece of the request body."""
+        self.req_bytes += len(data)
+        if self.done:
+            return  # answered already: the rest of the body is read and dropped
+        if self.head.framing is _CHUNKED:
+            data = encode_chunk(data)
+        up = self.up
+        if up is not None:
+            up.write(data)
+            return
+        buf = self._buf
+        if buf is None:
+            buf = self._buf = []
+        buf.append(data)
+        self._buf_size += len(data)
+        if self._buf_size > self.ctx.settings.high_water and not self._holds_down_pause:
+            self._holds_down_pause += 1
+            self.conn.pause_reading()
+
+    def on_request_complete(self) -> None:
+        """Parser callback: the request (head and body) has been fully received."""
+        if self.request_complete and self.head.framing is _NONE:
+            return
+        self.request_complete = True
+        if self.done:
+            return
+        if self.head.framing is _CHUNKED:
+            up = self.up
+            if up is not None:
+                up.write(LAST_CHUNK)
+            else:
+                if self._buf is None:
+                    self._buf = []
+                self._buf.append(LAST_CHUNK)
+        if self.up is not None:
+            self.request_sent = True
+
+    def on_request_error(self, status: int) -> bool:
+        """The request's framing broke: reset the upstream so it never sees a complete
+        request. Returns whether the response had started (the client is then reset)."""
+        up = self.up
+        self.up = None
+        if up is not None:
+            up.abort()
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+            self._connect_task = None
+        started = self.response_started
+        self._finish(self.status if started else status, "DPE")
+        return started
+
+    def on_downstream_lost(self) -> None:
+        """The client connection closed before this exchange was done."""
+        if self.done:
+            return
+        up = self.up
+        self.up = None
+        if up is not None:
+            up.abort()
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+            self._connect_task = None
+        self._finish(self.status, "DC")
+
+    # ------------------------------------------------------------------ response
+
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        head = self.head
+        rh = filter_response_headers(headers)
+        upf = upstream_body_framing(
+            head.method == "HEAD", status, rh.content_length is not None, rh.chunked
+        )
+        http11 = head.http11
+        downf, must_close = downstream_body_framing(upf, http11)
+        self._up_framing = upf
+        self._down_framing = downf
+        close = must_close or not head.keep_alive or not self.request_complete or self.conn.draining
+        self.close_after = close
+        lines = rh.lines
+        route = self.route
+        wc = self.wc
+        rs = route.headers.response if route is not None else None
+        ws = wc.headers.response if wc is not None else None
+        if (rs is not None and not rs.empty) or (ws is not None and not ws.empty):
+            pairs = lines_to_pairs(lines)
+            if rs is not None and not rs.empty:
+                pairs = apply_header_ops(pairs, rs)
+            if ws is not None and not ws.empty:
+                pairs = apply_header_ops(pairs, ws)
+            lines = pairs_to_lines(pairs)
+        cl = rh.content_length
+        if upf is _NONE and cl is not None and status != 204 and status >= 200:
+            lines.append(b"content-length: %d\r\n" % cl)
+        if close:
+            connection: bytes | None = b"close"
+        elif not http11:
+            connection = b"keep-alive"
+        else:
+            connection = None
+        self.status = status
+        self.response_started = True
+        self.conn.write(response_head(status, http11, lines, downf, cl, connection))
+
+    def on_response_body(self, data: bytes) -> None:
+        self.resp_bytes += len(data)
+        if self._down_framing is _CHUNKED:
+            if data:
+                self.conn.write(encode_chunk(data))
+        elif self._down_framing is not _NONE:
+            self.conn.write(data)
+
+    def on_response_complete(self, keep_alive: bool) -> None:
+        if self._down_framing is _CHUNKED:
+            self.conn.write(LAST_CHUNK)
+        up = self.up
+        self.up = None
+        if up is not None and self.cs is not None:
+            if self._holds_up_pause:
+                self._holds_up_pause = False
+                up.resume_reading()
+            self.ctx.pools.release(up, keep_alive and self.request_sent, self.cs)
+        self._finish(self.status, "-")
+        self.conn.exchange_done(self, self.close_after or self._down_framing is _CLOSE)
+
+    def on_upstream_lost(self, failure: Failure) -> None:
+        self.up = None
+        if self.done:
+            return
+        if not self.response_started:
+            self._attempt_failed(failure)
+            return
+        if self._up_framing is _CLOSE and failure is Failure.UPSTREAM_RESET:
+            # close-delimited body: the close is its end
+            if self._down_framing is _CHUNKED:
+                self.conn.write(LAST_CHUNK)
+            self._finish(self.status, "-")
+            self.conn.exchange_done(self, self.close_after or self._down_framing is _CLOSE)
+            return
+        # truncated response: the client must not take it for a complete one
+        self._finish(self.status, failure.flag)
+        self.conn.abort()
+
+    # ------------------------------------------------------------------ flow control
+
+    def upstream_pause_writing(self) -> None:
+        """The upstream's send buffer is full: stop reading the client."""
+        if not self.done:
+            self._holds_down_pause += 1
+            self.conn.pause_reading()
+
+    def upstream_resume_writing(self) -> None:
+        if self._holds_down_pause:
+            self._holds_down_pause -= 1
+            self.conn.resume_reading()
+
+    def downstream_pause_writing(self) -> None:
+        """The client's send buffer is full: stop reading the upstream."""
+        up = self.up
+        if up is not None and not self._holds_up_pause:
+            self._holds_up_pause = True
+            up.pause_reading()
+
+    def downstream_resume_writing(self) -> None:
+        up = self.up
+        if up is not None and self._holds_up_pause:
+            self._holds_up_pause = False
+            up.resume_reading()
+
+    # ------------------------------------------------------------------ endings
+
+    def _local(
+        self,
+        reply: LocalReply,
+        extra: tuple[tuple[str, str], ...] = (),
+        route: Route | None = None,
+    ) -> None:
+        """Answer from the proxy itself (no upstream response)."""
+        head = self.head
+        ops_route = route
+        close = reply.close or not self.request_complete_or_bodyless() or not head.keep_alive
+        close = close or self.conn.draining
+        if ops_route is not None and not ops_route.headers.response.empty:
+            extra = tuple(apply_header_ops(list(extra), ops_route.headers.response))
+        data = local_reply_bytes(
+            reply.status,
+            reply.body,
+            content_type=reply.content_type,
+            http11=head.http11,
+            close=close,
+            keep_alive_10=not head.http11,
+            extra=extra,
+            head_only=head.method == "HEAD",
+        )
+        self.status = reply.status
+        self.response_started = True
+        self.resp_bytes = len(reply.body)
+        self.conn.write(data)
+        self._finish(reply.status, reply.flag)
+        self.conn.exchange_done(self, close)
+
+    def request_complete_or_bodyless(self) -> bool:
+        return self.request_complete or self.head.framing is _NONE
+
+    def _finish(self, code: int, flags: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        ctx = self.ctx
+        if self.started:
+            ctx.active_requests -= 1
+        ep = self.ep
+        if ep is not None:
+            ep.active -= 1
+        while self._holds_down_pause:
+            self._holds_down_pause -= 1
+            self.conn.resume_reading()
+        self._buf = None
+        ctx.metrics.record_request(
+            self.cluster, code, flags, ctx.loop.time() - self.t0, self.req_bytes, self.resp_bytes
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Exchange({self.head.method} {self.head.target}, status={self.status},"
+            f" started={self.started}, done={self.done})"
+        )

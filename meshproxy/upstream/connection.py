@@ -1,0 +1,250 @@
+"""One HTTP/1.1 connection to an upstream endpoint, as an ``asyncio.Protocol``.
+
+Theory of operation
+-------------------
+An :class:`UpstreamConnection` carries one request at a time (no upstream pipelining). The
+request's owner (a :class:`ResponseSink`, the proxy's exchange) is attached with :meth:`bind`,
+writes its request with :meth:`write`, and receives the response through the sink callbacks,
+driven by ``httptools.HttpResponseParser``:
+
+* ``on_response_head(status, headers)`` once the final (non-1xx) head is parsed; interim 1xx
+  responses are swallowed (the proxy answers ``100 Continue`` to the client itself);
+* ``on_response_body(data)`` for every body piece;
+* ``on_response_complete(keep_alive)`` at the end of the message; ``keep_alive`` is read
+  *inside* the parser's ``on_message_complete`` (httptools resets its state once
+  ``feed_data`` returns, so reading it later silently disables connection reuse);
+* ``on_upstream_lost(exc)`` if the connection closes or breaks before that. A response without
+  length is close-delimited: its end is the close, which the sink sees here too.
+
+A response to ``HEAD`` has no body whatever its headers say, but llhttp cannot be told so, so
+the head completes the message and the parser is replaced after ``feed_data`` returns.
+
+Write back-pressure is forwarded to the sink (``upstream_pause_writing`` / ``..._resume_...``),
+which pauses the client's side; :meth:`pause_reading` lets the sink stop reading the upstream
+while the client is slow. When the sink is done, the pool decides (``reusable``) whether the
+connection goes back to the idle list: only after a complete, keep-alive response to a fully
+sent request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING, Protocol
+
+import httptools
+
+from meshproxy.errors import Failure
+
+if TYPE_CHECKING:
+    from meshproxy.upstream.pool import EndpointState
+
+
+class ResponseSink(Protocol):
+    """What an upstream connection reports to (implemented by the proxy's exchange)."""
+
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def on_response_body(self, data: bytes) -> None: ...
+    def on_response_complete(self, keep_alive: bool) -> None: ...
+    def on_upstream_lost(self, failure: Failure) -> None: ...
+    def upstream_pause_writing(self) -> None: ...
+    def upstream_resume_writing(self) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_head_done",
+        "_headers",
+        "_interim",
+        "_limits",
+        "_parser",
+        "_timer",
+        "closed",
+        "endpoint",
+        "expect_no_body",
+        "idle_since",
+        "requests",
+        "sink",
+        "transport",
+    )
+
+    def __init__(self, endpoint: EndpointState, high_water: int, low_water: int) -> None:
+        self.endpoint = endpoint
+        self.transport: asyncio.Transport | None = None
+        self.sink: ResponseSink | None = None
+        self.requests = 0  # requests sent on this connection
+        self.closed = False
+        self.idle_since = 0.0
+        self.expect_no_body = False  # the current request is HEAD
+        self._timer: asyncio.TimerHandle | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._interim = False  # parsing a 1xx response that is not forwarded
+        self._head_done = False  # HEAD response finished at its head: parser to be replaced
+        self._limits = (high_water, low_water)
+
+    # ------------------------------------------------------------------ called by the owner
+
+    def bind(self, sink: ResponseSink, head_request: bool) -> None:
+        """Attach the exchange that owns the next request on this connection."""
+        self.sink = sink
+        self.expect_no_body = head_request
+        self.requests += 1
+
+    def unbind(self) -> None:
+        self.sink = None
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        """Close gracefully (after buffered writes)."""
+        self.sink = None
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Reset the connection at once: the upstream never sees a complete request."""
+        self.sink = None
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        high, low = self._limits
+        transport.set_write_buffer_limits(high, low)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        if self.sink is None:
+            # Bytes on an idle connection: the upstream is confused; never reuse it.
+            self.closed = True
+            self.endpoint.discard(self)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            sink = self.sink
+            self.sink = None
+            self.closed = True
+            self.endpoint.discard(self)
+            if self.transport is not None:
+                self.transport.abort()
+            if sink is not None:
+                sink.on_upstream_lost(Failure.UPSTREAM_PROTOCOL_ERROR)
+            return
+        if self._head_done:
+            self._head_done = False
+            self._parser = httptools.HttpResponseParser(self)
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost reports to the sink
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.endpoint.discard(self)
+        sink = self.sink
+        if sink is not None:
+            self.sink = None
+            sink.on_upstream_lost(Failure.UPSTREAM_RESET)
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_resume_writing()
+
+    # ------------------------------------------------------------------ parser callbacks
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200 and status != 101:
+            self._interim = True
+            return
+        sink = self.sink
+        if sink is None:
+            return
+        sink.on_response_head(status, self._headers)
+        if self.expect_no_body and self.sink is sink:
+            # HEAD: the message ends here; keep-alive from version + Connection.
+            keep = self._parser.get_http_version() == "1.1"
+            for n, v in self._headers:
+                if n.lower() == b"connection":
+                    low = v.lower()
+                    if b"close" in low:
+                        keep = False
+                    elif b"keep-alive" in low:
+                        keep = True
+            self._head_done = True
+            self.sink = None
+            sink.on_response_complete(keep)
+
+    def on_body(self, body: bytes) -> None:
+        sink = self.sink
+        if sink is not None and not self._interim:
+            sink.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        sink = self.sink
+        if sink is None:
+            return
+        keep = self._parser.should_keep_alive()
+        self.sink = None
+        sink.on_response_complete(keep)
+
+    # ------------------------------------------------------------------ idle bookkeeping
+
+    def arm_idle_timer(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        """Called by the pool when the connection turns idle: one lazy timer, re-armed only
+        when it fires early (no per-request timer churn)."""
+        self.idle_since = loop.time()
+        if self._timer is None:
+            self._timer = loop.call_later(timeout, self._idle_check, loop, timeout)
+
+    def _idle_check(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self._timer = None
+        if self.closed or self.sink is not None or not self.endpoint.is_idle(self):
+            return
+        remaining = self.idle_since + timeout - loop.time()
+        if remaining <= 0.001:
+            self.endpoint.discard(self)
+            self.close()
+        else:
+            self._timer = loop.call_later(remaining, self._idle_check, loop, timeout)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("busy" if self.sink is not None else "idle")
+        return f"UpstreamConnection({self.endpoint.key}, {state}, requests={self.requests})"
