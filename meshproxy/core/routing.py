@@ -20,7 +20,7 @@ actually asks for: the query string is split off the path at most once and parse
 match has ``queryParams`` (both cached in slots of the :class:`RequestInfo`), and a match with no
 conditions of some kind costs one falsy test for that kind.
 
-Istio -> behaviour notes (each checked against Istio / Envoy sources):
+Istio -> behaviour notes (from Envoy's route / redirect code and Istio's API reference):
 
 * ``uri`` is matched against the path without the query string; ``authority`` against the
   authority as received (Istio maps it to the ``:authority`` header, port included).
