@@ -1,0 +1,309 @@
+"""Helpers for integration tests: a real ``python -m meshproxy`` subprocess, a tiny real
+upstream, the Istio YAML they share, and a raw HTTP/1.1 client for keep-alive checks.
+
+Every process started here is stopped by its PID; every socket is on 127.0.0.1 with an
+OS-chosen port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT = 20.0
+
+
+# --------------------------------------------------------------------------- upstream
+
+
+@dataclass
+class Upstream:
+    """An aiohttp server answering JSON ``{"name", "path", "headers"}``; ``/slow?s=N`` sleeps."""
+
+    name: str
+    port: int = 0
+    hits: int = 0
+    _runner: web.AppRunner | None = field(default=None, repr=False)
+
+    async def start(self) -> Upstream:
+        async def handle(request: web.Request) -> web.Response:
+            self.hits += 1
+            await request.read()
+            if request.path == "/slow":
+                await asyncio.sleep(float(request.query.get("s", "1")))
+            return web.json_response(
+                {"name": self.name, "path": request.path_qs, "headers": dict(request.headers)}
+            )
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+# --------------------------------------------------------------------------- config
+
+
+def reviews_yaml(v1_port: int, v2_port: int, w1: int = 100, w2: int = 0) -> str:
+    """ServiceEntry reviews (v1, v2 endpoints), DestinationRule subsets, VirtualService with a
+    jason -> v2 rule and a weighted default."""
+    return textwrap.dedent(
+        f"""\
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata:
+          name: reviews
+        spec:
+          hosts: [reviews.default.svc.cluster.local]
+          location: MESH_INTERNAL
+          resolution: STATIC
+          ports:
+          - number: 9080
+            name: http
+            protocol: HTTP
+          endpoints:
+          - address: 127.0.0.1
+            ports: {{http: {v1_port}}}
+            labels: {{app: reviews, version: v1}}
+          - address: 127.0.0.1
+            ports: {{http: {v2_port}}}
+            labels: {{app: reviews, version: v2}}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata:
+          name: reviews
+        spec:
+          host: reviews
+          subsets:
+          - name: v1
+            labels: {{version: v1}}
+          - name: v2
+            labels: {{version: v2}}
+        """
+    ) + vs_yaml(w1, w2)
+
+
+def vs_yaml(w1: int, w2: int) -> str:
+    return textwrap.dedent(
+        f"""\
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata:
+          name: reviews
+        spec:
+          hosts: [reviews]
+          http:
+          - name: jason
+            match:
+            - headers:
+                end-user: {{exact: jason}}
+            route:
+            - destination: {{host: reviews, subset: v2}}
+          - name: split
+            route:
+            - destination: {{host: reviews, subset: v1}}
+              weight: {w1}
+            - destination: {{host: reviews, subset: v2}}
+              weight: {w2}
+        """
+    )
+
+
+def write_config(path: Path, text: str) -> None:
+    """Replace ``path`` atomically, as an editor or a config-management tool would."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the proxy process
+
+
+def meshproxy_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "meshproxy", *args]
+
+
+@dataclass
+class MeshProxy:
+    """``python -m meshproxy run`` as a subprocess; ``outbound`` / ``admin`` from its line."""
+
+    config: Sequence[Path]
+    extra: Sequence[str] = ()
+    log_path: Path | None = None
+    proc: asyncio.subprocess.Process | None = None
+    outbound: str = ""
+    admin: str = ""
+
+    async def start(self) -> MeshProxy:
+        argv = ["run"]
+        for c in self.config:
+            argv += ["--config", str(c)]
+        argv += ["--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0", *self.extra]
+        assert self.log_path is not None
+        log = open(self.log_path, "wb")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *meshproxy_argv(*argv),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                cwd=REPO,
+            )
+        finally:
+            log.close()
+        assert self.proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), START_TIMEOUT)
+        except TimeoutError:
+            await self.kill()
+            raise AssertionError(f"meshproxy did not start:\n{self.stderr()}") from None
+        text = line.decode().strip()
+        if not text.startswith("listening "):
+            await self.kill()
+            raise AssertionError(f"unexpected first line {text!r}:\n{self.stderr()}")
+        fields = dict(p.split("=", 1) for p in text.split()[1:])
+        self.outbound, self.admin = fields["outbound"], fields["admin"]
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stderr(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    async def wait(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()
+
+    async def stop(self) -> int:
+        """SIGTERM, wait for exit; SIGKILL if it does not stop."""
+        if self.proc is None or self.proc.returncode is not None:
+            return -1 if self.proc is None else self.proc.returncode
+        self.signal(signal.SIGTERM)
+        try:
+            return await self.wait()
+        except TimeoutError:
+            await self.kill()
+            raise
+
+    # -------------------------------------------------------------- clients
+
+    async def get(
+        self,
+        session: aiohttp.ClientSession,
+        path: str = "/",
+        host: str = "reviews",
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        h = {"Host": host, **(headers or {})}
+        async with session.get(f"http://{self.outbound}{path}", headers=h) as r:
+            body = await r.read()
+            try:
+                return r.status, json.loads(body)
+            except ValueError:
+                return r.status, body.decode(errors="replace")
+
+    async def admin_get(self, path: str) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as s, s.get(f"http://{self.admin}{path}") as r:
+            body = await r.read()
+            if r.content_type == "application/json":
+                return r.status, json.loads(body)
+            return r.status, body.decode()
+
+    async def admin_post(self, path: str) -> int:
+        async with aiohttp.ClientSession() as s, s.post(f"http://{self.admin}{path}") as r:
+            await r.read()
+            return r.status
+
+
+def request_samples(text: str, name: str = "istio_requests_total") -> list[Any]:
+    return [
+        s for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name
+    ]
+
+
+async def wait_until(pred, timeout: float = 5.0, interval: float = 0.05) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = pred()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+# --------------------------------------------------------------------------- raw client
+
+
+class RawConn:
+    """A raw HTTP/1.1 keep-alive client connection, to observe when the proxy closes it."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, addr: str) -> RawConn:
+        host, _, port = addr.rpartition(":")
+        return cls(*await asyncio.open_connection(host, int(port)))
+
+    async def request(self, path: str = "/", host: str = "reviews") -> tuple[int, bytes]:
+        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        await self.writer.drain()
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            k, _, v = line.partition(b":")
+            if k.strip().lower() == b"content-length":
+                length = int(v)
+        body = await self.reader.readexactly(length)
+        return status, body
+
+    async def closed_by_peer(self, timeout: float) -> bool:
+        try:
+            data = await asyncio.wait_for(self.reader.read(1), timeout)
+        except TimeoutError:
+            return False
+        except ConnectionError:
+            return True
+        return data == b""
+
+    def close(self) -> None:
+        self.writer.close()

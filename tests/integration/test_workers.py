@@ -1,0 +1,99 @@
+"""``--workers 2``: a supervisor with two worker processes sharing the outbound port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import aiohttp
+import pytest
+from proxyproc import MeshProxy, Upstream, request_samples, reviews_yaml, wait_until
+
+N_REQUESTS = 60
+
+
+@pytest.fixture
+async def upstreams():
+    v1, v2 = await Upstream("v1").start(), await Upstream("v2").start()
+    yield v1, v2
+    await v1.close()
+    await v2.close()
+
+
+@pytest.fixture
+async def proxy(tmp_path: Path, upstreams):
+    v1, v2 = upstreams
+    cfg = tmp_path / "reviews.yaml"
+    cfg.write_text(reviews_yaml(v1.port, v2.port, 100, 0))
+    p = MeshProxy([cfg], extra=["--workers", "2"], log_path=tmp_path / "meshproxy.log")
+    await p.start()
+    yield p
+    await p.stop()
+
+
+async def worker_rows(proxy: MeshProxy) -> list[dict]:
+    status, body = await proxy.admin_get("/workers")
+    assert status == 200
+    return body["workers"]
+
+
+async def test_two_workers_serve_and_stats_aggregate(proxy: MeshProxy) -> None:
+    async def ready() -> bool:
+        return (await proxy.admin_get("/ready"))[0] == 200
+
+    await wait_until(ready, timeout=10)
+    rows = await worker_rows(proxy)
+    assert len(rows) == 2 and all(r["alive"] for r in rows)
+    assert len({r["pid"] for r in rows}) == 2 and proxy.pid not in {r["pid"] for r in rows}
+
+    # a fresh connection per request: the kernel spreads them across both workers
+    for _ in range(N_REQUESTS):
+        async with aiohttp.ClientSession() as s:
+            status, body = await proxy.get(s)
+            assert status == 200 and body["name"] == "v1"
+
+    per_worker = []
+    for r in rows:
+        url = f"http://{r['admin']}/stats/prometheus"
+        async with aiohttp.ClientSession() as s, s.get(url) as resp:
+            per_worker.append(sum(x.value for x in request_samples(await resp.text())))
+    assert sum(per_worker) == N_REQUESTS
+    assert all(n > 0 for n in per_worker), f"a worker served nothing: {per_worker}"
+
+    _, text = await proxy.admin_get("/stats/prometheus")
+    total = sum(s.value for s in request_samples(text))
+    assert total == N_REQUESTS
+    _, clusters = await proxy.admin_get("/clusters")
+    assert any(c["name"].endswith("|v1") for c in clusters["clusters"])
+    _, dump = await proxy.admin_get("/config_dump")
+    assert dump["version"] and len(dump["workers"]) == 2
+
+
+async def test_dead_worker_is_restarted(proxy: MeshProxy) -> None:
+    rows = await worker_rows(proxy)
+    victim = rows[0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+
+    async def restarted() -> bool:
+        now = await worker_rows(proxy)
+        return now[0]["pid"] != victim and now[0]["alive"] and now[0]["restarts"] == 1
+
+    await wait_until(restarted, timeout=10)
+
+    async def ready() -> bool:
+        return (await proxy.admin_get("/ready"))[0] == 200
+
+    await wait_until(ready, timeout=10)
+    assert "restarting" in proxy.stderr()
+
+
+async def test_sigterm_stops_supervisor_and_workers(proxy: MeshProxy) -> None:
+    pids = [r["pid"] for r in await worker_rows(proxy)]
+    proxy.signal(signal.SIGTERM)
+    assert await proxy.wait(15) == 0
+    await asyncio.sleep(0.1)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
