@@ -108,7 +108,7 @@ class Match:
 
 @dataclass(frozen=True, slots=True)
 class HeaderOps:
-    """Istio ``Headers.HeaderOperations``: applied in the order set, add, remove."""
+    """Istio ``Headers.HeaderOperations``: applied in Envoy's order remove, set, add."""
 
     set: tuple[tuple[str, str], ...] = ()
     add: tuple[tuple[str, str], ...] = ()
