@@ -146,6 +146,7 @@ class Proxy:
                 self.dataplane.active_requests,
             )
         await self.close()
+        log.info("stopped")
         return 0
 
     async def close(self) -> None:

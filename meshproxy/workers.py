@@ -160,8 +160,13 @@ class Supervisor:
 
     async def spawn(self, w: Worker) -> None:
         """Start worker ``w`` and wait for its listening line."""
+        # Own session: a terminal's Ctrl-C reaches only the supervisor, which then stops each
+        # worker exactly once (a second signal would cut the worker's drain short).
         proc = await asyncio.create_subprocess_exec(
-            *self.worker_argv(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE
+            *self.worker_argv(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,
         )
         w.proc, w.admin = proc, None
         assert proc.stdout is not None
