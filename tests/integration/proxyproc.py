@@ -14,13 +14,15 @@ import signal
 import sys
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.upstream import Recorded, Reply, UpstreamServer
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 20.0
@@ -29,37 +31,39 @@ START_TIMEOUT = 20.0
 # --------------------------------------------------------------------------- upstream
 
 
-@dataclass
 class Upstream:
-    """An aiohttp server answering JSON ``{"name", "path", "headers"}``; ``/slow?s=N`` sleeps."""
+    """A real upstream (the shared :class:`tests.support.upstream.UpstreamServer`) answering
+    JSON ``{"name", "path", "headers"}``; ``/slow?s=N`` answers after N seconds."""
 
-    name: str
-    port: int = 0
-    hits: int = 0
-    _runner: web.AppRunner | None = field(default=None, repr=False)
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.server = UpstreamServer(self._reply)
+        self.port = 0
+
+    def _reply(self, req: Recorded) -> Reply:
+        url = urlsplit(req.target)
+        delay = float(parse_qs(url.query).get("s", ["1"])[0]) if url.path == "/slow" else 0.0
+        path = (
+            req.target
+            if req.target.startswith("/")
+            else url.path + (f"?{url.query}" if url.query else "")
+        )
+        body = json.dumps({"name": self.name, "path": path, "headers": dict(req.headers)})
+        return Reply(
+            body=body.encode(), headers=[("content-type", "application/json")], delay=delay
+        )
+
+    @property
+    def hits(self) -> int:
+        return len(self.server.requests)
 
     async def start(self) -> Upstream:
-        async def handle(request: web.Request) -> web.Response:
-            self.hits += 1
-            await request.read()
-            if request.path == "/slow":
-                await asyncio.sleep(float(request.query.get("s", "1")))
-            return web.json_response(
-                {"name": self.name, "path": request.path_qs, "headers": dict(request.headers)}
-            )
-
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        await self.server.start()
+        self.port = self.server.port
         return self
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self.server.close()
 
 
 # --------------------------------------------------------------------------- config

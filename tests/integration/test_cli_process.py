@@ -8,7 +8,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from proxyproc import REPO, meshproxy_argv, reviews_yaml
+from tests.integration.proxyproc import REPO, meshproxy_argv, reviews_yaml
 
 PROBLEM_LINE = re.compile(
     r"^(?P<file>[^:]+\.ya?ml): (?P<kind>\w+)/(?P<name>[\w.-]+): (?P<path>\S+): .+"

@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 
-from proxyproc import REPO
+from tests.integration.proxyproc import REPO
 
 
 def free_ports(n: int) -> list[int]:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from proxyproc import (
+
+from tests.integration.proxyproc import (
     MeshProxy,
     RawConn,
     Upstream,

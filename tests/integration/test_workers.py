@@ -9,7 +9,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from proxyproc import MeshProxy, Upstream, request_samples, reviews_yaml, wait_until
+
+from tests.integration.proxyproc import (
+    MeshProxy,
+    Upstream,
+    request_samples,
+    reviews_yaml,
+    wait_until,
+)
 
 N_REQUESTS = 60
 
