@@ -12,6 +12,7 @@ call. Every problem is one line ``FILE: Kind/name: field.path: message``.
 
 from control.istio.load import Loaded, load_documents, load_paths, validate_paths
 from control.istio.resources import Resource, Resources
+from control.istio.translate import build_snapshot, content_version, translate
 from control.istio.validate import ValidationReport
 
 __all__ = [
@@ -19,7 +20,10 @@ __all__ = [
     "Resource",
     "Resources",
     "ValidationReport",
+    "build_snapshot",
+    "content_version",
     "load_documents",
     "load_paths",
+    "translate",
     "validate_paths",
 ]
