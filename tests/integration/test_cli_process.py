@@ -98,3 +98,19 @@ def test_yaml_syntax_error_exits_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "broken.yaml" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_validate_missing_path_is_a_problem(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    proc = run("validate", str(missing))
+    assert proc.returncode == 1
+    assert str(missing) in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_validate_istio_corpus_copy() -> None:
+    """Istio's own bookinfo task configs (copied under tests/data) are valid."""
+    corpus = REPO / "tests" / "data" / "istio-corpus" / "bookinfo"
+    proc = run("validate", str(corpus))
+    assert proc.returncode == 0, proc.stdout
+    assert "Gateway/bookinfo-gateway" in proc.stderr  # skipped kinds are warnings
