@@ -105,8 +105,9 @@ def _preconditions(name: str) -> str | None:
     return None
 
 
-def _labels(domain: str) -> str | None:
+def _labels(domain: str, shown: str = "") -> str | None:
     parts = domain.split(".")
+    domain = shown or domain
     if parts[-1].isdigit():
         return (
             f"domain name {domain!r} invalid (top level domain {parts[-1]!r} cannot be all-numeric)"
@@ -133,7 +134,7 @@ def check_wildcard_domain(name: str) -> str | None:
     if len(first) > 63 or not _WILDCARD_LABEL.match(first):
         return f"domain name {name!r} invalid (label {first!r} invalid)"
     if rest:
-        return _labels(rest)
+        return _labels(rest, name)
     return None
 
 

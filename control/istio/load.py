@@ -152,8 +152,8 @@ def _load_one(
     spec = decode(SPEC_TYPES[kind], raw_spec if raw_spec is not None else {}, "spec", found)
     for path, msg in found:
         c.err(path, msg)
-    if spec is not None and not found:
-        check_spec(c, kind, namespace, spec)
+    if spec is not None:
+        _semantic_checks(c, kind, namespace, spec, found, report)
     if len(report.problems) > before or spec is None or meta is None or not name:
         return None
     return Resource(
@@ -170,6 +170,41 @@ def _load_one(
     )
 
 
+def _semantic_checks(
+    c: Checker,
+    kind: str,
+    namespace: str,
+    spec: Any,
+    schema_problems: list[Problem],
+    report: ValidationReport,
+) -> None:
+    """Istio's rules on the decoded spec. A field the decoder rejected was left at its default,
+    so findings at (or under) such a field, or on its parent, would only echo the schema
+    problem: they are dropped."""
+    if not schema_problems:
+        check_spec(c, kind, namespace, spec)
+        return
+    scratch = ValidationReport()
+    check_spec(Checker("", "", scratch), kind, namespace, spec)
+    bad = [p for p, _ in schema_problems]
+    parents = {p.rsplit(".", 1)[0] for p in bad}
+
+    def echo(line: str) -> bool:
+        path = line[4:].split(": ", 1)[0]  # scratch lines are ": : path: message"
+        if path in parents:
+            return True
+        return any(path == b or path.startswith((b + ".", b + "[")) for b in bad)
+
+    for line in scratch.problems:
+        if not echo(line):
+            path, msg = line[4:].split(": ", 1)
+            c.err(path, msg)
+    for line in scratch.warnings:
+        if not echo(line):
+            path, msg = line[4:].split(": ", 1)
+            c.warn(path, msg)
+
+
 def _read(file: str, report: ValidationReport) -> list[Any]:
     try:
         with open(file, encoding="utf-8") as fh:
@@ -184,7 +219,7 @@ def _read(file: str, report: ValidationReport) -> list[Any]:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
-        what = " ".join(x for x in (e.context, e.problem) if x)
+        what = "; ".join(x for x in (e.context, e.problem) if x)
         report.problems.append(f"{file}: {where}: invalid YAML: {what}")
     except yaml.YAMLError as e:
         report.problems.append(f"{file}: invalid YAML: {e}")
