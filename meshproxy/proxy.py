@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from typing import TYPE_CHECKING
 
 from meshproxy.config.model import Cluster, Route, WeightedCluster
@@ -52,18 +53,20 @@ from meshproxy.http.codec import (
     LAST_CHUNK,
     BodyFraming,
     TargetError,
+    bytes_to_pairs,
     downstream_body_framing,
     encode_chunk,
     filter_response_headers,
     lines_to_pairs,
     local_reply_bytes,
+    pairs_to_bytes,
     pairs_to_lines,
     parse_target,
-    prepare_request_headers,
     request_head,
     response_head,
     split_authority,
     upstream_body_framing,
+    upstream_request,
 )
 from meshproxy.http.server import HttpConnection, RequestHead
 from meshproxy.settings import Settings
@@ -74,6 +77,7 @@ from meshproxy.upstream.pool import ClusterState, ConnectFailure, EndpointState,
 if TYPE_CHECKING:
     from meshproxy.metrics import Metrics
 
+_monotonic = time.monotonic
 _NO_ROUTE = local_reply(Failure.NO_ROUTE)
 _BAD_REQUEST = local_reply(Failure.BAD_REQUEST)
 _NONE = BodyFraming.NONE
@@ -110,6 +114,7 @@ class Exchange:
         "_down_framing",
         "_holds_down_pause",
         "_holds_up_pause",
+        "_out",
         "_up_framing",
         "close_after",
         "cluster",
@@ -122,6 +127,7 @@ class Exchange:
         "req_bytes",
         "req_head",
         "request_complete",
+        "request_id",
         "request_sent",
         "resp_bytes",
         "response_started",
@@ -137,7 +143,8 @@ class Exchange:
         self.ctx = ctx
         self.conn = conn
         self.head = head
-        self.t0 = ctx.loop.time()
+        self.t0 = head.t0
+        self.request_id = b""
         self.started = False
         self.response_started = False
         self.request_complete = False
@@ -161,6 +168,7 @@ class Exchange:
         self._connect_task: asyncio.Task[None] | None = None
         self._up_framing = _NONE
         self._down_framing = _NONE
+        self._out: list[bytes] | None = None  # response bytes produced during one upstream read
 
     # ------------------------------------------------------------------ start: decide
 
@@ -227,24 +235,25 @@ class Exchange:
         up_authority = rw.authority if rw is not None and rw.authority else authority
         if not up_authority:
             up_authority = cluster.host
-        headers, _ = prepare_request_headers(
-            head.headers,
-            host=up_authority,
-            client_ip=self.conn.peer_ip,
-            scheme=scheme,
-            request_id=None,
+        ureq = upstream_request(
+            head.headers, host=up_authority, client_ip=self.conn.peer_ip, scheme=scheme
         )
+        self.request_id = ureq.request_id
+        headers = ureq.headers
         if rw is not None:
             new_path = rewritten_path(route, match, path)
             if new_path is not None:
-                headers.append(("x-envoy-original-path", path))
+                headers.append((b"x-envoy-original-path", path.encode("latin-1")))
                 path = new_path
         rq = route.headers.request
-        if not rq.empty:
-            headers = apply_header_ops(headers, rq)
-        rq = wc.headers.request
-        if not rq.empty:
-            headers = apply_header_ops(headers, rq)
+        wq = wc.headers.request
+        if not (rq.empty and wq.empty):
+            pairs = bytes_to_pairs(headers)
+            if not rq.empty:
+                pairs = apply_header_ops(pairs, rq)
+            if not wq.empty:
+                pairs = apply_header_ops(pairs, wq)
+            headers = pairs_to_bytes(pairs)
         self.req_head = request_head(head.method, path, headers, head.framing, head.content_length)
         if head.framing is _NONE:
             self.request_complete = True  # llhttp may not have called on_message_complete yet
@@ -401,19 +410,40 @@ class Exchange:
             connection = None
         self.status = status
         self.response_started = True
-        self.conn.write(response_head(status, http11, lines, downf, cl, connection))
+        # Written at the end of this upstream read, with whatever body came with it: one
+        # write (one syscall) per upstream read instead of one per parser callback.
+        self._out = [response_head(status, http11, lines, downf, cl, connection)]
 
     def on_response_body(self, data: bytes) -> None:
         self.resp_bytes += len(data)
         if self._down_framing is _CHUNKED:
             if data:
-                self.conn.write(encode_chunk(data))
-        elif self._down_framing is not _NONE:
-            self.conn.write(data)
+                data = encode_chunk(data)
+            else:
+                return
+        elif self._down_framing is _NONE:
+            return
+        out = self._out
+        if out is None:
+            self._out = [data]
+        else:
+            out.append(data)
+
+    def flush_response(self) -> None:
+        """Called by the upstream connection after each read: write what it produced."""
+        out = self._out
+        if out:
+            self._out = None
+            self.conn.write(out[0] if len(out) == 1 else b"".join(out))
 
     def on_response_complete(self, keep_alive: bool) -> None:
         if self._down_framing is _CHUNKED:
-            self.conn.write(LAST_CHUNK)
+            out = self._out
+            if out is None:
+                self._out = [LAST_CHUNK]
+            else:
+                out.append(LAST_CHUNK)
+        self.flush_response()
         up = self.up
         self.up = None
         if up is not None and self.cs is not None:
@@ -431,6 +461,7 @@ class Exchange:
         if not self.response_started:
             self._attempt_failed(failure)
             return
+        self.flush_response()
         if self._up_framing is _CLOSE and failure is Failure.UPSTREAM_RESET:
             # close-delimited body: the close is its end
             if self._down_framing is _CHUNKED:
@@ -518,7 +549,7 @@ class Exchange:
             self.conn.resume_reading()
         self._buf = None
         ctx.metrics.record_request(
-            self.cluster, code, flags, ctx.loop.time() - self.t0, self.req_bytes, self.resp_bytes
+            self.cluster, code, flags, _monotonic() - self.t0, self.req_bytes, self.resp_bytes
         )
 
     def __repr__(self) -> str:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 import http
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 # Hop-by-hop headers: RFC 9110 7.6.1 plus the de-facto ones Envoy strips
 # (``proxy-connection``, ``keep-alive``, ``http2-settings``). ``proxy-authorization`` is consumed
@@ -76,13 +76,25 @@ class BodyFraming(enum.IntEnum):
 # --------------------------------------------------------------------------- request side
 
 
+_RID_HEX = ""
+_RID_POS = 0
+_RID_BATCH = 64  # ids drawn per os.urandom call
+
+
 def new_request_id() -> str:
-    """A random (version 4) UUID string, without the cost of ``uuid.uuid4()``."""
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40
-    b[8] = (b[8] & 0x3F) | 0x80
-    h = b.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """A random (version 4) UUID string; entropy is drawn from ``os.urandom`` in batches."""
+    global _RID_HEX, _RID_POS
+    pos = _RID_POS
+    if pos >= len(_RID_HEX):
+        _RID_HEX = os.urandom(16 * _RID_BATCH).hex()
+        pos = 0
+    h = _RID_HEX[pos : pos + 32]
+    _RID_POS = pos + 32
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+# RFC 4122 variant: the top two bits of the 17th hex digit are 10.
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
 class TargetError(ValueError):
@@ -158,84 +170,140 @@ def connection_tokens(value: str) -> list[str]:
     return [t.strip().lower() for t in value.split(",") if t.strip()]
 
 
+def _bytes_tokens(value: bytes) -> list[bytes]:
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+
+
+# Request headers that need a decision (everything else is forwarded as is).
+_SPECIAL_REQUEST: frozenset[bytes] = HOP_BY_HOP_BYTES | frozenset(
+    {
+        b"host",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-request-id",
+        b"x-envoy-attempt-count",
+        b"expect",
+        b"content-length",
+    }
+)
+_PROTECTED_BYTES = frozenset({b"host", b"content-length"})
+
+
+class UpstreamRequest:
+    """An upstream request head being built (see :func:`upstream_request`)."""
+
+    __slots__ = ("headers", "request_id")
+
+    def __init__(self, headers: list[tuple[bytes, bytes]], request_id: bytes) -> None:
+        self.headers = headers  # lower-case names, every header the upstream will get
+        self.request_id = request_id
+
+
+def upstream_request(
+    headers: Sequence[tuple[bytes, bytes]],
+    *,
+    host: str,
+    client_ip: str,
+    scheme: str,
+    attempt: int = 1,
+) -> UpstreamRequest:
+    """The headers to send upstream (names lower-case, bytes).
+
+    Drops hop-by-hop headers, headers named in ``Connection``, ``Expect`` (the proxy answers
+    ``100 Continue`` itself) and ``Content-Length`` (re-added from the chosen framing by
+    :func:`request_head`). Sets ``host``; appends the client to ``x-forwarded-for``; adds
+    ``x-forwarded-proto`` and ``x-request-id`` (uuid4) when absent, keeping the client's
+    values when present; sets ``x-envoy-attempt-count``.
+    """
+    dropped: list[bytes] | None = None
+    xff: bytes | None = None
+    xfp: bytes | None = None
+    rid: bytes | None = None
+    kept: list[tuple[bytes, bytes]] = [(b"host", host.encode("latin-1"))]
+    special = _SPECIAL_REQUEST
+    for hv in headers:
+        name = hv[0]
+        if name in special:
+            value = hv[1]
+            if name == b"connection":
+                for tok in _bytes_tokens(value):
+                    if tok not in _PROTECTED_BYTES:
+                        if dropped is None:
+                            dropped = []
+                        dropped.append(tok)
+            elif name == b"x-forwarded-for":
+                xff = value if xff is None else xff + b"," + value
+            elif name == b"x-forwarded-proto":
+                if xfp is None:
+                    xfp = value
+            elif name == b"x-request-id":
+                if rid is None:
+                    rid = value
+            continue
+        kept.append(hv)
+    if dropped:
+        gone = set(dropped)
+        kept = [hv for hv in kept if hv[0] not in gone]
+        if b"x-forwarded-for" in gone:
+            xff = None
+        if b"x-forwarded-proto" in gone:
+            xfp = None
+        if b"x-request-id" in gone:
+            rid = None
+    ip = client_ip.encode("latin-1")
+    if rid is None:
+        rid = new_request_id().encode("latin-1")
+    kept.append((b"x-forwarded-for", ip if xff is None else xff + b", " + ip))
+    kept.append((b"x-forwarded-proto", scheme.encode("latin-1") if xfp is None else xfp))
+    kept.append((b"x-request-id", rid))
+    kept.append((b"x-envoy-attempt-count", b"%d" % attempt))
+    return UpstreamRequest(kept, rid)
+
+
 def prepare_request_headers(
     headers: Iterable[tuple[str, str]],
     *,
     host: str,
     client_ip: str,
     scheme: str,
-    request_id: str | None,
     attempt: int = 1,
 ) -> tuple[list[tuple[str, str]], str]:
-    """The header list to send upstream, and the request id it carries.
+    """:func:`upstream_request` for ``str`` headers: (headers, request id)."""
+    ur = upstream_request(
+        [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in headers],
+        host=host,
+        client_ip=client_ip,
+        scheme=scheme,
+        attempt=attempt,
+    )
+    return bytes_to_pairs(ur.headers), ur.request_id.decode("latin-1")
 
-    ``headers`` have lower-case names. Drops hop-by-hop headers, headers named in
-    ``Connection``, ``Expect`` (the proxy answers ``100 Continue`` itself) and
-    ``Content-Length`` (the caller re-adds it from the framing it chose). ``x-request-id`` is
-    kept when present (``request_id`` is then ignored) else ``request_id`` — or a new one when
-    that is ``None``.
-    """
-    dropped: set[str] | None = None
-    xff: str | None = None
-    xfp: str | None = None
-    rid: str | None = None
-    out: list[tuple[str, str]] = [("host", host)]
-    pending: list[tuple[str, str]] = []
-    for name, value in headers:
-        if name in HOP_BY_HOP:
-            if name == "connection":
-                for tok in connection_tokens(value):
-                    if tok not in _PROTECTED:
-                        if dropped is None:
-                            dropped = set()
-                        dropped.add(tok)
-            continue
-        if name in _OWN_REQUEST:
-            if name == "x-forwarded-for":
-                xff = value if xff is None else f"{xff},{value}"
-            elif name == "x-forwarded-proto":
-                if xfp is None:
-                    xfp = value
-            elif name == "x-request-id":
-                if rid is None:
-                    rid = value
-            continue
-        pending.append((name, value))
-    if dropped:
-        pending = [(n, v) for n, v in pending if n not in dropped]
-        if "x-forwarded-for" in dropped:
-            xff = None
-        if "x-forwarded-proto" in dropped:
-            xfp = None
-        if "x-request-id" in dropped:
-            rid = None
-    out.extend(pending)
-    if rid is None:
-        rid = request_id if request_id is not None else new_request_id()
-    out.append(("x-forwarded-for", client_ip if xff is None else f"{xff}, {client_ip}"))
-    out.append(("x-forwarded-proto", scheme if xfp is None else xfp))
-    out.append(("x-request-id", rid))
-    out.append(("x-envoy-attempt-count", str(attempt)))
-    return out, rid
+
+def bytes_to_pairs(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+
+
+def pairs_to_bytes(pairs: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in pairs]
 
 
 def request_head(
     method: str,
     path: str,
-    headers: Iterable[tuple[str, str]],
+    headers: Iterable[tuple[bytes, bytes]],
     framing: BodyFraming,
     content_length: int | None,
 ) -> bytes:
     """Serialize an HTTP/1.1 request head for the upstream."""
-    parts = [f"{method} {path} HTTP/1.1\r\n"]
+    parts: list[bytes] = [f"{method} {path} HTTP/1.1\r\n".encode("latin-1")]
     for n, v in headers:
-        parts.append(f"{n}: {v}\r\n")
+        parts += (n, b": ", v, b"\r\n")
     if framing is BodyFraming.LENGTH:
-        parts.append(f"content-length: {content_length}\r\n")
+        parts.append(b"content-length: %d\r\n" % (content_length or 0))
     elif framing is BodyFraming.CHUNKED:
-        parts.append("transfer-encoding: chunked\r\n")
-    parts.append("\r\n")
-    return "".join(parts).encode("latin-1")
+        parts.append(b"transfer-encoding: chunked\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 def encode_chunk(data: bytes) -> bytes:

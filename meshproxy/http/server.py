@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 
@@ -47,11 +48,58 @@ from meshproxy.settings import Settings
 if TYPE_CHECKING:
     from meshproxy.metrics import Metrics
 
+_monotonic = time.monotonic  # the event loop's clock (loop.time() without a method call)
+
 MAX_PIPELINE = 16  # requests parsed ahead of the one being answered before reading pauses
 
 
+class LazyHeaders(Mapping[str, str]):
+    """The request headers as routing sees them (``str``, lower-case names, repeats joined with
+    ``","``), decoded only if a route match or hash policy actually looks at them."""
+
+    __slots__ = ("_d", "_raw")
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+        self._d: dict[str, str] | None = None
+
+    def _build(self) -> dict[str, str]:
+        d: dict[str, str] = {}
+        for n, v in self._raw:
+            name = n.decode("latin-1")
+            value = v.decode("latin-1")
+            prev = d.get(name)
+            d[name] = value if prev is None else f"{prev},{value}"
+        self._d = d
+        return d
+
+    def get(self, key: str, default: Any = None) -> Any:
+        d = self._d
+        if d is None:
+            d = self._build()
+        return d.get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        d = self._d
+        if d is None:
+            d = self._build()
+        return d[key]
+
+    def __iter__(self) -> Iterator[str]:
+        d = self._d
+        if d is None:
+            d = self._build()
+        return iter(d)
+
+    def __len__(self) -> int:
+        d = self._d
+        if d is None:
+            d = self._build()
+        return len(d)
+
+
 class RequestHead:
-    """A parsed, validated request head (header names lower-case, values as received)."""
+    """A parsed, validated request head (header names lower-case bytes, values as received)."""
 
     __slots__ = (
         "content_length",
@@ -63,15 +111,17 @@ class RequestHead:
         "keep_alive",
         "map",
         "method",
+        "t0",
         "target",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0  # when the first byte of the request was parsed
         self.method = ""
         self.target = ""
         self.http11 = True
-        self.headers: list[tuple[str, str]] = []
-        self.map: dict[str, str] = {}  # repeated names joined with ","
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.map: Mapping[str, str] = LazyHeaders(self.headers)
         self.host: str | None = None
         self.keep_alive = True
         self.framing = BodyFraming.NONE
@@ -80,6 +130,10 @@ class RequestHead:
 
     def __repr__(self) -> str:
         return f"RequestHead({self.method} {self.target} http11={self.http11})"
+
+
+# Request headers the codec itself looks at.
+_SPECIAL = frozenset({b"host", b"connection", b"transfer-encoding", b"content-length", b"expect"})
 
 
 class Exchange(Protocol):
@@ -244,8 +298,7 @@ class HttpConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         s = self.ctx.settings
         transport.set_write_buffer_limits(s.high_water, s.low_water)
         peer = transport.get_extra_info("peername")
@@ -329,10 +382,11 @@ class HttpConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._in_head = True
         self._msg_seq += 1
-        self._head = RequestHead()
+        now = _monotonic()
+        self._head = RequestHead(now)
         self._head_bytes = 0
         self._raw_head = 0
-        self._head_t0 = self._loop.time()
+        self._head_t0 = now
         if self._timer is None:
             self._timer = self._loop.call_later(self._tick, self._on_timer)
 
@@ -351,17 +405,7 @@ class HttpConnection(asyncio.Protocol):
         s = self.ctx.settings
         if self._head_bytes > s.max_head_bytes or len(head.headers) >= s.max_headers:
             raise ProtocolError(Failure.HEADERS_TOO_LARGE, "request head too large")
-        n = name.decode("latin-1").lower()
-        v = value.decode("latin-1")
-        head.headers.append((n, v))
-        m = head.map
-        prev = m.get(n)
-        if prev is None:
-            m[n] = v
-        else:
-            if n == "host":
-                raise ProtocolError(Failure.BAD_REQUEST, "repeated Host")
-            m[n] = f"{prev},{v}"
+        head.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         head = self._head
@@ -369,27 +413,34 @@ class HttpConnection(asyncio.Protocol):
         self._in_head = False
         p = self.parser
         head.method = p.get_method().decode("ascii")
-        head.http11 = p.get_http_version() == "1.1"
-        m = head.map
-        head.host = m.get("host")
-        if head.host is None and head.http11:
+        http11 = head.http11 = p.get_http_version() == "1.1"
+        keep_alive = http11
+        special = _SPECIAL
+        for name, value in head.headers:
+            if name in special:
+                if name == b"host":
+                    if head.host is not None:
+                        raise ProtocolError(Failure.BAD_REQUEST, "repeated Host")
+                    head.host = value.decode("latin-1")
+                elif name == b"connection":
+                    toks = connection_tokens(value.decode("latin-1"))
+                    if http11:
+                        keep_alive = keep_alive and "close" not in toks
+                    elif "keep-alive" in toks:
+                        keep_alive = True
+                elif name == b"transfer-encoding":
+                    head.framing = BodyFraming.CHUNKED
+                elif name == b"content-length":
+                    head.content_length = int(value)  # llhttp validated it
+                elif value.lower() == b"100-continue":
+                    head.expect_continue = True
+        head.keep_alive = keep_alive
+        if head.framing is BodyFraming.CHUNKED:
+            head.content_length = None
+        elif head.content_length is not None:
+            head.framing = BodyFraming.LENGTH
+        if head.host is None and http11:
             raise ProtocolError(Failure.BAD_REQUEST, "missing Host")
-        conn = m.get("connection")
-        if conn is None:
-            head.keep_alive = head.http11
-        else:
-            toks = connection_tokens(conn)
-            head.keep_alive = "keep-alive" in toks if not head.http11 else "close" not in toks
-        if "transfer-encoding" in m:
-            head.framing = BodyFraming.CHUNKED
-        else:
-            cl = m.get("content-length")
-            if cl is not None:
-                head.content_length = int(cl)  # llhttp validated it
-                head.framing = BodyFraming.LENGTH if head.content_length else BodyFraming.NONE
-        exp = m.get("expect")
-        if exp is not None and exp.lower() == "100-continue":
-            head.expect_continue = True
         ex = self.ctx.factory(self, head)
         self._reading = ex
         self._queue.append(ex)
@@ -418,7 +469,7 @@ class HttpConnection(asyncio.Protocol):
         if self.ctx.draining:
             self._close()
             return
-        self._idle_since = self._loop.time()
+        self._idle_since = _monotonic()
         if self._timer is None:
             self._timer = self._loop.call_later(self._tick, self._on_timer)
 
@@ -426,7 +477,7 @@ class HttpConnection(asyncio.Protocol):
         self._timer = None
         if self.closed:
             return
-        now = self._loop.time()
+        now = _monotonic()
         s = self.ctx.settings
         if self._in_head:
             deadline = self._head_t0 + s.head_read_timeout

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from typing import TYPE_CHECKING, Protocol
 
 import httptools
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
     from meshproxy.upstream.pool import EndpointState
 
 
+_monotonic = time.monotonic
+
+
 class ResponseSink(Protocol):
     """What an upstream connection reports to (implemented by the proxy's exchange)."""
 
@@ -47,6 +51,7 @@ class ResponseSink(Protocol):
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_complete(self, keep_alive: bool) -> None: ...
     def on_upstream_lost(self, failure: Failure) -> None: ...
+    def flush_response(self) -> None: ...
     def upstream_pause_writing(self) -> None: ...
     def upstream_resume_writing(self) -> None: ...
 
@@ -121,8 +126,7 @@ class UpstreamConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         high, low = self._limits
         transport.set_write_buffer_limits(high, low)
         sock = transport.get_extra_info("socket")
@@ -133,7 +137,8 @@ class UpstreamConnection(asyncio.Protocol):
                 pass
 
     def data_received(self, data: bytes) -> None:
-        if self.sink is None:
+        sink = self.sink
+        if sink is None:
             # Bytes on an idle connection: the upstream is confused; never reuse it.
             self.closed = True
             self.endpoint.discard(self)
@@ -152,6 +157,7 @@ class UpstreamConnection(asyncio.Protocol):
             if sink is not None:
                 sink.on_upstream_lost(Failure.UPSTREAM_PROTOCOL_ERROR)
             return
+        sink.flush_response()
         if self._head_done:
             self._head_done = False
             self._parser = httptools.HttpResponseParser(self)
@@ -230,7 +236,7 @@ class UpstreamConnection(asyncio.Protocol):
     def arm_idle_timer(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         """Called by the pool when the connection turns idle: one lazy timer, re-armed only
         when it fires early (no per-request timer churn)."""
-        self.idle_since = loop.time()
+        self.idle_since = _monotonic()
         if self._timer is None:
             self._timer = loop.call_later(timeout, self._idle_check, loop, timeout)
 
@@ -238,7 +244,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer = None
         if self.closed or self.sink is not None or not self.endpoint.is_idle(self):
             return
-        remaining = self.idle_since + timeout - loop.time()
+        remaining = self.idle_since + timeout - _monotonic()
         if remaining <= 0.001:
             self.endpoint.discard(self)
             self.close()

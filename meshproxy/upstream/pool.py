@@ -156,6 +156,8 @@ class Pools:
         self._settings = settings
         self._clusters: dict[str, ClusterState] = {}
         self._closed = False
+        # set on first connect: asyncio.get_running_loop() costs a getpid() syscall
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -220,7 +222,7 @@ class Pools:
 
     async def connect(self, cs: ClusterState, ep: EndpointState) -> UpstreamConnection:
         """Open a new connection to ``ep`` within the cluster's connect timeout."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         s = self._settings
         try:
             async with asyncio.timeout(cs.cluster.pool.connect_timeout):
@@ -254,7 +256,10 @@ class Pools:
             conn.close()
             return
         ep.idle.append(conn)
-        conn.arm_idle_timer(asyncio.get_running_loop(), cs.idle_timeout)
+        loop = self._loop
+        if loop is None:  # a connection made outside connect() (tests)
+            loop = self._loop = asyncio.get_running_loop()
+        conn.arm_idle_timer(loop, cs.idle_timeout)
 
     def idle_connections(self) -> int:
         return sum(len(e.idle) for cs in self._clusters.values() for e in cs.endpoints)
