@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 _monotonic = time.monotonic  # the event loop's clock (loop.time() without a method call)
 
 MAX_PIPELINE = 16  # requests parsed ahead of the one being answered before reading pauses
+LINGER_SECONDS = 2.0  # after an error reply, input is read and dropped this long before close
 
 
 class LazyHeaders(Mapping[str, str]):
@@ -413,7 +414,10 @@ class HttpConnection(asyncio.Protocol):
         self._in_head = False
         p = self.parser
         head.method = p.get_method().decode("ascii")
-        http11 = head.http11 = p.get_http_version() == "1.1"
+        version = p.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise ProtocolError(Failure.BAD_REQUEST, f"HTTP/{version}")
+        http11 = head.http11 = version == "1.1"
         keep_alive = http11
         special = _SPECIAL
         for name, value in head.headers:
@@ -520,11 +524,27 @@ class HttpConnection(asyncio.Protocol):
         self._send_error(reply)
 
     def _send_error(self, reply: LocalReply) -> None:
+        """Answer a protocol error and close without a reset: half-close, then discard what
+        the client still sends for up to :data:`LINGER_SECONDS` (closing with unread input
+        would make the kernel send RST and the client could lose the answer)."""
         self._error = None
+        self._no_more = True
         self.write(
             local_reply_bytes(reply.status, reply.body, content_type=reply.content_type, close=True)
         )
-        self._close()
+        t = self.transport
+        if t is None or self.closed:
+            return
+        if t.can_write_eof():
+            t.write_eof()
+            if self._paused:
+                self._paused = 0
+                t.resume_reading()
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_later(LINGER_SECONDS, self._close)
+        else:
+            self._close()
 
     def _close(self) -> None:
         self._no_more = True
