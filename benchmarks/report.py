@@ -49,14 +49,14 @@ def peer_table(peers: list[dict]) -> list[str]:
     rows = [
         "| peer | req/s | vs direct | vs Envoy | added p50 µs | added p90 µs | added p99 µs "
         "| p99 vs Envoy | CPU s / 1k req | CPU vs Envoy | RSS idle MiB | RSS peak MiB "
-        "| upstream conns (sat / lat) | errors |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| upstream conns (sat / lat) | errors | noise |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in peers:
         label = LABELS.get(r["name"], r["name"])
         if r.get("status") != "ok":
             why = (r.get("error") or "").splitlines()[0][:120] if r.get("error") else ""
-            rows.append(f"| {label} | {r.get('status')}: {why} |" + " |" * 13)
+            rows.append(f"| {label} | {r.get('status')}: {why} |" + " |" * 14)
             continue
         sat, lat = r["saturation"], r["latency"]
         added = r.get("added_us", {})
@@ -85,6 +85,7 @@ def peer_table(peers: list[dict]) -> list[str]:
                     "" if direct else _mib(r.get("peak", {}).get("hwm_kib")),
                     f"{sat.get('upstream_connections')} / {lat.get('upstream_connections')}",
                     str(errors),
+                    _f(sat.get("other_cpu_share"), "{:.2f} CPU"),
                 ]
             )
             + " |"
@@ -125,20 +126,20 @@ def bigtable_lines(big: dict | None) -> list[str]:
             "",
             "| reload (rewrite every VirtualService) | seconds / ms | target |",
             "|---|--:|--:|",
-            f"| file write -> `/config_dump` version changes | "
+            f"| file write -> admin reports the new version (`/config_dump` `version`) | "
             f"{_f(rel.get('config_dump_seconds'), '{:.3f}')} s | <= 1 s |",
             f"| file write -> first response from the new config | "
             f"{_f(rel.get('data_plane_seconds'), '{:.3f}')} s | |",
             f"| longest gap between responses during the reload | "
             f"{_f(rel.get('max_gap_ms'), '{:.1f}')} ms | <= 100 ms |",
-            f"| longest gap while `/config_dump` was being polled | "
-            f"{_f(rel.get('max_gap_ms_with_admin_polling'), '{:.1f}')} ms | |",
             f"| `/config_dump` response time / size | "
             f"{_f(rel.get('config_dump_fetch_seconds'), '{:.3f}')} s / "
             f"{_mib((rel.get('config_dump_bytes') or 0) / 1024)} MiB | |",
-            f"| errors / non-2xx during the reloads | "
+            f"| errors / non-2xx during the reload | "
             f"{rel.get('errors', '-')} / {rel.get('non_2xx', '-')} | 0 |",
         ]
+        if rel.get("version_source"):
+            out += ["", f"Version read from: {rel['version_source']}."]
         if rel.get("note"):
             out += ["", f"Note: {rel['note']}"]
     return out

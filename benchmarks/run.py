@@ -66,10 +66,11 @@ class Plan:
     lat_connections: int
     big_hosts: int
     reload_window: float
+    dump_timeout: float
 
 
-FULL = Plan(10, 2, 64, 10, 1, 1000, 16, 10_000, 3.0)
-QUICK = Plan(3, 1, 64, 3, 0.5, 1000, 16, 10_000, 2.0)
+FULL = Plan(10, 2, 64, 10, 1, 1000, 16, 10_000, 2.0, 20.0)
+QUICK = Plan(3, 1, 64, 3, 0.5, 1000, 16, 10_000, 1.0, 10.0)
 
 PEERS = ["direct", "meshproxy-1w", "meshproxy-2w", "nginx", "haproxy", "envoy"]
 
@@ -178,7 +179,7 @@ def run_peer(name: str, ctx: Context) -> dict:
         running = Running("direct", None, ctx.upstream.port)
         try:
             return measure(name, running, ctx)
-        except BenchError as exc:
+        except (BenchError, OSError) as exc:
             return {"name": name, "status": "error", "error": str(exc)}
     if name.startswith("meshproxy-"):
         why = meshproxy_available()
@@ -193,7 +194,7 @@ def run_peer(name: str, ctx: Context) -> dict:
         if running.proc is not None and not running.proc.alive():
             raise BenchError(f"{name} died during the run\n{running.proc.tail()}")
         return result
-    except BenchError as exc:
+    except (BenchError, OSError) as exc:
         print(f"   {name}: {exc}", file=sys.stderr, flush=True)
         return {"name": name, "status": "error", "error": str(exc)}
     finally:
@@ -290,6 +291,23 @@ def _git_head() -> str | None:
     return done.stdout.strip() or None
 
 
+def wait_quiet(limit: float, threshold: float = 0.3, window: float = 2.0) -> float | None:
+    """Wait (up to ``limit`` s) until the machine's busy CPU, with nothing of ours running, is
+    below ``threshold`` CPUs over ``window`` s; returns the last share seen (None: no wait)."""
+    if limit <= 0:
+        return None
+    deadline = time.monotonic() + limit
+    share = 0.0
+    while True:
+        b0 = procstat.machine_busy_seconds()
+        time.sleep(window)
+        share = (procstat.machine_busy_seconds() - b0) / window
+        if share < threshold or time.monotonic() >= deadline:
+            break
+        print(f"   waiting for a quiet machine: others use {share:.2f} CPU", flush=True)
+    return round(share, 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description="Compare meshproxy with direct, nginx, HAProxy and Envoy."
@@ -305,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--multi-cpus", default="0,1", help="CPU list for meshproxy-2w [0,1]")
     ap.add_argument("--load-cpus", default="1", help="CPU list for wrk/loadgen/upstream [1]")
     ap.add_argument("--no-pin", action="store_true", help="do not pin anything")
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        help="wait up to this many seconds for other processes to leave the CPUs idle "
+        "[full run: 60, --quick: 0]",
+    )
     ap.add_argument(
         "--readme",
         choices=["auto", "yes", "no"],
@@ -333,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     pin = not args.no_pin
     t_start = time.monotonic()
+    wait = args.wait_quiet if args.wait_quiet is not None else (0.0 if args.quick else 60.0)
+    quiet = wait_quiet(wait)
     workdir = Path(tempfile.mkdtemp(prefix="meshproxy-bench-"))
     upstream = Upstream(workdir, args.load_cpus if pin else None)
     ctx = Context(
@@ -366,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(plan, ctx),
         "quick": args.quick,
         "elapsed_seconds": round(time.monotonic() - t_start, 1),
+        "other_cpu_at_start": quiet,
         "peers": results,
         "bigtable": big,
     }
