@@ -4,7 +4,8 @@ try it.
 Theory of operation: starts ``examples/demo_backend.py`` twice (v1 on 127.0.0.1:9081, v2 on
 127.0.0.1:9082) and ``python -m meshproxy run --config examples/mesh`` (outbound
 127.0.0.1:15001, admin 127.0.0.1:15000), waits for ``/ready``, prints curl commands, and stops
-every process it started (by PID) on Ctrl-C or when one of them dies. ``--check`` sends a few
+every process it started (by PID) on Ctrl-C or when one of them dies (the children run in
+their own session, so a terminal's Ctrl-C reaches only this launcher). ``--check`` sends a few
 requests itself and exits 0 when the routing is the one the VirtualService describes (used by
 the test suite). With non-default ``--backend-ports`` the mesh YAML is copied to a temporary
 directory with those ports.
@@ -108,7 +109,7 @@ def check(outbound: str) -> int:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM behaves like Ctrl-C: stop everything we started."""
+    """SIGTERM and SIGINT (Ctrl-C) stop everything we started, in order, by PID."""
     raise KeyboardInterrupt
 
 
@@ -156,13 +157,15 @@ def main() -> int:
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="meshproxy-demo-") as tmp:
         config = mesh_dir((v1, v2), Path(tmp))
+        signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, _interrupt)
         try:
             for version, port in (("v1", v1), ("v2", v2)):
                 procs.append(
                     subprocess.Popen(
                         [sys.executable, str(HERE / "demo_backend.py"), "--service", "reviews",
                          "--version", version, "--port", str(port)],
-                        stdout=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL, start_new_session=True,
                     )
                 )  # fmt: skip
             procs.append(
@@ -170,7 +173,7 @@ def main() -> int:
                     [sys.executable, "-m", "meshproxy", "run", "--config", str(config),
                      "--outbound", args.outbound, "--admin", args.admin,
                      "--labels", "app=productpage,version=v1", "--log-level", "warning"],
-                    stdout=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, start_new_session=True,
                 )
             )  # fmt: skip
             wait_ready(args.admin, procs)
@@ -195,7 +198,6 @@ Edit {config}/reviews.yaml (e.g. the 90/10 weights) and the proxy applies it wit
 Ctrl-C stops everything.""",
                 flush=True,
             )
-            signal.signal(signal.SIGTERM, _interrupt)
             while all(p.poll() is None for p in procs):
                 time.sleep(0.5)
             print("run_demo: a process exited; stopping the others", file=sys.stderr)
