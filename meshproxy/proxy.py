@@ -36,7 +36,15 @@ import random
 import time
 from typing import TYPE_CHECKING
 
-from meshproxy.config.model import Cluster, Route, WeightedCluster
+from meshproxy.config.model import (
+    NO_HEADER_OPS,
+    Cluster,
+    HeaderOps,
+    Route,
+    Snapshot,
+    VirtualHost,
+    WeightedCluster,
+)
 from meshproxy.core.balance import hash_key_for
 from meshproxy.core.routing import (
     RequestInfo,
@@ -78,6 +86,7 @@ if TYPE_CHECKING:
     from meshproxy.metrics import Metrics
 
 _monotonic = time.monotonic
+AUTHORITY_CACHE_SIZE = 4096  # distinct authorities remembered per snapshot
 _NO_ROUTE = local_reply(Failure.NO_ROUTE)
 _BAD_REQUEST = local_reply(Failure.BAD_REQUEST)
 _NONE = BodyFraming.NONE
@@ -86,10 +95,27 @@ _CHUNKED = BodyFraming.CHUNKED
 _CLOSE = BodyFraming.CLOSE
 
 
+def _ops(ops: HeaderOps) -> HeaderOps | None:
+    """``ops`` if it does anything, else None (identity test first: the common case)."""
+    if ops is NO_HEADER_OPS or ops.empty:
+        return None
+    return ops
+
+
 class ProxyContext:
     """Shared by every exchange of a data plane (built once by ``DataPlane``)."""
 
-    __slots__ = ("active_requests", "loop", "metrics", "pools", "random", "settings", "state")
+    __slots__ = (
+        "_cache",
+        "_cache_snap",
+        "active_requests",
+        "loop",
+        "metrics",
+        "pools",
+        "random",
+        "settings",
+        "state",
+    )
 
     def __init__(self, state: State, pools: Pools, metrics: Metrics, settings: Settings) -> None:
         self.state = state
@@ -99,6 +125,21 @@ class ProxyContext:
         self.loop = asyncio.get_running_loop()
         self.random = random.random
         self.active_requests = 0
+        self._cache_snap: Snapshot | None = None
+        self._cache: dict[str, tuple[str, int | None, VirtualHost | None]] = {}
+
+    def lookup(self, snap: Snapshot, authority: str) -> tuple[str, int | None, VirtualHost | None]:
+        """(host, port, virtual host) for an authority, memoised per snapshot (bounded)."""
+        if snap is not self._cache_snap:
+            self._cache_snap = snap
+            self._cache = {}
+        ent = self._cache.get(authority)
+        if ent is None:
+            host, port = split_authority(authority)
+            ent = (host, port, find_virtual_host(snap.routes, host))
+            if len(self._cache) < AUTHORITY_CACHE_SIZE:
+                self._cache[authority] = ent
+        return ent
 
     def make_exchange(self, conn: HttpConnection, head: RequestHead) -> Exchange:
         return Exchange(self, conn, head)
@@ -178,33 +219,43 @@ class Exchange:
         ctx = self.ctx
         ctx.active_requests += 1
         head = self.head
-        try:
-            scheme, authority, path = parse_target(head.target)
-        except TargetError:
-            self._local(_BAD_REQUEST)
-            return
+        target = head.target
+        if target[:1] == "/":
+            scheme, authority, path = None, None, target
+        else:
+            try:
+                scheme, authority, path = parse_target(target)
+            except TargetError:
+                self._local(_BAD_REQUEST)
+                return
         if authority is None:
             authority = head.host or ""
         if scheme is None:
             scheme = self.conn.scheme
-        host, port = split_authority(authority)
-        req = RequestInfo(head.method, path, host, port, scheme, head.map, authority)
         snap = ctx.state.snapshot
-        vh = find_virtual_host(snap.routes, host)
+        host, port, vh = ctx.lookup(snap, authority)
         if vh is None:
             self._local(_NO_ROUTE)
             return
-        sel = select_route(vh, req)
-        if sel is None:
-            self._local(_NO_ROUTE)
-            return
-        route, match = sel
+        req: RequestInfo | None = None
+        first = vh.routes[0] if vh.routes else None
+        if first is not None and not first.matches:
+            route, match = first, None  # catch-all first route: no RequestInfo needed
+        else:
+            req = RequestInfo(head.method, path, host, port, scheme, head.map, authority)
+            sel = select_route(vh, req)
+            if sel is None:
+                self._local(_NO_ROUTE)
+                return
+            route, match = sel
         self.route = route
         if route.direct_response is not None:
             dr = route.direct_response
             self._local(LocalReply(dr.status, "-", dr.body or b""), route=route)
             return
         if route.redirect is not None:
+            if req is None:
+                req = RequestInfo(head.method, path, host, port, scheme, head.map, authority)
             status, location = redirect_response(route.redirect, req, match)
             self._local(LocalReply(status, "-"), extra=(("location", location),), route=route)
             return
@@ -222,6 +273,8 @@ class Exchange:
         self.cs = cs
         hkey = None
         if cluster.lb.hash is not None:
+            if req is None:
+                req = RequestInfo(head.method, path, host, port, scheme, head.map, authority)
             hkey = hash_key_for(cluster.lb.hash, req, self.conn.peer_ip)
         ep = cs.pick(ctx.random(), hkey)
         if ep is None:
@@ -245,13 +298,13 @@ class Exchange:
             if new_path is not None:
                 headers.append((b"x-envoy-original-path", path.encode("latin-1")))
                 path = new_path
-        rq = route.headers.request
-        wq = wc.headers.request
-        if not (rq.empty and wq.empty):
+        rq = _ops(route.headers.request)
+        wq = _ops(wc.headers.request)
+        if rq is not None or wq is not None:
             pairs = bytes_to_pairs(headers)
-            if not rq.empty:
+            if rq is not None:
                 pairs = apply_header_ops(pairs, rq)
-            if not wq.empty:
+            if wq is not None:
                 pairs = apply_header_ops(pairs, wq)
             headers = pairs_to_bytes(pairs)
         self.req_head = request_head(head.method, path, headers, head.framing, head.content_length)
@@ -390,13 +443,13 @@ class Exchange:
         lines = rh.lines
         route = self.route
         wc = self.wc
-        rs = route.headers.response if route is not None else None
-        ws = wc.headers.response if wc is not None else None
-        if (rs is not None and not rs.empty) or (ws is not None and not ws.empty):
+        rs = _ops(route.headers.response) if route is not None else None
+        ws = _ops(wc.headers.response) if wc is not None else None
+        if rs is not None or ws is not None:
             pairs = lines_to_pairs(lines)
-            if rs is not None and not rs.empty:
+            if rs is not None:
                 pairs = apply_header_ops(pairs, rs)
-            if ws is not None and not ws.empty:
+            if ws is not None:
                 pairs = apply_header_ops(pairs, ws)
             lines = pairs_to_lines(pairs)
         cl = rh.content_length
