@@ -47,6 +47,7 @@ from peers import Running, connections_between, meshproxy_available, start_meshp
 if TYPE_CHECKING:
     from run import Context
 
+
 RULES = 5
 HOSTS_PER_SERVICE_ENTRY = 1000
 GEN_HEADER = "x-bench-gen"
@@ -305,6 +306,11 @@ def _reload(ctx: Context, running: Running, directory: Path, hosts: int, req_jso
     return out
 
 
+def ours_cpu_seconds(ctx: Context) -> float:
+    up = ctx.upstream.proc.pid if ctx.upstream.proc is not None else None
+    return procstat.load_side_cpu_seconds(up)
+
+
 def _measure_table(ctx: Context, hosts: int, label: str, reload: bool) -> dict:
     plan = ctx.plan
     up = ctx.upstream.port
@@ -343,11 +349,16 @@ def _measure_table(ctx: Context, hosts: int, label: str, reload: bool) -> dict:
         wrk_args = {"script": script, "script_args": [str(lines)]}
         run_wrk(running.port, plan.sat_warmup, plan.sat_connections, ctx.load_cpus, **wrk_args)
         acc0 = ctx.upstream.accepts()
+        ours0 = ours_cpu_seconds(ctx)
         cpu0 = procstat.tree_cpu_seconds(pid)
+        busy0 = procstat.machine_busy_seconds()
         sat = run_wrk(
             running.port, plan.sat_seconds, plan.sat_connections, ctx.load_cpus, **wrk_args
         )
+        busy1 = procstat.machine_busy_seconds()
         cpu1 = procstat.tree_cpu_seconds(pid)
+        other = (busy1 - busy0) - (cpu1 - cpu0) - (ours_cpu_seconds(ctx) - ours0)
+        result["other_cpu_share"] = round(max(0.0, other) / plan.sat_seconds, 2)
         result["upstream_connections"] = connections_between(acc0, ctx.upstream.accepts())
         result["rps"] = sat["rps"]
         result["requests"] = sat["requests"]

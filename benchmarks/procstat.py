@@ -121,3 +121,10 @@ def children_cpu_seconds() -> float:
 
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
+
+
+def load_side_cpu_seconds(upstream_pid: int | None) -> float:
+    """CPU seconds of the harness's own processes: the upstream tree, this process and its
+    waited-for children (wrk, loadgen runs)."""
+    up = tree_cpu_seconds(upstream_pid) if upstream_pid is not None else 0.0
+    return up + cpu_seconds([os.getpid()]) + children_cpu_seconds()

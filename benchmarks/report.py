@@ -104,15 +104,16 @@ def bigtable_lines(big: dict | None) -> list[str]:
     small, large = big["small"], big["large"]
     out += [
         "| table | hosts / routes | start to ready s | req/s | CPU s / 1k req | RSS peak MiB "
-        "| upstream conns |",
-        "|---|--:|--:|--:|--:|--:|--:|",
+        "| upstream conns | noise |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for t in (small, large):
         out.append(
             f"| {t['label']} | {t['hosts']:,} / {t['routes']:,} "
             f"| {_f(t.get('start_seconds'), '{:.2f}')} "
             f"| {_f(t.get('rps'))} | {_f(t.get('cpu_s_per_1k'), '{:.4f}')} "
-            f"| {_mib(t.get('peak_hwm_kib'))} | {_f(t.get('upstream_connections'))} |"
+            f"| {_mib(t.get('peak_hwm_kib'))} | {_f(t.get('upstream_connections'))} "
+            f"| {_f(t.get('other_cpu_share'), '{:.2f} CPU')} |"
         )
     ratio = big.get("rps_ratio")
     out.append("")
@@ -134,7 +135,8 @@ def bigtable_lines(big: dict | None) -> list[str]:
             f"{_f(rel.get('max_gap_ms'), '{:.1f}')} ms | <= 100 ms |",
             f"| `/config_dump` response time / size | "
             f"{_f(rel.get('config_dump_fetch_seconds'), '{:.3f}')} s / "
-            f"{_mib((rel.get('config_dump_bytes') or 0) / 1024)} MiB | |",
+            f"{_mib(rel['config_dump_bytes'] / 1024 if rel.get('config_dump_bytes') else None)}"
+            " MiB | |",
             f"| errors / non-2xx during the reload | "
             f"{rel.get('errors', '-')} / {rel.get('non_2xx', '-')} | 0 |",
         ]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -115,11 +116,10 @@ def _mem(pid: int) -> dict:
     }
 
 
-def _ours(ctx: Context) -> float:
+def ours_cpu_seconds(ctx: Context) -> float:
     """CPU seconds of the harness's own load side: the upstream, waited-for wrk runs, us."""
-    up = procstat.tree_cpu_seconds(ctx.upstream.proc.pid) if ctx.upstream.proc else 0.0
-    me = procstat.cpu_seconds([os.getpid()])
-    return up + me + procstat.children_cpu_seconds()
+    up = ctx.upstream.proc.pid if ctx.upstream.proc is not None else None
+    return procstat.load_side_cpu_seconds(up)
 
 
 def measure(name: str, running: Running, ctx: Context) -> dict:
@@ -134,13 +134,13 @@ def measure(name: str, running: Running, ctx: Context) -> dict:
     run_wrk(running.port, plan.sat_warmup, plan.sat_connections, ctx.load_cpus)
     time.sleep(0.2)
     acc0 = ctx.upstream.accepts()
-    ours0 = _ours(ctx)
+    ours0 = ours_cpu_seconds(ctx)
     cpu0 = procstat.tree_cpu_seconds(pid) if pid is not None else 0.0
     busy0 = procstat.machine_busy_seconds()
     sat = run_wrk(running.port, plan.sat_seconds, plan.sat_connections, ctx.load_cpus)
     busy1 = procstat.machine_busy_seconds()
     cpu1 = procstat.tree_cpu_seconds(pid) if pid is not None else 0.0
-    ours1 = _ours(ctx)
+    ours1 = ours_cpu_seconds(ctx)
     acc1 = ctx.upstream.accepts()
     sat["upstream_connections"] = connections_between(acc0, acc1)
     # CPU the rest of the machine used meanwhile: a noisy neighbour makes figures unreliable
@@ -241,8 +241,11 @@ def environment(plan: Plan, ctx: Context) -> dict:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
         except (OSError, subprocess.TimeoutExpired):
             return None
-        text = (done.stdout + done.stderr).strip().splitlines()
-        return text[0][:120] if text else None
+        text = (done.stdout + done.stderr).strip()
+        m = re.search(r"^wrk (\S+)|version:? (\S+)", text, re.I)  # wrk, nginx, haproxy, envoy
+        if m:
+            return (m.group(1) or m.group(2)).removeprefix("nginx/")[:80]
+        return text.splitlines()[0][:80] if text else None
 
     envoy = envoy_binary()
     return {
