@@ -342,6 +342,8 @@ class Exchange:
     def _send_on(self, up: UpstreamConnection) -> None:
         self.up = up
         up.bind(self, self.head.method == "HEAD")
+        if self.conn.write_paused:  # the client is still behind on an earlier response
+            self.downstream_pause_writing()
         buf = self._buf
         if buf:
             self._buf = None

@@ -218,6 +218,7 @@ class HttpConnection(asyncio.Protocol):
         "peer_ip",
         "scheme",
         "transport",
+        "write_paused",
     )
 
     def __init__(self, ctx: ServerContext, scheme: str = "http") -> None:
@@ -227,6 +228,7 @@ class HttpConnection(asyncio.Protocol):
         self.peer_ip = ""
         self.parser = httptools.HttpRequestParser(self)
         self.closed = False
+        self.write_paused = False  # the client is not reading: exchanges must not read upstream
         self._loop = asyncio.get_running_loop()
         self._queue: deque[Exchange] = deque()
         self._reading: Exchange | None = None
@@ -371,10 +373,12 @@ class HttpConnection(asyncio.Protocol):
         self.ctx.remove(self)
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         if self._queue:
             self._queue[0].downstream_pause_writing()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         if self._queue:
             self._queue[0].downstream_resume_writing()
 

@@ -693,3 +693,96 @@ async def test_upstream_idle_timeout_closes_pooled_connection() -> None:
             assert up.open_connections == 0
             assert (await request(p.host, p.port, get())).status == 200
             assert up.connections == 2
+
+
+# --------------------------------------------------------------------------- more edges
+
+
+async def test_long_pipeline_is_bounded_and_ordered() -> None:
+    async with UpstreamServer(lambda rec: Reply(body=rec.target.encode())) as up:
+        async with running_dataplane(service_snapshot("svc", [up.port])) as p:
+            reader, writer = await asyncio.open_connection(p.host, p.port)
+            writer.write(b"".join(get(f"/{i}") for i in range(60)))
+            bodies = [(await read_response(reader)).body for _ in range(60)]
+            assert bodies == [f"/{i}".encode() for i in range(60)]
+            assert up.connections == 1
+            writer.close()
+
+
+async def test_ipv6_listener() -> None:
+    import socket
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    async with UpstreamServer() as up:
+        from meshproxy.dataplane import DataPlane
+        from meshproxy.state import State
+        from tests.support.fakes import FakeMetrics
+
+        state = State()
+        state.apply(service_snapshot("svc", [up.port]))
+        dp = DataPlane(state, FakeMetrics(), Settings())  # type: ignore[arg-type]
+        try:
+            try:
+                host, port = await dp.start_outbound("[::1]", 0)
+            except OSError:
+                pytest.skip("::1 not configured")
+            assert host == "::1" and port > 0
+            r = await request("::1", port, get())
+            assert r.status == 200
+            assert up.requests[0].header("x-forwarded-for") == "::1"
+        finally:
+            await dp.close()
+
+
+async def test_connect_timeout_503_uf() -> None:
+    import socket
+
+    # A listener that never accepts, with its accept queue filled: SYNs go unanswered.
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    port = blackhole.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            fillers.append(s)
+        await asyncio.sleep(0.1)
+        c = cluster("svc", [port], pool=ConnectionPool(connect_timeout=0.3))
+        snap = snapshot([vhost("svc", (to_cluster("svc"),))], [c])
+        async with running_dataplane(snap) as p:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            r = await request(p.host, p.port, get(), timeout=5)
+            elapsed = loop.time() - t0
+            assert r.status == 503 and p.metrics.requests[0].flags == "UF"
+            assert 0.25 <= elapsed < 3.0  # the connect deadline, not a refusal
+    finally:
+        for s in fillers:
+            s.close()
+        blackhole.close()
+
+
+async def test_client_disconnect_mid_response_is_dc_and_frees_upstream() -> None:
+    async with UpstreamServer(Reply(chunks=[b"x" * 100] * 20, chunk_delay=0.05)) as up:
+        async with running_dataplane(service_snapshot("svc", [up.port])) as p:
+            reader, writer = await asyncio.open_connection(p.host, p.port)
+            writer.write(get())
+            await reader.readuntil(b"\r\n\r\n")
+            writer.close()
+            for _ in range(100):
+                if p.metrics.requests:
+                    break
+                await asyncio.sleep(0.02)
+            assert p.metrics.requests[0].flags == "DC"
+            assert p.dp.active_requests == 0
+            eps = p.dp.clusters_view()["clusters"][0]["endpoints"]
+            assert eps[0]["active_requests"] == 0
+            await asyncio.sleep(0.1)
+            assert up.open_connections == 0  # the half-read upstream connection was not pooled
