@@ -3,9 +3,10 @@ and admin, and runs the process lifecycle (start, serve, drain, exit).
 
 Theory of operation
 -------------------
-:func:`run` builds the first snapshot *before* the event loop starts (bad config -> exit 2 with
-the problem lines), then on uvloop: starts the admin server, the outbound listener, prints
-``listening outbound=HOST:PORT admin=HOST:PORT`` (flushed) and watches the config files.
+:func:`run` runs :class:`Proxy` on uvloop: it starts the admin server (``/ready`` is 503 from
+then on), builds the first snapshot in a thread (bad config -> exit 2 with the problem lines),
+starts the outbound listener, prints ``listening outbound=HOST:PORT admin=HOST:PORT``
+(flushed; ``/ready`` turns 200) and watches the config files.
 
 Lifecycle of :class:`Proxy`::
 
@@ -83,21 +84,21 @@ class Proxy:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def load_config(self) -> None:
-        """Initial build; raises UsageError naming every problem (exit 2)."""
-        try:
-            self.source.load_initial()
-        except ConfigError as e:
-            raise UsageError(
-                "invalid config:\n" + "\n".join(f"  {p}" for p in e.problems)
-            ) from None
-
     async def start(self) -> None:
+        """Admin first (``/ready`` answers 503 while the first config builds), then the
+        initial config (problems -> UsageError, exit 2), then the outbound listener."""
         host, port = self.opts.admin
         try:
             self.admin_addr = await self.admin.start(host, port)
         except OSError as e:
             raise UsageError(f"cannot listen on admin {format_addr(self.opts.admin)}: {e}") from e
+        try:
+            await self.source.load_initial_async()
+        except ConfigError as e:
+            await self.admin.close()
+            raise UsageError(
+                "invalid config:\n" + "\n".join(f"  {p}" for p in e.problems)
+            ) from None
         host, port = self.opts.outbound
         try:
             self.outbound = await self.dataplane.start_outbound(
@@ -229,7 +230,6 @@ class Proxy:
 
 async def _main(opts: RunOptions, settings: Settings) -> int:
     proxy = Proxy(opts, settings)
-    proxy.load_config()
     await proxy.start()
     print(proxy.listening_line(), flush=True)
     log.info("%s", proxy.listening_line())

@@ -112,7 +112,13 @@ class FileSource:
 
     def load_initial(self) -> Snapshot:
         """Build and apply the start-up config; raise :class:`ConfigError` on problems."""
-        result = self.build()
+        return self._initial(self.build())
+
+    async def load_initial_async(self) -> Snapshot:
+        """:meth:`load_initial` with the build in a thread, so the loop (admin) keeps serving."""
+        return self._initial(await asyncio.to_thread(self.build))
+
+    def _initial(self, result: LoadResult) -> Snapshot:
         if result.snapshot is None:
             raise ConfigError(result.problems)
         for w in result.warnings:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -136,6 +137,32 @@ def vs_yaml(w1: int, w2: int) -> str:
     )
 
 
+def many_services_yaml(n: int) -> str:
+    """``n`` STATIC ServiceEntries: a config that takes a noticeable time to translate."""
+    return "---\n".join(
+        textwrap.dedent(
+            f"""\
+            apiVersion: networking.istio.io/v1
+            kind: ServiceEntry
+            metadata: {{name: svc{i}}}
+            spec:
+              hosts: [svc{i}.default.svc.cluster.local]
+              location: MESH_INTERNAL
+              resolution: STATIC
+              ports: [{{number: 80, name: http, protocol: HTTP}}]
+              endpoints: [{{address: 127.0.0.1, ports: {{http: {20000 + i % 1000}}}}}]
+            """
+        )
+        for i in range(n)
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def write_config(path: Path, text: str) -> None:
     """Replace ``path`` atomically, as an editor or a config-management tool would."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -159,13 +186,13 @@ class MeshProxy:
     log_path: Path | None = None
     proc: asyncio.subprocess.Process | None = None
     outbound: str = ""
-    admin: str = ""
+    admin: str = ""  # set before start() to choose the admin address
 
     async def start(self) -> MeshProxy:
         argv = ["run"]
         for c in self.config:
             argv += ["--config", str(c)]
-        argv += ["--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0", *self.extra]
+        argv += ["--outbound", "127.0.0.1:0", "--admin", self.admin or "127.0.0.1:0", *self.extra]
         assert self.log_path is not None
         log = open(self.log_path, "wb")
         try:

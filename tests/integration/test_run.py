@@ -18,6 +18,8 @@ from tests.integration.proxyproc import (
     MeshProxy,
     RawConn,
     Upstream,
+    free_port,
+    many_services_yaml,
     request_samples,
     reviews_yaml,
     wait_until,
@@ -228,3 +230,34 @@ async def test_quitquitquit_exits_zero(proxy: MeshProxy) -> None:
 async def test_sigint_exits_zero(proxy: MeshProxy) -> None:
     proxy.signal(signal.SIGINT)
     assert await proxy.wait(10) == 0
+
+
+async def test_ready_is_503_until_the_first_config_is_applied(tmp_path: Path, mesh_dir) -> None:
+    (mesh_dir / "many.yaml").write_text(many_services_yaml(2000))
+    admin = f"127.0.0.1:{free_port()}"
+    p = MeshProxy([mesh_dir], admin=admin, log_path=tmp_path / "meshproxy.log")
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def poll() -> None:
+        async with aiohttp.ClientSession() as s:
+            while not stop.is_set():
+                try:
+                    async with s.get(f"http://{admin}/ready") as r:
+                        statuses.append(r.status)
+                except aiohttp.ClientConnectionError:
+                    pass  # not listening yet
+                await asyncio.sleep(0.02)
+
+    poller = asyncio.create_task(poll())
+    try:
+        await p.start()
+        await wait_until(lambda: statuses and statuses[-1] == 200, timeout=5)
+    finally:
+        stop.set()
+        await poller
+        await p.stop()
+    assert 503 in statuses, "admin never answered 503 while the config was being built"
+    first_ok = statuses.index(200)
+    assert all(s == 503 for s in statuses[:first_ok])
+    assert all(s == 200 for s in statuses[first_ok:])
