@@ -6,8 +6,10 @@ The downstream connection (``meshproxy.http.server``) creates one :class:`Exchan
 head and starts it when it reaches the front of the pipeline queue. ``start`` does all the
 deciding synchronously, against one ``state.snapshot`` read:
 
-1. target + authority -> :class:`~meshproxy.core.routing.RequestInfo`;
-2. virtual host, route (404 ``NR``), then the route's action: direct response, redirect, or
+1. target + authority -> (host, port, virtual host), memoised per snapshot and authority; a
+   :class:`~meshproxy.core.routing.RequestInfo` is built only when a route match, a redirect
+   or a hash policy needs one;
+2. route (404 ``NR``), then the route's action: direct response, redirect, or
    a weighted destination -> cluster (503 ``NC``) -> endpoint through the cluster's picker
    (503 ``UH``);
 3. the upstream request head: hop-by-hop headers dropped, ``x-request-id`` / XFF / XFP /
