@@ -207,9 +207,8 @@ def add_ratios(results: list[dict]) -> None:
     by = {r["name"]: r for r in results if r.get("status") == "ok"}
     direct = by.get("direct")
     envoy = by.get("envoy")
-    for r in results:
-        if r.get("status") != "ok":
-            continue
+    ok = [r for r in results if r.get("status") == "ok"]
+    for r in ok:  # first every added latency, since the ratios below compare with Envoy's
         lat = r["latency"]["latency_us"]
         if direct is not None:
             d = direct["latency"]["latency_us"]
@@ -217,6 +216,7 @@ def add_ratios(results: list[dict]) -> None:
                 q: (round(lat[q] - d[q], 1) if lat[q] is not None and d[q] is not None else None)
                 for q in ("p50", "p90", "p99")
             }
+    for r in ok:
         rps = r["saturation"]["rps"]
         if direct is not None and direct["saturation"]["rps"]:
             r["rps_vs_direct"] = round(rps / direct["saturation"]["rps"], 3)

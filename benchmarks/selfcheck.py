@@ -1,0 +1,164 @@
+"""Self-check of the benchmark harness: ``python benchmarks/selfcheck.py``.
+
+Theory of operation: the harness is not collected by pytest (it needs nginx, wrk and minutes
+of CPU), so this script checks its pure parts and its generated configs quickly, with plain
+``assert``s that fail loudly: wrk output parsing, nearest-rank percentiles, the markdown
+report and the README marker rewrite on a synthetic result document, that every generated
+Istio config passes ``meshproxy validate``, and, when nginx is installed, one short open-loop
+and one closed-loop ``loadgen.py`` run against the nginx upstream (the rate must be met with
+no errors; the loop prober must see responses and the header it watches). Exit 0 when all
+pass.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import bigtable
+import report
+from harness import REPO, BenchError, parse_wrk, run_loadgen
+from loadgen import percentile
+from peers import Upstream, meshproxy_config
+
+WRK_SAMPLE = """Running 10s test @ http://127.0.0.1:8080/
+  1 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.20ms  300.00us   9.00ms   90.00%
+    Req/Sec    40.00k     2.00k   45.00k    70.00%
+  401234 requests in 10.00s, 50.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 7
+Requests/sec:  40123.40
+Transfer/sec:      5.00MB
+"""
+
+
+def check_parsers() -> None:
+    w = parse_wrk(WRK_SAMPLE)
+    assert w == {"rps": 40123.4, "requests": 401234, "non_2xx": 7, "socket_errors": 3}, w
+    try:
+        parse_wrk("garbage")
+    except BenchError:
+        pass
+    else:
+        raise AssertionError("parse_wrk accepted garbage")
+    values = [float(i) for i in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile(values, 100) == 100.0
+    assert percentile([], 50) is None
+
+
+def _peer(name: str, rps: float, p: float, cpu: float | None) -> dict:
+    lat = {"p50": p, "p90": 2 * p, "p99": 4 * p, "p999": 5 * p, "max": 6 * p, "mean": p}
+    return {
+        "name": name,
+        "status": "ok",
+        "saturation": {
+            "rps": rps,
+            "requests": int(rps * 10),
+            "non_2xx": 0,
+            "socket_errors": 0,
+            "upstream_connections": 64,
+            "cpu_s_per_1k": cpu,
+            "other_cpu_share": 0.01,
+        },
+        "latency": {"latency_us": lat, "non_2xx": 0, "errors": 0, "upstream_connections": 0},
+        "idle": {"rss_kib": 10240},
+        "peak": {"hwm_kib": 20480},
+    }
+
+
+def check_report() -> None:
+    import run
+
+    peers = [
+        _peer("direct", 40000, 100, None),
+        _peer("meshproxy-1w", 10000, 400, 0.08),
+        _peer("envoy", 20000, 200, 0.04),
+        {"name": "nginx", "status": "error", "error": "nginx exited with 1\nmore"},
+    ]
+    run.add_ratios(peers)
+    mesh = peers[1]
+    assert mesh["added_us"] == {"p50": 300, "p90": 600, "p99": 1200}, mesh["added_us"]
+    assert mesh["rps_vs_direct"] == 0.25 and mesh["rps_vs_envoy"] == 0.5
+    assert mesh["cpu_vs_envoy"] == 2.0 and mesh["added_p99_vs_envoy"] == 3.0
+    doc = {
+        "environment": {"plan": run.FULL.__dict__, "pinning": {}, "date": "now"},
+        "peers": peers,
+        "bigtable": {"status": "skipped", "error": "no meshproxy"},
+    }
+    md = report.markdown(doc)
+    assert "| meshproxy, 1 worker | 10,000 | 0.25x | 0.50x | 300 | 600 | 1,200 |" in md, md
+    assert "| nginx | error: nginx exited with 1 |" in md, md
+    assert "Not measured: skipped: no meshproxy" in md, md
+    with tempfile.TemporaryDirectory() as d:
+        readme = Path(d) / "README.md"
+        readme.write_text(f"head\n{report.BEGIN}\nold\n{report.END}\ntail\n")
+        assert report.update_readme(readme, "NEW\n")
+        assert readme.read_text() == f"head\n{report.BEGIN}\nNEW\n{report.END}\ntail\n"
+        readme.write_text("no markers\n")
+        assert not report.update_readme(readme, "NEW\n")
+
+
+def check_configs() -> None:
+    with tempfile.TemporaryDirectory() as d:
+        base = Path(d)
+        bigtable.generate(base / "table", 25, 8080)
+        (base / "bench").mkdir()
+        (base / "bench" / "bench.yaml").write_text(meshproxy_config(8080))
+        if not (REPO / "meshproxy" / "__main__.py").exists():
+            print("skip: meshproxy not present, configs not validated")
+            return
+        argv = [sys.executable, "-m", "meshproxy", "validate"]
+        done = subprocess.run(
+            [*argv, str(base / "table"), str(base / "bench")],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        text = (base / "table" / "routes.yaml").read_text()
+        assert text.count("kind: VirtualService") == 25
+        assert text.count("prefix:") == 25 * bigtable.RULES
+
+
+def check_loadgen() -> None:
+    if shutil.which("nginx") is None:
+        print("skip: nginx not installed, loadgen not exercised")
+        return
+    with tempfile.TemporaryDirectory() as d:
+        up = Upstream(Path(d), None)
+        try:
+            up.start()
+            before = up.accepts()
+            res = run_loadgen("rate", up.port, None, duration=1.0, warmup=0.2, rate=500)
+            assert isinstance(res, dict)
+            assert res["completed"] == 500 and res["errors"] == 0 and res["ok"] == 500, res
+            assert res["latency_us"]["p50"] is not None
+            # 16 keep-alive connections, plus our own stub_status query
+            assert up.accepts() - before - 1 == 16
+            res = run_loadgen(
+                "loop", up.port, None, duration=0.5, connections=2, watch_header="content-type"
+            )
+            assert isinstance(res, dict)
+            assert res["responses"] > 10 and res["errors"] == 0, res
+            assert res["header_changes"][0]["value"] == "text/plain", res
+        finally:
+            up.stop()
+
+
+def main() -> int:
+    for check in (check_parsers, check_report, check_configs, check_loadgen):
+        check()
+        print(f"ok: {check.__name__}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
