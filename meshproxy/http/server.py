@@ -33,6 +33,7 @@ connection back with :meth:`exchange_done`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from collections import deque
@@ -48,6 +49,7 @@ from meshproxy.settings import Settings
 if TYPE_CHECKING:
     from meshproxy.metrics import Metrics
 
+log = logging.getLogger(__name__)
 _monotonic = time.monotonic  # the event loop's clock (loop.time() without a method call)
 
 MAX_PIPELINE = 16  # requests parsed ahead of the one being answered before reading pauses
@@ -334,6 +336,10 @@ class HttpConnection(asyncio.Protocol):
             cause = e.__context__
             if isinstance(cause, ProtocolError):
                 self._fail(cause.failure)
+            elif cause is not None and isinstance(e, httptools.HttpParserCallbackError):
+                # not the client's fault: a bug below a parser callback
+                log.error("internal error while handling a request", exc_info=cause)
+                self._fail(Failure.INTERNAL)
             else:
                 self._fail(Failure.BAD_REQUEST)
             return

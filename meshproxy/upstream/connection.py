@@ -29,6 +29,7 @@ sent request.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from typing import TYPE_CHECKING, Protocol
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from meshproxy.upstream.pool import EndpointState
 
 
+log = logging.getLogger(__name__)
 _monotonic = time.monotonic
 
 
@@ -147,7 +149,11 @@ class UpstreamConnection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
+            # not HTTP/1.x, or a protocol switch the proxy never asked for
+            cause = e.__context__
+            if cause is not None and not isinstance(cause, ValueError):
+                log.error("internal error while handling a response", exc_info=cause)
             sink = self.sink
             self.sink = None
             self.closed = True
@@ -194,7 +200,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        if status < 200 and status != 101:
+        if status < 200:
+            if status == 101:
+                raise ValueError("101 Switching Protocols without an Upgrade request")
             self._interim = True
             return
         sink = self.sink

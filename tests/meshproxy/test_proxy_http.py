@@ -406,6 +406,33 @@ async def test_upstream_reset_mid_body_resets_client() -> None:
             writer.close()
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"SSH-2.0-OpenSSH_9.2\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: zz\r\n\r\n",
+    ],
+)
+async def test_upstream_protocol_error_503_upe(raw: bytes) -> None:
+    async with UpstreamServer(Reply(raw=raw)) as up:
+        async with running_dataplane(service_snapshot("svc", [up.port])) as p:
+            r = await request(p.host, p.port, get())
+            assert r.status == 503
+            assert r.body.endswith(b"reset reason: protocol error")
+            assert p.metrics.requests[0].flags == "UPE"
+
+
+async def test_upstream_interim_100_is_swallowed() -> None:
+    async with UpstreamServer(Reply(interim_100=True, body=b"final")) as up:
+        async with running_dataplane(service_snapshot("svc", [up.port])) as p:
+            reader, writer = await asyncio.open_connection(p.host, p.port)
+            writer.write(get())
+            r = await read_response(reader)
+            assert r.status == 200 and r.body == b"final"
+            writer.close()
+
+
 async def test_redirect_and_direct_response() -> None:
     routes = (
         Route(

@@ -66,6 +66,7 @@ class Reply:
     reason: str = "OK"
     no_content_length: bool = False  # omit content-length (e.g. for 204/304)
     interim_100: bool = False  # send "100 Continue" before the final response
+    raw: bytes | None = None  # send exactly these bytes instead of a response, then close
 
 
 Handler = Callable[[Recorded], Reply]
@@ -146,6 +147,10 @@ class _Conn(asyncio.Protocol):
                 t.abort()
                 return
             if reply.silent_close:
+                t.close()
+                return
+            if reply.raw is not None:
+                t.write(reply.raw)
                 t.close()
                 return
             if reply.interim_100:

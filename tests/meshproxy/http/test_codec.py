@@ -289,4 +289,5 @@ def test_every_failure_is_mapped_and_protocol_errors_close() -> None:
     for failure in Failure:
         reply = local_reply(failure)
         assert 400 <= reply.status < 600
-        assert reply.close == (failure.name in {"BAD_REQUEST", "HEADERS_TOO_LARGE", "HEAD_TIMEOUT"})
+        closing = {"BAD_REQUEST", "HEADERS_TOO_LARGE", "HEAD_TIMEOUT", "INTERNAL"}
+        assert reply.close == (failure.name in closing)
