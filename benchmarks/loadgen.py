@@ -151,6 +151,8 @@ class RateResult:
     errors: int = 0
     reconnects: int = 0
     timer_late: list[float] = field(default_factory=list)
+    worst: float = 0.0
+    worst_at: float = 0.0  # intended send time of the slowest request, from the window start
 
 
 class _RateConn:
@@ -232,6 +234,9 @@ class _RateConn:
         if origin is not None and self.in_flight_intended >= self.gen.measure_from:
             res = self.gen.result
             res.latencies.append(end - origin)
+            if end - origin > res.worst:
+                res.worst = end - origin
+                res.worst_at = self.in_flight_intended - self.gen.measure_from
             if 200 <= status < 300:
                 res.ok += 1
             else:
@@ -345,6 +350,7 @@ def summarize_rate(res: RateResult, duration: float, rate: float, connections: i
             "mean": us(sum(lat) / len(lat) if lat else None),
         },
         "timer_late_us": {"p50": us(percentile(late, 50)), "p99": us(percentile(late, 99))},
+        "worst_at_s": round(res.worst_at, 3),
     }
 
 

@@ -205,8 +205,18 @@ def render_png(doc: dict, path: Path) -> str | None:
             colors[i] = "#e07b39"
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
     ax = axes[0][0]
-    ax.bar(names, [p["saturation"]["rps"] for p in ok], color=colors)
-    ax.set_title("saturation throughput (req/s, higher is better)")
+    bars = ax.bar(names, [p["saturation"]["rps"] for p in ok], color=colors)
+    for bar, p in zip(bars, ok, strict=True):
+        noise = p["saturation"].get("other_cpu_share")
+        if noise is not None:
+            ax.annotate(
+                f"noise {noise:.2f}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+    ax.set_title("saturation throughput (req/s, higher is better; noise = others' CPU)")
     ax = axes[0][1]
     proxies = [p for p in ok if p["name"] != "direct" and p.get("added_us")]
     width = 0.27
@@ -214,12 +224,15 @@ def render_png(doc: dict, path: Path) -> str | None:
     for k, q in enumerate(("p50", "p90", "p99")):
         ax.bar(
             [x + (k - 1) * width for x in xs],
-            [max(0.0, p["added_us"][q] or 0.0) for p in proxies],
+            [max(1.0, p["added_us"][q] or 1.0) for p in proxies],
             width,
             label=q,
         )
     ax.set_xticks(list(xs), [LABELS.get(p["name"], p["name"]).replace(", ", "\n") for p in proxies])
-    ax.set_title(f"added latency at {doc['environment']['plan']['lat_rate']:.0f} req/s (µs)")
+    ax.set_yscale("log")  # one peer's stall must not flatten everybody else's bars
+    ax.set_title(
+        f"added latency at {doc['environment']['plan']['lat_rate']:.0f} req/s (µs, log scale)"
+    )
     ax.legend()
     ax = axes[1][0]
     with_cpu = [p for p in ok if p["saturation"].get("cpu_s_per_1k")]
