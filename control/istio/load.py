@@ -29,6 +29,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from yaml.events import (
+    AliasEvent,
+    MappingEndEvent,
+    MappingStartEvent,
+    ScalarEvent,
+    SequenceEndEvent,
+    SequenceStartEvent,
+    StreamEndEvent,
+)
+from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 from control.istio import hosts as H
 from control.istio.resources import API_VERSIONS, SPEC_TYPES, ObjectMeta, Resource, Resources
@@ -42,6 +52,7 @@ except AttributeError:  # pragma: no cover - libyaml missing
 
 __all__ = ["Loaded", "load_documents", "load_paths", "yaml_files"]
 
+_NOTHING = object()
 _ENVELOPE = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
 
 
@@ -205,17 +216,191 @@ def _semantic_checks(
             c.warn(path, msg)
 
 
-def _read(file: str, report: ValidationReport) -> list[Any]:
+_STR_TAG = "tag:yaml.org,2002:str"
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def parse_yaml(text: str, docs: list[Any] | None = None) -> list[Any]:
+    """Every document of ``text``, as :func:`yaml.load_all` with the safe loader returns them.
+
+    Fast path: the objects are built straight from the C parser's events (no node graph),
+    plain scalars resolved through the loader's own resolver and constructor, memoized by
+    text (Istio files repeat the same keys and values endlessly). A document using anything
+    beyond plain mappings, sequences and scalars (anchors, aliases, tags, merge keys ``<<``,
+    non-scalar keys, a scalar type other than str/int/float/bool/null/timestamp) sends the
+    whole text to :func:`_parse_composed`, which follows ``yaml.load_all`` closely. Either
+    way the result is what ``yaml.load_all`` gives. Raises ``yaml.YAMLError``; the documents
+    before the bad one are then already in ``docs`` (when given).
+    """
+    if docs is None:
+        docs = []
     try:
-        with open(file, encoding="utf-8") as fh:
-            text = fh.read()
-    except (OSError, UnicodeDecodeError) as e:
+        _parse_events(text, docs)
+    except _Fallback:
+        docs.clear()
+        _parse_composed(text, docs)
+    return docs
+
+
+class _Fallback(Exception):
+    """The event fast path met a construct it leaves to the composing loader."""
+
+
+_PLAIN_TYPES = frozenset(
+    {
+        "tag:yaml.org,2002:int",
+        "tag:yaml.org,2002:float",
+        "tag:yaml.org,2002:bool",
+        "tag:yaml.org,2002:null",
+        "tag:yaml.org,2002:timestamp",
+    }
+)
+_PLAIN: dict[str, Any] = {}  # plain scalar text -> its value (immutable values only)
+_PLAIN_MAX = 200_000
+
+
+def _parse_events(text: str, docs: list[Any]) -> None:
+    loader = _Loader(text)
+    get = loader.get_event
+    resolve = loader.resolve
+    plain = _PLAIN
+    stack: list[Any] = []
+    cur: Any = None  # the mapping or sequence being filled; None between documents
+    key: Any = _NOTHING
+    try:
+        while True:
+            e = get()
+            t = type(e)
+            if t is ScalarEvent:
+                if e.anchor is not None or e.tag is not None:
+                    raise _Fallback
+                v = e.value
+                if e.implicit[0]:
+                    got = plain.get(v, _NOTHING)
+                    if got is _NOTHING:
+                        tag = resolve(ScalarNode, v, e.implicit)
+                        if tag == _STR_TAG:
+                            got = v
+                        elif tag in _PLAIN_TYPES:
+                            got = loader.construct_object(ScalarNode(tag, v), deep=True)
+                        else:
+                            raise _Fallback  # merge key, "=" ...
+                        if len(plain) < _PLAIN_MAX:
+                            plain[v] = got
+                    v = got
+                if cur is None:
+                    docs.append(v)
+                elif type(cur) is list:
+                    cur.append(v)
+                elif key is _NOTHING:
+                    key = v
+                else:
+                    cur[key] = v
+                    key = _NOTHING
+            elif t is MappingStartEvent or t is SequenceStartEvent:
+                if e.anchor is not None or e.tag is not None:
+                    raise _Fallback
+                new: Any = {} if t is MappingStartEvent else []
+                if cur is not None:
+                    if type(cur) is list:
+                        cur.append(new)
+                    elif key is _NOTHING:
+                        raise _Fallback  # a mapping or sequence as a key
+                    else:
+                        cur[key] = new
+                        key = _NOTHING
+                stack.append(cur)
+                cur = new
+            elif t is MappingEndEvent or t is SequenceEndEvent:
+                done = cur
+                cur = stack.pop()
+                if cur is None:
+                    docs.append(done)  # only complete documents, as yaml.load_all yields
+            elif t is AliasEvent:
+                raise _Fallback
+            elif t is StreamEndEvent:
+                return
+    finally:
+        loader.dispose()
+
+
+def _parse_composed(text: str, docs: list[Any]) -> None:
+    """The general path: the loader composes the node graph; objects are built by
+    :func:`_build`, memoizing plain scalars by ``(tag, text)``; merge keys, ``!!set`` and
+    the like go through the loader's own constructor for that node."""
+    loader = _Loader(text)
+    scalars: dict[tuple[str, str], Any] = {}
+    try:
+        while loader.check_node():
+            memo: dict[int, Any] = {}
+            docs.append(_build(loader, loader.get_node(), memo, scalars))
+    finally:
+        loader.dispose()
+
+
+def _build(
+    loader: Any, node: Any, memo: dict[int, Any], scalars: dict[tuple[str, str], Any]
+) -> Any:
+    cls = type(node)
+    tag = node.tag
+    if cls is ScalarNode:
+        if tag == _STR_TAG:
+            return node.value
+        key = (tag, node.value)
+        got = scalars.get(key, _NOTHING)
+        if got is _NOTHING:
+            got = scalars[key] = loader.construct_object(node, deep=True)
+        return got
+    got = memo.get(id(node), _NOTHING)
+    if got is not _NOTHING:
+        return got  # an alias: the same object, as yaml.load_all shares it
+    if cls is MappingNode and tag == _MAP_TAG:
+        pairs = node.value
+        for k, _ in pairs:
+            if type(k) is not ScalarNode or k.tag == _MERGE_TAG:
+                break
+        else:
+            d: dict[Any, Any] = {}
+            memo[id(node)] = d
+            for k, v in pairs:
+                kv = k.value if k.tag == _STR_TAG else _build(loader, k, memo, scalars)
+                d[kv] = _build(loader, v, memo, scalars)
+            return d
+    elif cls is SequenceNode and tag == _SEQ_TAG:
+        seq: list[Any] = []
+        memo[id(node)] = seq
+        for x in node.value:
+            seq.append(_build(loader, x, memo, scalars))
+        return seq
+    out = memo[id(node)] = loader.construct_object(node, deep=True)
+    return out
+
+
+def read_documents(file: str, report: ValidationReport) -> list[Any]:
+    """The parsed documents of ``file``; an unreadable file or bad YAML is one problem line."""
+    try:
+        with open(file, "rb") as fh:
+            data = fh.read()
+    except OSError as e:
         report.problems.append(f"{file}: cannot read: {e}")
         return []
+    return parse_bytes(file, data, report)
+
+
+def parse_bytes(file: str, data: bytes, report: ValidationReport) -> list[Any]:
+    """:func:`parse_yaml` of ``file``'s content ``data``; problems go to ``report``."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        report.problems.append(f"{file}: cannot read: {e}")
+        return []
+    if "\r" in text:  # universal newlines, as reading the file in text mode does
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     docs: list[Any] = []
     try:
-        for d in yaml.load_all(text, Loader=_Loader):
-            docs.append(d)
+        parse_yaml(text, docs)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
@@ -223,7 +408,12 @@ def _read(file: str, report: ValidationReport) -> list[Any]:
         report.problems.append(f"{file}: {where}: invalid YAML: {what}")
     except yaml.YAMLError as e:
         report.problems.append(f"{file}: invalid YAML: {e}")
+    except RecursionError:
+        report.problems.append(f"{file}: invalid YAML: nested too deeply")
     return docs
+
+
+_read = read_documents
 
 
 def _relevance_warnings(resources: Resources, report: ValidationReport) -> None:
