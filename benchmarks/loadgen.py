@@ -141,6 +141,8 @@ async def _connect(
 
 # --------------------------------------------------------------------------- rate mode
 
+TIMELINE_BUCKET = 0.5  # seconds; the worst latency per bucket of intended send times
+
 
 @dataclass
 class RateResult:
@@ -153,6 +155,7 @@ class RateResult:
     timer_late: list[float] = field(default_factory=list)
     worst: float = 0.0
     worst_at: float = 0.0  # intended send time of the slowest request, from the window start
+    timeline: dict[int, float] = field(default_factory=dict)  # bucket -> worst latency
 
 
 class _RateConn:
@@ -234,6 +237,9 @@ class _RateConn:
         if origin is not None and self.in_flight_intended >= self.gen.measure_from:
             res = self.gen.result
             res.latencies.append(end - origin)
+            bucket = int((self.in_flight_intended - self.gen.measure_from) / TIMELINE_BUCKET)
+            if bucket >= 0:
+                res.timeline[bucket] = max(res.timeline.get(bucket, 0.0), end - origin)
             if end - origin > res.worst:
                 res.worst = end - origin
                 res.worst_at = self.in_flight_intended - self.gen.measure_from
@@ -326,6 +332,7 @@ class _RateGen:
 def summarize_rate(res: RateResult, duration: float, rate: float, connections: int) -> dict:
     lat = sorted(res.latencies)
     late = sorted(res.timer_late)
+    buckets = 1 + max(res.timeline, default=-1)
 
     def us(v: float | None) -> float | None:
         return None if v is None else round(v * 1e6, 1)
@@ -351,6 +358,8 @@ def summarize_rate(res: RateResult, duration: float, rate: float, connections: i
         },
         "timer_late_us": {"p50": us(percentile(late, 50)), "p99": us(percentile(late, 99))},
         "worst_at_s": round(res.worst_at, 3),
+        "timeline_bucket_s": TIMELINE_BUCKET,
+        "timeline_worst_ms": [round(res.timeline.get(i, 0.0) * 1e3, 1) for i in range(buckets)],
     }
 
 

@@ -38,6 +38,8 @@ def _f(value: object, fmt: str = "{:,.0f}", none: str = "-") -> str:
 
 
 def _x(value: object) -> str:
+    if isinstance(value, (int, float)) and 0 < abs(value) < 0.1:
+        return _f(value, "{:.3f}x")
     return _f(value, "{:.2f}x")
 
 

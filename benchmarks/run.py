@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         "--wait-quiet",
         type=float,
         help="wait up to this many seconds for other processes to leave the CPUs idle "
-        "[full run: 60, --quick: 0]",
+        "[full run: 30, --quick: 0]",
     )
     ap.add_argument(
         "--readme",
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     pin = not args.no_pin
     t_start = time.monotonic()
-    wait = args.wait_quiet if args.wait_quiet is not None else (0.0 if args.quick else 60.0)
+    wait = args.wait_quiet if args.wait_quiet is not None else (0.0 if args.quick else 30.0)
     quiet = wait_quiet(wait)
     workdir = Path(tempfile.mkdtemp(prefix="meshproxy-bench-"))
     upstream = Upstream(workdir, args.load_cpus if pin else None)
