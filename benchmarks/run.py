@@ -31,6 +31,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -359,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run.py: {tool} is required (apt-get install -y {tool})", file=sys.stderr)
             return 2
     pin = not args.no_pin
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds through every finally: peers stopped, temp dir removed
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     t_start = time.monotonic()
     wait = args.wait_quiet if args.wait_quiet is not None else (0.0 if args.quick else 30.0)
     quiet = wait_quiet(wait)
