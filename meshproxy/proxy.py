@@ -40,8 +40,10 @@ from typing import TYPE_CHECKING
 
 from meshproxy.config.model import (
     NO_HEADER_OPS,
+    NO_HEADERS,
     Cluster,
     HeaderOps,
+    Match,
     Route,
     Snapshot,
     VirtualHost,
@@ -62,19 +64,20 @@ from meshproxy.http.codec import (
     CONTINUE_100,
     LAST_CHUNK,
     BodyFraming,
+    ResponseHead,
     TargetError,
+    build_request_head,
     bytes_to_pairs,
     downstream_body_framing,
     encode_chunk,
-    filter_response_headers,
     lines_to_pairs,
     local_reply_bytes,
     pairs_to_bytes,
     pairs_to_lines,
     parse_target,
     request_head,
-    response_head,
     split_authority,
+    status_line,
     upstream_body_framing,
     upstream_request,
 )
@@ -104,13 +107,52 @@ def _ops(ops: HeaderOps) -> HeaderOps | None:
     return ops
 
 
+def _plain(route: Route, wc: WeightedCluster) -> bool:
+    """No rewrite and no request header operations: the one-pass request head applies."""
+    return (
+        route.rewrite is None
+        and _ops(route.headers.request) is None
+        and _ops(wc.headers.request) is None
+    )
+
+
+class Destination:
+    """What an authority resolves to under one snapshot (memoised by :class:`ProxyContext`).
+
+    ``route`` is set when the virtual host's first route matches every request (then no
+    :class:`RequestInfo` is needed); ``wc`` / ``cluster_name`` too when that route has a single
+    destination (the pick is then the same for every request of this authority), and
+    ``plain`` when that pair needs no rewrite or request header operation.
+    """
+
+    __slots__ = ("authority_b", "cluster_name", "host", "plain", "port", "route", "vh", "wc")
+
+    def __init__(self, authority: str, host: str, port: int | None, vh: VirtualHost | None):
+        self.authority_b = authority.encode("latin-1")
+        self.host = host
+        self.port = port
+        self.vh = vh
+        self.route: Route | None = None
+        self.wc: WeightedCluster | None = None
+        self.cluster_name = ""
+        self.plain = False
+        first = vh.routes[0] if vh is not None and vh.routes else None
+        if first is not None and not first.matches:
+            self.route = first
+            if len(first.clusters) == 1:
+                wc, name = pick_cluster(first, 0.0, port)
+                self.wc = wc
+                self.cluster_name = name
+                self.plain = _plain(first, wc)
+
+
 class ProxyContext:
     """Shared by every exchange of a data plane (built once by ``DataPlane``)."""
 
     __slots__ = (
-        "_cache",
-        "_cache_snap",
         "active_requests",
+        "cache",
+        "cache_snap",
         "loop",
         "metrics",
         "pools",
@@ -127,21 +169,21 @@ class ProxyContext:
         self.loop = asyncio.get_running_loop()
         self.random = random.random
         self.active_requests = 0
-        self._cache_snap: Snapshot | None = None
-        self._cache: dict[str, tuple[str, int | None, VirtualHost | None]] = {}
+        self.cache_snap: Snapshot | None = None
+        self.cache: dict[str, Destination] = {}
 
-    def lookup(self, snap: Snapshot, authority: str) -> tuple[str, int | None, VirtualHost | None]:
-        """(host, port, virtual host) for an authority, memoised per snapshot (bounded)."""
-        if snap is not self._cache_snap:
-            self._cache_snap = snap
-            self._cache = {}
-        ent = self._cache.get(authority)
-        if ent is None:
+    def lookup(self, snap: Snapshot, authority: str) -> Destination:
+        """What ``authority`` resolves to under ``snap``, memoised per snapshot (bounded)."""
+        if snap is not self.cache_snap:
+            self.cache_snap = snap
+            self.cache = {}
+        d = self.cache.get(authority)
+        if d is None:
             host, port = split_authority(authority)
-            ent = (host, port, find_virtual_host(snap.routes, host))
-            if len(self._cache) < AUTHORITY_CACHE_SIZE:
-                self._cache[authority] = ent
-        return ent
+            d = Destination(authority, host, port, find_virtual_host(snap.routes, host))
+            if len(self.cache) < AUTHORITY_CACHE_SIZE:
+                self.cache[authority] = d
+        return d
 
     def make_exchange(self, conn: HttpConnection, head: RequestHead) -> Exchange:
         return Exchange(self, conn, head)
@@ -155,6 +197,7 @@ class Exchange:
         "_buf_size",
         "_connect_task",
         "_down_framing",
+        "_head_req",
         "_holds_down_pause",
         "_holds_up_pause",
         "_out",
@@ -177,7 +220,6 @@ class Exchange:
         "route",
         "started",
         "status",
-        "t0",
         "up",
         "wc",
     )
@@ -186,7 +228,7 @@ class Exchange:
         self.ctx = ctx
         self.conn = conn
         self.head = head
-        self.t0 = head.t0
+        self._head_req = head.method_b == b"HEAD"
         self.request_id = b""
         self.started = False
         self.response_started = False
@@ -221,30 +263,37 @@ class Exchange:
         ctx = self.ctx
         ctx.active_requests += 1
         head = self.head
-        target = head.target
-        if target[:1] == "/":
-            scheme, authority, path = None, None, target
+        conn = self.conn
+        target = head.target_b
+        if target[:1] == b"/":
+            scheme: str | None = None
+            authority = head.host or ""
+            path: str | None = None  # decoded only when routing needs it
         else:
             try:
-                scheme, authority, path = parse_target(target)
+                scheme, url_authority, path = parse_target(head.target)
             except TargetError:
                 self._local(_BAD_REQUEST)
                 return
-        if authority is None:
-            authority = head.host or ""
-        if scheme is None:
-            scheme = self.conn.scheme
+            authority = url_authority if url_authority is not None else head.host or ""
+            target = path.encode("latin-1")
         snap = ctx.state.snapshot
-        host, port, vh = ctx.lookup(snap, authority)
+        d = ctx.cache.get(authority) if snap is ctx.cache_snap else None
+        if d is None:
+            d = ctx.lookup(snap, authority)
+        vh = d.vh
         if vh is None:
             self._local(_NO_ROUTE)
             return
         req: RequestInfo | None = None
-        first = vh.routes[0] if vh.routes else None
-        if first is not None and not first.matches:
-            route, match = first, None  # catch-all first route: no RequestInfo needed
-        else:
-            req = RequestInfo(head.method, path, host, port, scheme, head.map, authority)
+        route = d.route
+        match = None
+        if route is None:
+            if path is None:
+                path = head.target
+            req = RequestInfo(
+                head.method, path, d.host, d.port, scheme or conn.scheme, head.map, authority
+            )
             sel = select_route(vh, req)
             if sel is None:
                 self._local(_NO_ROUTE)
@@ -257,14 +306,22 @@ class Exchange:
             return
         if route.redirect is not None:
             if req is None:
-                req = RequestInfo(head.method, path, host, port, scheme, head.map, authority)
+                if path is None:
+                    path = head.target
+                req = RequestInfo(
+                    head.method, path, d.host, d.port, scheme or conn.scheme, head.map, authority
+                )
             status, location = redirect_response(route.redirect, req, match)
             self._local(LocalReply(status, "-"), extra=(("location", location),), route=route)
             return
         if not route.clusters:
             self._local(_NO_ROUTE)
             return
-        wc, cname = pick_cluster(route, ctx.random(), port)
+        if route is d.route and d.wc is not None:
+            wc, cname, plain = d.wc, d.cluster_name, d.plain
+        else:
+            wc, cname = pick_cluster(route, ctx.random(), d.port)
+            plain = _plain(route, wc)
         self.wc = wc
         cluster = snap.clusters.get(cname)
         if cluster is None:
@@ -273,12 +330,16 @@ class Exchange:
         self.cluster = cluster
         cs = ctx.pools.cluster_state(cluster)
         self.cs = cs
-        hkey = None
         if cluster.lb.hash is not None:
             if req is None:
-                req = RequestInfo(head.method, path, host, port, scheme, head.map, authority)
-            hkey = hash_key_for(cluster.lb.hash, req, self.conn.peer_ip)
-        ep = cs.pick(ctx.random(), hkey)
+                if path is None:
+                    path = head.target
+                req = RequestInfo(
+                    head.method, path, d.host, d.port, scheme or conn.scheme, head.map, authority
+                )
+            ep = cs.pick(ctx.random(), hash_key_for(cluster.lb.hash, req, conn.peer_ip))
+        else:
+            ep = cs.single or cs.pick(ctx.random())
         if ep is None:
             self._local(local_reply(Failure.NO_HEALTHY_UPSTREAM))
             return
@@ -286,12 +347,50 @@ class Exchange:
         ep.active += 1
 
         # the upstream request head
+        if plain:
+            self.req_head, self.request_id = build_request_head(
+                head.method_b,
+                target,
+                head.headers,
+                host=d.authority_b if authority else cluster.host.encode("latin-1"),
+                client_ip=conn.peer_ip_b,
+                scheme=conn.scheme_b if scheme is None else scheme.encode("latin-1"),
+                framing=head.framing,
+                content_length=head.content_length,
+                drop=head.drop,
+            )
+        else:
+            if path is None:
+                path = head.target
+            self.req_head = self._general_head(route, wc, match, authority, scheme, path)
+        if head.framing is _NONE:
+            self.request_complete = True  # llhttp may not have called on_message_complete yet
+        if head.expect_continue and head.http11 and not self.request_complete:
+            conn.write(CONTINUE_100)
+        self._attempt()
+
+    def _general_head(
+        self,
+        route: Route,
+        wc: WeightedCluster,
+        match: Match | None,
+        authority: str,
+        scheme: str | None,
+        path: str,
+    ) -> bytes:
+        """The upstream request head with a rewrite and / or header operations."""
+        head = self.head
+        cluster = self.cluster
+        assert cluster is not None
         rw = route.rewrite
         up_authority = rw.authority if rw is not None and rw.authority else authority
         if not up_authority:
             up_authority = cluster.host
         ureq = upstream_request(
-            head.headers, host=up_authority, client_ip=self.conn.peer_ip, scheme=scheme
+            head.headers,
+            host=up_authority,
+            client_ip=self.conn.peer_ip,
+            scheme=scheme or self.conn.scheme,
         )
         self.request_id = ureq.request_id
         headers = ureq.headers
@@ -300,21 +399,18 @@ class Exchange:
             if new_path is not None:
                 headers.append((b"x-envoy-original-path", path.encode("latin-1")))
                 path = new_path
-        rq = _ops(route.headers.request)
+        # Envoy's order: the destination's (weighted cluster's) operations, then the route's,
+        # so a route-level `set` wins over a destination-level one.
         wq = _ops(wc.headers.request)
+        rq = _ops(route.headers.request)
         if rq is not None or wq is not None:
             pairs = bytes_to_pairs(headers)
-            if rq is not None:
-                pairs = apply_header_ops(pairs, rq)
             if wq is not None:
                 pairs = apply_header_ops(pairs, wq)
+            if rq is not None:
+                pairs = apply_header_ops(pairs, rq)
             headers = pairs_to_bytes(pairs)
-        self.req_head = request_head(head.method, path, headers, head.framing, head.content_length)
-        if head.framing is _NONE:
-            self.request_complete = True  # llhttp may not have called on_message_complete yet
-        if head.expect_continue and head.http11 and not self.request_complete:
-            self.conn.write(CONTINUE_100)
-        self._attempt()
+        return request_head(head.method, path, headers, head.framing, head.content_length)
 
     # ------------------------------------------------------------------ the attempt
 
@@ -343,7 +439,7 @@ class Exchange:
 
     def _send_on(self, up: UpstreamConnection) -> None:
         self.up = up
-        up.bind(self, self.head.method == "HEAD")
+        up.bind(self, self._head_req)
         if self.conn.write_paused:  # the client is still behind on an earlier response
             self.downstream_pause_writing()
         buf = self._buf
@@ -432,14 +528,17 @@ class Exchange:
 
     # ------------------------------------------------------------------ response
 
-    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def on_response_head(self, status: int, rh: ResponseHead) -> None:
+        """Called by the upstream connection with the final response head (already filtered):
+        decides the framing towards the client and starts the response bytes."""
         head = self.head
-        rh = filter_response_headers(headers)
-        upf = upstream_body_framing(
-            head.method == "HEAD", status, rh.content_length is not None, rh.chunked
-        )
+        cl = rh.content_length
+        upf = upstream_body_framing(self._head_req, status, cl is not None, rh.chunked)
         http11 = head.http11
-        downf, must_close = downstream_body_framing(upf, http11)
+        if upf is _LENGTH or upf is _NONE:
+            downf, must_close = upf, False
+        else:
+            downf, must_close = downstream_body_framing(upf, http11)
         self._up_framing = upf
         self._down_framing = downf
         close = must_close or not head.keep_alive or not self.request_complete or self.conn.draining
@@ -447,29 +546,38 @@ class Exchange:
         lines = rh.lines
         route = self.route
         wc = self.wc
-        rs = _ops(route.headers.response) if route is not None else None
-        ws = _ops(wc.headers.response) if wc is not None else None
-        if rs is not None or ws is not None:
-            pairs = lines_to_pairs(lines)
-            if rs is not None:
-                pairs = apply_header_ops(pairs, rs)
-            if ws is not None:
-                pairs = apply_header_ops(pairs, ws)
-            lines = pairs_to_lines(pairs)
-        cl = rh.content_length
-        if upf is _NONE and cl is not None and status != 204 and status >= 200:
-            lines.append(b"content-length: %d\r\n" % cl)
-        if close:
-            connection: bytes | None = b"close"
-        elif not http11:
-            connection = b"keep-alive"
-        else:
-            connection = None
+        if (route is not None and route.headers is not NO_HEADERS) or (
+            wc is not None and wc.headers is not NO_HEADERS
+        ):
+            ws = _ops(wc.headers.response) if wc is not None else None
+            rs = _ops(route.headers.response) if route is not None else None
+            if rs is not None or ws is not None:
+                # Envoy's order: the destination's operations, then the route's.
+                pairs = lines_to_pairs(lines)
+                if ws is not None:
+                    pairs = apply_header_ops(pairs, ws)
+                if rs is not None:
+                    pairs = apply_header_ops(pairs, rs)
+                lines = pairs_to_lines(pairs)
         self.status = status
         self.response_started = True
-        # Written at the end of this upstream read, with whatever body came with it: one
-        # write (one syscall) per upstream read instead of one per parser callback.
-        self._out = [response_head(status, http11, lines, downf, cl, connection)]
+        # Sent at the end of this upstream read together with whatever body came with it:
+        # one write (one syscall) per upstream read instead of one per parser callback.
+        out = [status_line(status, http11)]
+        out += lines
+        if downf is _LENGTH:
+            out.append(b"content-length: %d\r\n" % cl)
+        elif downf is _CHUNKED:
+            out.append(b"transfer-encoding: chunked\r\n")
+        elif cl is not None and upf is _NONE and status != 204 and status >= 200:
+            out.append(b"content-length: %d\r\n" % cl)  # HEAD / 304: the length it would have
+        if close:
+            out.append(b"connection: close\r\n\r\n")
+        elif not http11:
+            out.append(b"connection: keep-alive\r\n\r\n")
+        else:
+            out.append(b"\r\n")
+        self._out = out
 
     def on_response_body(self, data: bytes) -> None:
         self.resp_bytes += len(data)
@@ -491,7 +599,7 @@ class Exchange:
         out = self._out
         if out:
             self._out = None
-            self.conn.write(out[0] if len(out) == 1 else b"".join(out))
+            self.conn.write(b"".join(out))
 
     def on_response_complete(self, keep_alive: bool) -> None:
         if self._down_framing is _CHUNKED:
@@ -579,7 +687,7 @@ class Exchange:
             close=close,
             keep_alive_10=not head.http11,
             extra=extra,
-            head_only=head.method == "HEAD",
+            head_only=self._head_req,
         )
         self.status = reply.status
         self.response_started = True
@@ -606,7 +714,7 @@ class Exchange:
             self.conn.resume_reading()
         self._buf = None
         ctx.metrics.record_request(
-            self.cluster, code, flags, _monotonic() - self.t0, self.req_bytes, self.resp_bytes
+            self.cluster, code, flags, _monotonic() - self.head.t0, self.req_bytes, self.resp_bytes
         )
 
     def __repr__(self) -> str:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httptools
 
 from meshproxy.errors import Failure, LocalReply, ProtocolError, local_reply
-from meshproxy.http.codec import BodyFraming, connection_tokens, local_reply_bytes
+from meshproxy.http.codec import BodyFraming, local_reply_bytes
 from meshproxy.settings import Settings
 
 if TYPE_CHECKING:
@@ -102,34 +102,52 @@ class LazyHeaders(Mapping[str, str]):
 
 
 class RequestHead:
-    """A parsed, validated request head (header names lower-case bytes, values as received)."""
+    """A parsed, validated request head (header names lower-case bytes, values as received).
+
+    The request line is kept as received (``method_b``, ``target_b``); ``target`` and ``map``
+    (the ``str`` views routing needs) are built only when something reads them."""
 
     __slots__ = (
+        "_map",
         "content_length",
+        "drop",
         "expect_continue",
         "framing",
         "headers",
         "host",
         "http11",
         "keep_alive",
-        "map",
         "method",
+        "method_b",
         "t0",
-        "target",
+        "target_b",
     )
 
     def __init__(self, t0: float) -> None:
         self.t0 = t0  # when the first byte of the request was parsed
         self.method = ""
-        self.target = ""
+        self.method_b = b""
+        self.target_b = b""
         self.http11 = True
         self.headers: list[tuple[bytes, bytes]] = []
-        self.map: Mapping[str, str] = LazyHeaders(self.headers)
+        self._map: LazyHeaders | None = None
         self.host: str | None = None
         self.keep_alive = True
         self.framing = BodyFraming.NONE
         self.content_length: int | None = None
         self.expect_continue = False
+        self.drop: list[bytes] | None = None  # header names listed in Connection
+
+    @property
+    def target(self) -> str:
+        return self.target_b.decode("latin-1")
+
+    @property
+    def map(self) -> Mapping[str, str]:
+        m = self._map
+        if m is None:
+            m = self._map = LazyHeaders(self.headers)
+        return m
 
     def __repr__(self) -> str:
         return f"RequestHead({self.method} {self.target} http11={self.http11})"
@@ -137,6 +155,12 @@ class RequestHead:
 
 # Request headers the codec itself looks at.
 _SPECIAL = frozenset({b"host", b"connection", b"transfer-encoding", b"content-length", b"expect"})
+# Connection tokens that never name a header to drop (framing and routing need these).
+_NOT_DROPPED = frozenset({b"close", b"keep-alive", b"host", b"content-length"})
+# Methods as str, without a decode per request.
+_METHODS = {
+    m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")
+}
 
 
 class Exchange(Protocol):
@@ -206,6 +230,8 @@ class HttpConnection(asyncio.Protocol):
         "_idle_since",
         "_in_head",
         "_loop",
+        "_max_head",
+        "_max_headers",
         "_msg_seq",
         "_no_more",
         "_paused",
@@ -218,7 +244,9 @@ class HttpConnection(asyncio.Protocol):
         "ctx",
         "parser",
         "peer_ip",
+        "peer_ip_b",
         "scheme",
+        "scheme_b",
         "transport",
         "write_paused",
     )
@@ -226,8 +254,10 @@ class HttpConnection(asyncio.Protocol):
     def __init__(self, ctx: ServerContext, scheme: str = "http") -> None:
         self.ctx = ctx
         self.scheme = scheme
+        self.scheme_b = scheme.encode("latin-1")
         self.transport: asyncio.Transport | None = None
         self.peer_ip = ""
+        self.peer_ip_b = b""
         self.parser = httptools.HttpRequestParser(self)
         self.closed = False
         self.write_paused = False  # the client is not reading: exchanges must not read upstream
@@ -247,6 +277,8 @@ class HttpConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         s = ctx.settings
         self._tick = min(s.head_read_timeout, s.downstream_idle_timeout)
+        self._max_head = s.max_head_bytes
+        self._max_headers = s.max_headers
 
     # ------------------------------------------------------------------ used by exchanges
 
@@ -309,6 +341,7 @@ class HttpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer_ip = peer[0]
+            self.peer_ip_b = peer[0].encode("latin-1")
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
@@ -405,25 +438,26 @@ class HttpConnection(asyncio.Protocol):
         head = self._head
         assert head is not None
         self._head_bytes += len(url)
-        if self._head_bytes > self.ctx.settings.max_head_bytes:
+        if self._head_bytes > self._max_head:
             raise ProtocolError(Failure.HEADERS_TOO_LARGE, "request line too long")
-        head.target += url.decode("latin-1")
+        head.target_b += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         head = self._head
         assert head is not None
-        self._head_bytes += len(name) + len(value) + 4
-        s = self.ctx.settings
-        if self._head_bytes > s.max_head_bytes or len(head.headers) >= s.max_headers:
+        n = self._head_bytes = self._head_bytes + len(name) + len(value) + 4
+        headers = head.headers
+        if n > self._max_head or len(headers) >= self._max_headers:
             raise ProtocolError(Failure.HEADERS_TOO_LARGE, "request head too large")
-        head.headers.append((name.lower(), value))
+        headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         head = self._head
         assert head is not None
         self._in_head = False
         p = self.parser
-        head.method = p.get_method().decode("ascii")
+        mb = head.method_b = p.get_method()
+        head.method = _METHODS.get(mb) or mb.decode("ascii")
         version = p.get_http_version()
         if version != "1.1" and version != "1.0":
             raise ProtocolError(Failure.BAD_REQUEST, f"HTTP/{version}")
@@ -437,11 +471,16 @@ class HttpConnection(asyncio.Protocol):
                         raise ProtocolError(Failure.BAD_REQUEST, "repeated Host")
                     head.host = value.decode("latin-1")
                 elif name == b"connection":
-                    toks = connection_tokens(value.decode("latin-1"))
+                    toks = [t.strip() for t in value.lower().split(b",")]
                     if http11:
-                        keep_alive = keep_alive and "close" not in toks
-                    elif "keep-alive" in toks:
+                        keep_alive = keep_alive and b"close" not in toks
+                    elif b"keep-alive" in toks:
                         keep_alive = True
+                    for tok in toks:
+                        if tok and tok not in _NOT_DROPPED:
+                            if head.drop is None:
+                                head.drop = []
+                            head.drop.append(tok)
                 elif name == b"transfer-encoding":
                     head.framing = BodyFraming.CHUNKED
                 elif name == b"content-length":
@@ -457,8 +496,9 @@ class HttpConnection(asyncio.Protocol):
             raise ProtocolError(Failure.BAD_REQUEST, "missing Host")
         ex = self.ctx.factory(self, head)
         self._reading = ex
-        self._queue.append(ex)
-        if len(self._queue) == MAX_PIPELINE + 1:
+        queue = self._queue
+        queue.append(ex)
+        if len(queue) == MAX_PIPELINE + 1:
             self.pause_reading()
 
     def on_body(self, body: bytes) -> None:

@@ -7,8 +7,10 @@ request's owner (a :class:`ResponseSink`, the proxy's exchange) is attached with
 writes its request with :meth:`write`, and receives the response through the sink callbacks,
 driven by ``httptools.HttpResponseParser``:
 
-* ``on_response_head(status, headers)`` once the final (non-1xx) head is parsed; interim 1xx
-  responses are swallowed (the proxy answers ``100 Continue`` to the client itself);
+* ``on_response_head(status, head)`` once the final (non-1xx) head is parsed, with the
+  headers already filtered into a :class:`~meshproxy.http.codec.ResponseHead` while llhttp
+  reported them (hop-by-hop headers noted, not kept; the rest as ready ``name: value`` lines);
+  interim 1xx responses are swallowed (the proxy answers ``100 Continue`` itself);
 * ``on_response_body(data)`` for every body piece;
 * ``on_response_complete(keep_alive)`` at the end of the message; ``keep_alive`` is read
   *inside* the parser's ``on_message_complete`` (httptools resets its state once
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Protocol
 import httptools
 
 from meshproxy.errors import Failure
+from meshproxy.http.codec import RESPONSE_SPECIAL, ResponseHead
 
 if TYPE_CHECKING:
     from meshproxy.upstream.pool import EndpointState
@@ -49,7 +52,7 @@ _monotonic = time.monotonic
 class ResponseSink(Protocol):
     """What an upstream connection reports to (implemented by the proxy's exchange)."""
 
-    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def on_response_head(self, status: int, head: ResponseHead) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_complete(self, keep_alive: bool) -> None: ...
     def on_upstream_lost(self, failure: Failure) -> None: ...
@@ -61,10 +64,11 @@ class ResponseSink(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_head_done",
-        "_headers",
         "_interim",
         "_limits",
+        "_lines",
         "_parser",
+        "_rh",
         "_timer",
         "closed",
         "endpoint",
@@ -85,7 +89,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.expect_no_body = False  # the current request is HEAD
         self._timer: asyncio.TimerHandle | None = None
         self._parser = httptools.HttpResponseParser(self)
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._rh = ResponseHead()
+        self._lines = self._rh.lines
         self._interim = False  # parsing a 1xx response that is not forwarded
         self._head_done = False  # HEAD response finished at its head: parser to be replaced
         self._limits = (high_water, low_water)
@@ -193,10 +198,15 @@ class UpstreamConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ parser callbacks
 
     def on_message_begin(self) -> None:
-        self._headers = []
+        rh = self._rh = ResponseHead()
+        self._lines = rh.lines
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        lname = name.lower()
+        if lname in RESPONSE_SPECIAL:
+            self._rh.add_special(lname, value)
+        else:
+            self._lines.append(lname + b": " + value + b"\r\n")
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -208,17 +218,15 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self.sink
         if sink is None:
             return
-        sink.on_response_head(status, self._headers)
+        rh = self._rh
+        rh.finish()
+        sink.on_response_head(status, rh)
         if self.expect_no_body and self.sink is sink:
             # HEAD: the message ends here; keep-alive from version + Connection.
-            keep = self._parser.get_http_version() == "1.1"
-            for n, v in self._headers:
-                if n.lower() == b"connection":
-                    low = v.lower()
-                    if b"close" in low:
-                        keep = False
-                    elif b"keep-alive" in low:
-                        keep = True
+            if rh.close:
+                keep = False
+            else:
+                keep = rh.keep_alive or self._parser.get_http_version() == "1.1"
             self._head_done = True
             self.sink = None
             sink.on_response_complete(keep)

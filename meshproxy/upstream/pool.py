@@ -116,7 +116,7 @@ class _ActiveView(Sequence[int]):
 class ClusterState:
     """One cluster's endpoints and picker, for one definition of the cluster."""
 
-    __slots__ = ("_single", "active", "cluster", "endpoints", "idle_timeout", "name", "picker")
+    __slots__ = ("active", "cluster", "endpoints", "idle_timeout", "name", "picker", "single")
 
     def __init__(
         self, cluster: Cluster, endpoints: list[EndpointState], settings: Settings
@@ -127,15 +127,13 @@ class ClusterState:
         self.picker: Picker = make_picker(cluster)
         self.active = _ActiveView(endpoints)
         self.idle_timeout = min(settings.upstream_idle_timeout, cluster.pool.idle_timeout)
-        # One endpoint of non-zero weight: no picker call needed.
-        self._single = (
-            endpoints[0] if len(endpoints) == 1 and endpoints[0].endpoint.weight else None
-        )
+        # One endpoint of non-zero weight: no picker call needed (callers may test it first).
+        self.single = endpoints[0] if len(endpoints) == 1 and endpoints[0].endpoint.weight else None
 
     def pick(self, rand: float, hash_key: bytes | None = None) -> EndpointState | None:
         """The endpoint for the next request, or None (no endpoint available: 503 UH)."""
-        if self._single is not None:
-            return self._single
+        if self.single is not None:
+            return self.single
         eps = self.endpoints
         if not eps:
             return None

@@ -504,6 +504,40 @@ async def test_rewrite_and_header_operations() -> None:
             assert r.header("x-dest-resp") == "dr"
 
 
+async def test_route_header_set_wins_over_destination_set() -> None:
+    """Envoy applies the weighted cluster's header mutations first, then the route's, so when
+    both ``set`` the same header the route's value is what the upstream / client sees."""
+    async with UpstreamServer(Reply(headers=[("X-Both", "upstream")])) as up:
+        wc = WeightedCluster(
+            cluster="svc",
+            weight=100,
+            host="svc",
+            headers=HeaderPolicy(
+                request=HeaderOps(set=(("x-both", "dest"), ("x-dest-only", "d"))),
+                response=HeaderOps(set=(("x-both", "dest"),), add=(("x-trail", "dest"),)),
+            ),
+        )
+        route = Route(
+            name="r",
+            meta=META,
+            clusters=(wc,),
+            total_weight=100,
+            headers=HeaderPolicy(
+                request=HeaderOps(set=(("x-both", "route"),), remove=("x-dest-only",)),
+                response=HeaderOps(set=(("x-both", "route"),), add=(("x-trail", "route"),)),
+            ),
+        )
+        snap = snapshot([vhost("svc", (route,))], [cluster("svc", [up.port])])
+        async with running_dataplane(snap) as p:
+            r = await request(p.host, p.port, get("/", extra="X-Both: client\r\n"))
+            rec = up.requests[0]
+            assert rec.header_all("x-both") == ["route"]
+            # the route's remove runs after the destination's set
+            assert rec.header("x-dest-only") is None
+            assert r.header_all("x-both") == ["route"]
+            assert r.header_all("x-trail") == ["dest", "route"]
+
+
 # --------------------------------------------------------------------------- hardening
 
 

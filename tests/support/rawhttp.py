@@ -29,6 +29,10 @@ class Response:
                 return v
         return None
 
+    def header_all(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for n, v in self.headers if n == name]
+
     def has(self, name: str) -> bool:
         return self.header(name) is not None
 

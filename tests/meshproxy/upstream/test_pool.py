@@ -15,6 +15,7 @@ from meshproxy.config.model import (
     Snapshot,
 )
 from meshproxy.errors import Failure
+from meshproxy.http.codec import ResponseHead
 from meshproxy.settings import Settings
 from meshproxy.upstream.connection import UpstreamConnection
 from meshproxy.upstream.pool import EndpointState, Pools
@@ -57,7 +58,7 @@ class Sink:
     def __init__(self) -> None:
         self.events: list[tuple[str, Any]] = []
 
-    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def on_response_head(self, status: int, head: ResponseHead) -> None:
         self.events.append(("head", status))
 
     def on_response_body(self, data: bytes) -> None:

