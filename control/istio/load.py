@@ -21,10 +21,12 @@ sha256 of its canonical JSON so the snapshot version is a pure function of the c
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +52,17 @@ try:
 except AttributeError:  # pragma: no cover - libyaml missing
     _Loader = yaml.SafeLoader
 
-__all__ = ["Loaded", "load_documents", "load_paths", "yaml_files"]
+__all__ = [
+    "Loaded",
+    "cross_checks",
+    "load_documents",
+    "load_paths",
+    "parse_bytes",
+    "parse_yaml",
+    "paused_gc",
+    "read_documents",
+    "yaml_files",
+]
 
 _NOTHING = object()
 _ENVELOPE = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
@@ -443,16 +455,37 @@ def _relevance_warnings(resources: Resources, report: ValidationReport) -> None:
             c.warn("spec.tls", "tls routes are not acted on by the meshproxy HTTP sidecar")
 
 
+def cross_checks(resources: Resources, report: ValidationReport) -> None:
+    """What needs every resource at once: references between resources, then the
+    sidecar-relevance warnings (the last step of :func:`load_paths`)."""
+    check_references(resources, report)
+    _relevance_warnings(resources, report)
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic GC: loading and translating allocate hundreds of thousands of small
+    acyclic objects, and the collections they trigger would rescan every live object
+    (the big table loads about 3x faster without them)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def load_paths(paths: Sequence[str]) -> Loaded:
     """Load, decode and validate every Istio document under ``paths``."""
     report = ValidationReport()
-    files = yaml_files(paths, report)
-    items: list[Resource[Any]] = []
-    for f in files:
-        items.extend(load_documents(f, _read(f, report), report, start_order=len(items)))
-    resources = Resources.of(items)
-    check_references(resources, report)
-    _relevance_warnings(resources, report)
+    with paused_gc():
+        files = yaml_files(paths, report)
+        items: list[Resource[Any]] = []
+        for f in files:
+            items.extend(load_documents(f, _read(f, report), report, start_order=len(items)))
+        resources = Resources.of(items)
+        cross_checks(resources, report)
     return Loaded(resources=resources, report=report, files=files)
 
 
