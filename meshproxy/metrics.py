@@ -6,7 +6,8 @@ Theory of operation
 prometheus_client work and formats nothing: it finds the pre-rendered destination label string
 for the :class:`~meshproxy.config.model.Cluster` (computed once per cluster object and cached by
 ``id``; the cache pins the object so an id is never reused while cached, and is cleared on every
-snapshot swap), then bumps a plain list keyed by ``(destination labels, code, flags)``:
+snapshot swap), then bumps a plain list keyed by ``(destination labels, code, flags)``, found
+through a second cache keyed by ``(id(cluster), code, flags)`` so the common case is one lookup:
 ``[count, duration_sum_ms, request_bytes_sum, response_bytes_sum, *bucket counts]``, the bucket
 found with :func:`bisect.bisect_left` (Prometheus' ``le`` is "less than or equal").
 
@@ -186,6 +187,7 @@ class Metrics:
 
     __slots__ = (
         "_dest_cache",
+        "_series",
         "_source",
         "config_version",
         "counters",
@@ -197,6 +199,7 @@ class Metrics:
     def __init__(self, proxy: ProxyIdentity | None = None) -> None:
         self._source = source_labels(proxy or ProxyIdentity())
         self._dest_cache: dict[int, tuple[Cluster, str]] = {}
+        self._series: dict[tuple[int, int, str], list[float]] = {}  # by (id(cluster), ...)
         self.requests: dict[tuple[str, int, str], list[float]] = {}
         self.counters: dict[str, dict[str, int]] = {name: {} for name, _ in CLUSTER_COUNTERS}
         self.downstream_active = 0
@@ -215,6 +218,21 @@ class Metrics:
         response_bytes: int,
     ) -> None:
         """Called by the data plane once per finished request (flags ``"-"`` when none)."""
+        s = self._series.get((id(cluster), code, flags))
+        if s is None:
+            s = self._new_series(cluster, code, flags)
+        ms = duration_s * 1000.0
+        s[0] += 1
+        s[1] += ms
+        s[2] += request_bytes
+        s[3] += response_bytes
+        s[_DUR0 + bisect_left(DURATION_BUCKETS_MS, ms)] += 1
+        s[_REQ0 + (bisect_left(SIZE_BUCKETS, request_bytes) if request_bytes else 0)] += 1
+        s[_RESP0 + bisect_left(SIZE_BUCKETS, response_bytes)] += 1
+
+    def _new_series(self, cluster: Cluster | None, code: int, flags: str) -> list[float]:
+        """The series for a (cluster object, code, flags) seen for the first time since the
+        last snapshot swap; several cluster objects may share one series (same labels)."""
         if cluster is None:
             dest = _NO_CLUSTER_LABELS
         else:
@@ -228,14 +246,9 @@ class Metrics:
         s = self.requests.get(key)
         if s is None:
             s = self.requests[key] = [0] * SERIES_LEN
-        ms = duration_s * 1000.0
-        s[0] += 1
-        s[1] += ms
-        s[2] += request_bytes
-        s[3] += response_bytes
-        s[_DUR0 + bisect_left(DURATION_BUCKETS_MS, ms)] += 1
-        s[_REQ0 + bisect_left(SIZE_BUCKETS, request_bytes)] += 1
-        s[_RESP0 + bisect_left(SIZE_BUCKETS, response_bytes)] += 1
+        # keyed by id(): _dest_cache pins the cluster, so the id is not reused while cached
+        self._series[(id(cluster), code, flags)] = s
+        return s
 
     def upstream_connection_opened(self, cluster_name: str) -> None:
         """Called by the connection pool each time it opens an upstream connection."""
@@ -271,6 +284,7 @@ class Metrics:
         """State listener: a new snapshot brings new Cluster objects; drop the label cache so
         old clusters are not pinned, and remember the version for ``config_version_info``."""
         self._dest_cache.clear()
+        self._series.clear()
         self.config_version = new.version
 
     # ------------------------------------------------------------------ scrape

@@ -36,6 +36,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from meshproxy.config.model import (
@@ -63,6 +65,7 @@ from meshproxy.errors import Failure, LocalReply, local_reply
 from meshproxy.http.codec import (
     CONTINUE_100,
     LAST_CHUNK,
+    STATUS_LINES,
     BodyFraming,
     ResponseHead,
     TargetError,
@@ -78,7 +81,6 @@ from meshproxy.http.codec import (
     request_head,
     split_authority,
     status_line,
-    upstream_body_framing,
     upstream_request,
 )
 from meshproxy.http.server import HttpConnection, RequestHead
@@ -185,8 +187,10 @@ class ProxyContext:
                 self.cache[authority] = d
         return d
 
-    def make_exchange(self, conn: HttpConnection, head: RequestHead) -> Exchange:
-        return Exchange(self, conn, head)
+    @property
+    def make_exchange(self) -> Callable[[HttpConnection, RequestHead], Exchange]:
+        """The connection's exchange factory (a C-level partial: no Python frame per call)."""
+        return partial(Exchange, self)
 
 
 class Exchange:
@@ -416,12 +420,15 @@ class Exchange:
 
     def _attempt(self) -> None:
         """One upstream attempt: a pooled connection now, or a connect in the background."""
-        assert self.cs is not None and self.ep is not None
-        up = self.ctx.pools.take_idle(self.ep)
-        if up is not None:
-            self._send_on(up)
-            return
-        self._connect_task = self.ctx.loop.create_task(self._connect(self.cs, self.ep))
+        ep = self.ep
+        assert self.cs is not None and ep is not None
+        idle = ep.idle  # Pools.take_idle, inlined: the most recent live keep-alive connection
+        while idle:
+            up = idle.pop()
+            if not up.closed:
+                self._send_on(up)
+                return
+        self._connect_task = self.ctx.loop.create_task(self._connect(self.cs, ep))
 
     async def _connect(self, cs: ClusterState, ep: EndpointState) -> None:
         try:
@@ -533,7 +540,15 @@ class Exchange:
         decides the framing towards the client and starts the response bytes."""
         head = self.head
         cl = rh.content_length
-        upf = upstream_body_framing(self._head_req, status, cl is not None, rh.chunked)
+        # upstream_body_framing(), inlined: RFC 9112 6.3
+        if self._head_req or status < 200 or status == 204 or status == 304:
+            upf = _NONE
+        elif rh.chunked:
+            upf = _CHUNKED
+        elif cl is not None:
+            upf = _LENGTH
+        else:
+            upf = _CLOSE
         http11 = head.http11
         if upf is _LENGTH or upf is _NONE:
             downf, must_close = upf, False
@@ -563,7 +578,7 @@ class Exchange:
         self.response_started = True
         # Sent at the end of this upstream read together with whatever body came with it:
         # one write (one syscall) per upstream read instead of one per parser callback.
-        out = [status_line(status, http11)]
+        out = [STATUS_LINES.get((status, http11)) or status_line(status, http11)]
         out += lines
         if downf is _LENGTH:
             out.append(b"content-length: %d\r\n" % cl)

@@ -513,18 +513,18 @@ def _reason(status: int) -> str:
         return "Unknown"
 
 
-_STATUS_LINES: dict[tuple[int, bool], bytes] = {}
+STATUS_LINES: dict[tuple[int, bool], bytes] = {}  # (status, http11) -> line, see status_line
 
 
 def status_line(status: int, http11: bool) -> bytes:
     """``HTTP/1.1 200 OK\\r\\n`` (reason phrases are the proxy's own, as Envoy's are)."""
     key = (status, http11)
-    line = _STATUS_LINES.get(key)
+    line = STATUS_LINES.get(key)
     if line is None:
         ver = "HTTP/1.1" if http11 else "HTTP/1.0"
         line = f"{ver} {status} {_reason(status)}\r\n".encode("latin-1")
-        if len(_STATUS_LINES) < 1024:
-            _STATUS_LINES[key] = line
+        if len(STATUS_LINES) < 1024:
+            STATUS_LINES[key] = line
     return line
 
 

@@ -11,7 +11,9 @@ driven by ``httptools.HttpResponseParser``:
   headers already filtered into a :class:`~meshproxy.http.codec.ResponseHead` while llhttp
   reported them (hop-by-hop headers noted, not kept; the rest as ready ``name: value`` lines);
   interim 1xx responses are swallowed (the proxy answers ``100 Continue`` itself);
-* ``on_response_body(data)`` for every body piece;
+* ``on_response_body(data)`` for every body piece, and ``flush_response()`` at the end of each
+  read that leaves the response unfinished (the sink batches one read's output into one write;
+  a sink whose response completed has flushed it already);
 * ``on_response_complete(keep_alive)`` at the end of the message; ``keep_alive`` is read
   *inside* the parser's ``on_message_complete`` (httptools resets its state once
   ``feed_data`` returns, so reading it later silently disables connection reuse);
@@ -168,7 +170,8 @@ class UpstreamConnection(asyncio.Protocol):
             if sink is not None:
                 sink.on_upstream_lost(Failure.UPSTREAM_PROTOCOL_ERROR)
             return
-        sink.flush_response()
+        if self.sink is sink:  # still streaming (a completed response flushed itself)
+            sink.flush_response()
         if self._head_done:
             self._head_done = False
             self._parser = httptools.HttpResponseParser(self)
@@ -197,18 +200,25 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ parser callbacks
 
-    def on_message_begin(self) -> None:
-        rh = self._rh = ResponseHead()
-        self._lines = rh.lines
+    # No on_message_begin (one Python call per response saved): the head being collected is
+    # replaced as soon as it is handed over (or dropped, for a 1xx) in on_headers_complete.
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lname = name.lower()
-        if lname in RESPONSE_SPECIAL:
-            self._rh.add_special(lname, value)
-        else:
+        if lname not in RESPONSE_SPECIAL:
             self._lines.append(lname + b": " + value + b"\r\n")
+        elif lname == b"content-length":
+            try:
+                self._rh.content_length = int(value)
+            except ValueError:
+                self._rh.content_length = None
+        else:
+            self._rh.add_special(lname, value)
 
     def on_headers_complete(self) -> None:
+        rh = self._rh
+        rh2 = self._rh = ResponseHead()
+        self._lines = rh2.lines
         status = self._parser.get_status_code()
         if status < 200:
             if status == 101:
@@ -218,8 +228,8 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self.sink
         if sink is None:
             return
-        rh = self._rh
-        rh.finish()
+        if rh.dropped:
+            rh.finish()
         sink.on_response_head(status, rh)
         if self.expect_no_body and self.sink is sink:
             # HEAD: the message ends here; keep-alive from version + Connection.

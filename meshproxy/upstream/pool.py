@@ -238,7 +238,7 @@ class Pools:
 
     def release(self, conn: UpstreamConnection, reusable: bool, cs: ClusterState) -> None:
         """Return ``conn`` after a request: back to the idle stack or closed."""
-        conn.unbind()
+        conn.sink = None  # conn.unbind(), without the call
         ep = conn.endpoint
         if (
             not reusable

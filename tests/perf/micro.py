@@ -14,7 +14,10 @@ timers the code arms are real but never fire during the run.
 
 It prints microseconds of process CPU time per request (``time.process_time``), the best of
 ``--repeat`` runs, and checks the bytes the client got are the expected response. ``--profile``
-prints a cProfile of one run instead.
+prints a cProfile of one run instead. Timings move with the machine's load; for a figure that
+does not, count instructions: run it under ``valgrind --tool=callgrind`` with two values of
+``--requests --repeat 1 --no-warmup`` and divide the difference of the totals by the difference
+of the request counts (``tests/perf/instructions.sh`` does that).
 
 Usage::
 
@@ -170,12 +173,10 @@ async def amain(args: argparse.Namespace) -> None:
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(30)
         return
-    run(2000)  # warm-up
+    if not args.no_warmup:
+        run(2000)
     best = min(run(args.requests) for _ in range(args.repeat))
     print(f"data path (no sockets): {best:.2f} us CPU/request (best of {args.repeat})")
-    conn, _down, up_t, _ = build()
-    conn.data_received(REQUEST)
-    print("upstream request:", up_t.out[-1])
 
 
 def main() -> int:
@@ -183,6 +184,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-warmup", action="store_true")
     args = ap.parse_args()
     import uvloop
 

@@ -67,12 +67,12 @@ class Proc:
                 self.popen.wait()
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` in seconds (fields 14 and 15 of /proc/PID/stat)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of ``pid`` in seconds (fields 14 and 15 of /proc/PID/stat)."""
     with open(f"/proc/{pid}/stat") as f:
         data = f.read()
     fields = data[data.rfind(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
 
 
 def mem_kib(pid: int) -> dict[str, int]:
@@ -285,12 +285,15 @@ def measure(name: str, proc: Proc, port: int, args: argparse.Namespace) -> None:
     wrk(port, args.connections, 2)  # warm-up
     per_req = []
     for i in range(args.runs):
-        c0 = cpu_seconds(proc.pid)
+        u0, s0 = cpu_seconds(proc.pid)
         n, rps = wrk(port, args.connections, args.duration)
-        c1 = cpu_seconds(proc.pid)
-        us = (c1 - c0) / n * 1e6
+        u1, s1 = cpu_seconds(proc.pid)
+        us = (u1 - u0 + s1 - s0) / n * 1e6
         per_req.append(us)
-        print(f"  run {i + 1}: {n} requests, {rps:,.0f} req/s, {us:.1f} us CPU/request")
+        print(
+            f"  run {i + 1}: {n} requests, {rps:,.0f} req/s, {us:.1f} us CPU/request"
+            f" (user {(u1 - u0) / n * 1e6:.1f}, system {(s1 - s0) / n * 1e6:.1f})"
+        )
     after = mem_kib(proc.pid)
     per_req.sort()
     print(
