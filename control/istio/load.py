@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -55,12 +56,14 @@ except AttributeError:  # pragma: no cover - libyaml missing
 __all__ = [
     "Loaded",
     "cross_checks",
+    "decode_text",
     "load_documents",
     "load_paths",
     "parse_bytes",
     "parse_yaml",
     "paused_gc",
     "read_documents",
+    "split_documents",
     "yaml_files",
 ]
 
@@ -117,11 +120,16 @@ def _doc_label(doc: dict[str, Any], index: int) -> str:
 
 
 def load_documents(
-    file: str, docs: Iterable[Any], report: ValidationReport, start_order: int = 0
+    file: str,
+    docs: Iterable[Any],
+    report: ValidationReport,
+    start_order: int = 0,
+    start_index: int = 0,
 ) -> list[Resource[Any]]:
-    """Decode and validate already-parsed YAML documents of ``file``."""
+    """Decode and validate already-parsed YAML documents of ``file`` (``start_index``: the
+    position in the file of the first of them, when they are not all of its documents)."""
     out: list[Resource[Any]] = []
-    for index, doc in enumerate(docs):
+    for index, doc in enumerate(docs, start_index):
         if doc is None:
             continue  # empty document
         if not isinstance(doc, dict):
@@ -403,13 +411,9 @@ def read_documents(file: str, report: ValidationReport) -> list[Any]:
 
 def parse_bytes(file: str, data: bytes, report: ValidationReport) -> list[Any]:
     """:func:`parse_yaml` of ``file``'s content ``data``; problems go to ``report``."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        report.problems.append(f"{file}: cannot read: {e}")
+    text = decode_text(file, data, report)
+    if text is None:
         return []
-    if "\r" in text:  # universal newlines, as reading the file in text mode does
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
     docs: list[Any] = []
     try:
         parse_yaml(text, docs)
@@ -426,6 +430,42 @@ def parse_bytes(file: str, data: bytes, report: ValidationReport) -> list[Any]:
 
 
 _read = read_documents
+
+
+def split_documents(text: str) -> list[str] | None:
+    """``text`` cut before every ``---`` document marker, or None when it must be parsed
+    whole (YAML directives, which apply across markers).
+
+    A ``---`` followed by a blank at the start of a line always starts a document for
+    libyaml, whatever context it appears in (in a quoted or flow scalar it is an error), so
+    parsing the pieces one by one gives the documents of the whole, as long as every piece
+    parses; a caller falls back to the whole text when one does not (for the exact error and
+    line number)."""
+    if text.startswith("%") or "\n%" in text:
+        return None
+    starts = [0]
+    find = text.find
+    i = 0 if text.startswith("---") else find("\n---")
+    while i >= 0:
+        at = i + 1 if text[i] == "\n" else i  # the marker's first dash
+        after = text[at + 3 : at + 4]
+        if after in ("", " ", "\t", "\n") and at > 0:
+            starts.append(at)
+        i = find("\n---", at + 3)
+    starts.append(len(text))
+    return [text[a:b] for a, b in itertools.pairwise(starts) if b > a]
+
+
+def decode_text(file: str, data: bytes, report: ValidationReport) -> str | None:
+    """``data`` as text with universal newlines, None (and a problem) when not UTF-8."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        report.problems.append(f"{file}: cannot read: {e}")
+        return None
+    if "\r" in text:  # universal newlines, as reading the file in text mode does
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
 
 
 def _relevance_warnings(resources: Resources, report: ValidationReport) -> None:

@@ -158,6 +158,10 @@ class _Service:
     subject_alt_names: tuple[str, ...] = ()
     known: bool = True  # False: a destination host no ServiceEntry defines
     by_port: dict[int, ServicePort] = field(default_factory=dict)
+    # the objects whose identity fixes this service's content (its ServiceEntry's spec and
+    # the selected WorkloadEntries' specs): keys of the TranslationCache's clusters
+    anchors: tuple[object, ...] = ()
+    cacheable: bool = False  # known, and no endpoint that warns when translated
 
     @property
     def multi(self) -> bool:
@@ -339,6 +343,8 @@ class _DR:
     traffic_policy: TrafficPolicy | None
     policy_meta: Meta | None
     subsets: dict[str, tuple[Subset, Meta]]
+    anchors: tuple[object, ...] = ()  # the rules' specs
+    owners: tuple[tuple[str, str, str], ...] = ()  # the rules' (name, namespace, file)
 
 
 class TranslationCache:
@@ -349,11 +355,15 @@ class TranslationCache:
 
     __slots__ = (
         "_next",
+        "_next_clusters",
         "_next_dest_hosts",
+        "_next_services",
         "_next_vhosts",
+        "clusters",
         "dest_hosts",
         "proxy",
         "routes",
+        "services",
         "vhosts",
     )
 
@@ -366,10 +376,27 @@ class TranslationCache:
         self.dest_hosts: dict[tuple[Any, ...], tuple[VirtualServiceSpec, Any]] = {}
         self._next_dest_hosts: dict[tuple[Any, ...], tuple[VirtualServiceSpec, Any]] = {}
 
+        self.services: dict[tuple[Any, ...], tuple[ServiceEntrySpec, tuple[_Service, ...]]] = {}
+        self._next_services: dict[
+            tuple[Any, ...], tuple[ServiceEntrySpec, tuple[_Service, ...]]
+        ] = {}
+        self.clusters: dict[tuple[Any, ...], tuple[tuple[object, ...], Cluster]] = {}
+        self._next_clusters: dict[tuple[Any, ...], tuple[tuple[object, ...], Cluster]] = {}
+
     def begin(self) -> None:
         self._next = {}
         self._next_vhosts = {}
         self._next_dest_hosts = {}
+        self._next_services = {}
+        self._next_clusters = {}
+
+    def keep_services(
+        self, key: tuple[Any, ...], value: tuple[ServiceEntrySpec, tuple[_Service, ...]]
+    ) -> None:
+        self._next_services[key] = value
+
+    def keep_cluster(self, key: tuple[Any, ...], value: tuple[tuple[object, ...], Cluster]) -> None:
+        self._next_clusters[key] = value
 
     def keep_dest_hosts(self, key: tuple[Any, ...], value: tuple[VirtualServiceSpec, Any]) -> None:
         self._next_dest_hosts[key] = value
@@ -384,9 +411,14 @@ class TranslationCache:
         self.routes, self._next = self._next, {}
         self.vhosts, self._next_vhosts = self._next_vhosts, {}
         self.dest_hosts, self._next_dest_hosts = self._next_dest_hosts, {}
+        self.services, self._next_services = self._next_services, {}
+        self.clusters, self._next_clusters = self._next_clusters, {}
 
     def __repr__(self) -> str:
-        return f"TranslationCache(vhosts={len(self.vhosts)}, routes={len(self.routes)})"
+        return (
+            f"TranslationCache(vhosts={len(self.vhosts)}, routes={len(self.routes)}, "
+            f"clusters={len(self.clusters)})"
+        )
 
 
 _CachedVirtualHost = tuple[
@@ -442,30 +474,24 @@ class _Translator:
         wes_by_ns: dict[str, list[Resource[WorkloadEntrySpec]]] = {}
         for we in self.res.workload_entries:
             wes_by_ns.setdefault(we.namespace, []).append(we)
+        cache = self.cache
         for se in self.res.service_entries:
             spec: ServiceEntrySpec = se.spec
             if not visible(spec.export_to, se.namespace, self.ns) or "~" in spec.export_to:
                 continue
-            eps: list[tuple[WorkloadEntrySpec, Meta]] = [
-                (ep, _meta(se, f"spec.endpoints[{i}]")) for i, ep in enumerate(spec.endpoints)
-            ]
-            if spec.workload_selector is not None:
-                sel = spec.workload_selector.labels
-                for we in wes_by_ns.get(se.namespace, ()):
-                    if all(we.spec.labels.get(k) == v for k, v in sel.items()):
-                        eps.append((we.spec, _meta(we, "spec")))
-            for i, raw_host in enumerate(spec.hosts):
-                host = H.expand(raw_host, se.namespace)
-                svc = _Service(
-                    host=host,
-                    namespace=se.namespace,
-                    ports=spec.ports,
-                    resolution=spec.resolution or "NONE",
-                    endpoints=eps,
-                    meta=_meta(se, f"spec.hosts[{i}]"),
-                    subject_alt_names=spec.subject_alt_names,
-                    by_port={p.number: p for p in spec.ports if p.number is not None},
-                )
+            svcs: tuple[_Service, ...] | None = None
+            key = (id(spec), se.name, se.namespace, se.file)
+            if cache is not None and spec.workload_selector is None:
+                hit = cache.services.get(key)
+                if hit is not None and hit[0] is spec:
+                    svcs = hit[1]
+                    cache.keep_services(key, hit)
+            if svcs is None:
+                svcs = self._services_of(se, wes_by_ns)
+                if cache is not None and spec.workload_selector is None:
+                    cache.keep_services(key, (spec, svcs))
+            for i, svc in enumerate(svcs):
+                host = svc.host
                 old = self.services.get(host)
                 if old is None:
                     self.services[host] = svc
@@ -483,6 +509,43 @@ class _Translator:
                     f"({winner.file}); using that one, ignoring "
                     f"ServiceEntry/{loser.namespace}/{loser.name}",
                 )
+
+    def _services_of(
+        self,
+        se: Resource[ServiceEntrySpec],
+        wes_by_ns: Mapping[str, list[Resource[WorkloadEntrySpec]]],
+    ) -> tuple[_Service, ...]:
+        """One :class:`_Service` per host of ``se`` (nobody mutates them: they can be shared
+        by later translations)."""
+        spec = se.spec
+        eps: list[tuple[WorkloadEntrySpec, Meta]] = [
+            (ep, _meta(se, f"spec.endpoints[{i}]")) for i, ep in enumerate(spec.endpoints)
+        ]
+        anchors: list[object] = [spec]
+        if spec.workload_selector is not None:
+            sel = spec.workload_selector.labels
+            for we in wes_by_ns.get(se.namespace, ()):
+                if all(we.spec.labels.get(k) == v for k, v in sel.items()):
+                    eps.append((we.spec, _meta(we, "spec")))
+                    anchors.append(we.spec)
+        by_port = {p.number: p for p in spec.ports if p.number is not None}
+        # a unix endpoint is warned about when translated: such services are not cached
+        cacheable = not any((ep.address or "").startswith("unix://") for ep, _ in eps)
+        return tuple(
+            _Service(
+                host=H.expand(raw_host, se.namespace),
+                namespace=se.namespace,
+                ports=spec.ports,
+                resolution=spec.resolution or "NONE",
+                endpoints=eps,
+                meta=_meta(se, f"spec.hosts[{i}]"),
+                subject_alt_names=spec.subject_alt_names,
+                by_port=by_port,
+                anchors=tuple(anchors),
+                cacheable=cacheable,
+            )
+            for i, raw_host in enumerate(spec.hosts)
+        )
 
     def unknown_service(
         self, host: str, ports: Iterable[int], owner: Resource[Any], path: str
@@ -533,7 +596,13 @@ class _Translator:
                         subsets[s.name] = (s, _meta(r, f"spec.subsets[{i}]"))
             if pmeta is None:
                 pmeta = _meta(rules[0], "spec")
-            out = _DR(tp, pmeta, subsets)
+            out = _DR(
+                tp,
+                pmeta,
+                subsets,
+                anchors=tuple(r.spec for r in rules),
+                owners=tuple((r.name, r.namespace, r.file) for r in rules),
+            )
         self._dr_cache[svc.host] = out
         return out
 
@@ -605,6 +674,33 @@ class _Translator:
         name = cluster_name(svc.host, number, subset, svc.multi)
         if name in self.clusters:
             return name
+        cache = self.cache
+        if cache is None or not svc.cacheable:
+            self.clusters[name] = self._new_cluster(name, svc, port, subset, dr)
+            return name
+        # a cluster is a function of its service, its port (part of the ServiceEntry spec),
+        # the subset name and the DestinationRules that apply (and the fixed proxy)
+        anchors = svc.anchors + dr.anchors if dr is not None else svc.anchors
+        key = (
+            name,
+            svc.meta,
+            tuple([id(a) for a in anchors]),
+            dr.owners if dr is not None else None,
+        )
+        hit = cache.clusters.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], anchors, strict=True)):
+            cluster = hit[1]
+        else:
+            cluster = self._new_cluster(name, svc, port, subset, dr)
+            hit = (anchors, cluster)
+        cache.keep_cluster(key, hit)
+        self.clusters[name] = cluster
+        return name
+
+    def _new_cluster(
+        self, name: str, svc: _Service, port: ServicePort, subset: str | None, dr: _DR | None
+    ) -> Cluster:
+        number = port.number or 0
         eps = self.endpoints(svc, port)
         sub: tuple[Subset, Meta] | None = dr.subsets.get(subset) if (dr and subset) else None
         policy_meta = dr.policy_meta if dr is not None else None
@@ -630,7 +726,7 @@ class _Translator:
         lb = _lb(groups["load_balancer"])
         if svc.known and svc.resolution == "NONE":
             lb = LoadBalancer(kind=LbKind.PASSTHROUGH)
-        self.clusters[name] = Cluster(
+        return Cluster(
             name=name,
             host=svc.host,
             port=number,
@@ -646,7 +742,6 @@ class _Translator:
             meta=svc.meta if svc.known else None,
             policy_meta=policy_meta if dr is not None else None,
         )
-        return name
 
     def destination(
         self, d: Destination, owner: Resource[Any], path: str

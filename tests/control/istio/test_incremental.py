@@ -181,6 +181,12 @@ def test_edit_sequence_matches_a_full_build_every_step(
     # 4. the traffic policy changes: every cluster of the host changes, routes do not
     put(root / "reviews" / "dr.yaml", dr_v3.replace("ROUND_ROBIN", "RANDOM"))
     step()
+    # 4b. a selected WorkloadEntry moves (the ServiceEntry itself is unchanged)
+    put(root / "ratings.yaml", RATINGS.replace("10.1.0.1", "10.1.0.9"))
+    snap = step()
+    assert snap.clusters["ratings.shop.svc.cluster.local:9080"].endpoints[0].address == "10.1.0.9"
+    put(root / "ratings.yaml", RATINGS)
+    step()
     # 5. a file deleted (routes to its ServiceEntry's host get no endpoints, with a warning)
     (root / "reviews" / "se.yaml").unlink()
     snap = step()
@@ -276,3 +282,59 @@ def test_translation_cache_gives_equal_results_and_reuses_routes(tmp_path: Path)
     # a cache made for another proxy is ignored, not misused
     other = translate(res, ProxyIdentity(), cache=cache)
     assert repr(other) == repr(translate(res, ProxyIdentity()))
+
+
+def test_one_big_multi_document_file_is_reparsed_piece_by_piece(tmp_path: Path) -> None:
+    proxy = ProxyIdentity()
+    docs = [REVIEWS_SE, REVIEWS_DR, reviews_vs(80, 20), *RATINGS.split("---\n")]
+    docs += [WILD.replace("wild", f"w{i}").replace("*", f"h{i}") for i in range(20)]
+    big = tmp_path / "all.yaml"
+
+    def write(parts: list[str]) -> None:
+        big.write_text("# the whole mesh\n" + "---\n".join(parts))
+
+    write(docs)
+    builder = IncrementalBuilder(proxy, racy_ns=0)
+    check(builder, tmp_path, proxy)
+    # one document edited: only its piece is parsed again (the rest is the same objects)
+    specs = {r.name: r.spec for r in builder._files[str(big)].resources}
+    docs[2] = reviews_vs(60, 40)
+    write(docs)
+    snap = check(builder, tmp_path, proxy)
+    assert snap is not None
+    assert builder.stats["parsed"] == 1
+    assert len(builder._files[str(big)].pieces) == len(docs)
+    again = {r.name: r.spec for r in builder._files[str(big)].resources}
+    assert again.keys() == specs.keys()
+    assert [n for n in specs if again[n] is not specs[n]] == ["reviews"]
+    # a duplicated document, an empty one, a document end marker, a bad document then fixed
+    write([*docs, docs[-1], "", "kind: Gateway\nmetadata: {name: g}\n...\n"])
+    check(builder, tmp_path, proxy)
+    write([*docs[:5], RATINGS.split("---\n")[2].replace("prefix:", "prefx:"), *docs[5:]])
+    assert check(builder, tmp_path, proxy) is None
+    write(docs)
+    check(builder, tmp_path, proxy)
+    # a YAML syntax error in one piece: the whole file's error line, as a full build gives it
+    write([*docs[:7], "a: [1,\n", *docs[7:]])
+    _, report = builder.build([str(tmp_path)])
+    (problem,) = report.problems  # numbered in the whole file, not in its piece
+    assert problem.startswith(f"{big}: line 77, column 1: invalid YAML: ")
+    assert check(builder, tmp_path, proxy) is None
+    # directives apply across markers: such a file is parsed whole
+    big.write_text("%YAML 1.1\n---\n" + "---\n".join(docs))
+    check(builder, tmp_path, proxy)
+
+
+def test_pieces_parse_to_the_documents_of_the_whole() -> None:
+    from control.istio.load import parse_yaml, split_documents
+
+    texts = [p.read_text() for p in (REPO / "tests" / "data").rglob("*.yaml")]
+    texts += ["a: 1\n---\n---\nb\n...\nc: [x]\n--- |\n  block\n---\n", "--- >\n  folded\n"]
+    for text in texts:
+        pieces = split_documents(text)
+        assert pieces is not None and "".join(pieces) == text
+        try:
+            whole = parse_yaml(text)
+        except Exception:
+            continue
+        assert [d for p in pieces for d in parse_yaml(p)] == whole
