@@ -34,10 +34,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-from aiohttp import web
-
-from meshproxy.admin import Admin
+from meshproxy.admin import Admin, AdminRequest, AdminResponse, FetchError, fetch
 from meshproxy.cli import Addr, RunOptions, UsageError, format_addr, parse_addr
 from meshproxy.metrics import Export, merge_exports
 from meshproxy.sources.file import FileSource
@@ -70,10 +67,6 @@ class Worker:
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
-
-    def url(self, path: str) -> str:
-        assert self.admin is not None
-        return f"http://{format_addr(self.admin)}{path}"
 
 
 def merge_clusters(views: list[dict[str, Any]]) -> dict[str, Any]:
@@ -126,7 +119,6 @@ class Supervisor:
         self.draining = False
         self.stopping = False
         self._stop = asyncio.Event()
-        self._session: aiohttp.ClientSession | None = None
         self._monitors: list[asyncio.Task[None]] = []
 
     def __repr__(self) -> str:
@@ -217,7 +209,7 @@ class Supervisor:
                 w.restarts += 1
                 if self.draining:
                     await self._post(w, "/drain")
-            except (WorkerStartError, OSError, aiohttp.ClientError) as e:
+            except (WorkerStartError, OSError, FetchError) as e:
                 log.error("restarting worker %d failed: %s", w.index, e)
                 if w.proc is not None and w.proc.returncode is None:
                     continue  # it started; only the drain call failed
@@ -226,9 +218,6 @@ class Supervisor:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=WORKER_ADMIN_TIMEOUT)
-        )
         try:
             await asyncio.gather(*(self.spawn(w) for w in self.workers))
         except WorkerStartError as e:
@@ -270,8 +259,6 @@ class Supervisor:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await self.admin.close()
-        if self._session is not None:
-            await self._session.close()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -301,18 +288,21 @@ class Supervisor:
     # ------------------------------------------------------------------ worker admin calls
 
     async def _get(self, w: Worker, path: str) -> tuple[int, Any]:
-        assert self._session is not None
-        async with self._session.get(w.url(path)) as resp:
-            body = await resp.read()
-            if resp.content_type == "application/json":
-                return resp.status, json.loads(body)
-            return resp.status, body.decode(errors="replace")
+        assert w.admin is not None
+        host, port = w.admin
+        status, ctype, body = await fetch(host, port, "GET", path, WORKER_ADMIN_TIMEOUT)
+        if ctype == "application/json":
+            try:
+                return status, json.loads(body)
+            except ValueError:
+                raise FetchError(f"{path}: invalid JSON from worker {w.index}") from None
+        return status, body.decode(errors="replace")
 
     async def _post(self, w: Worker, path: str) -> int:
-        assert self._session is not None
-        async with self._session.post(w.url(path)) as resp:
-            await resp.read()
-            return resp.status
+        assert w.admin is not None
+        host, port = w.admin
+        status, _, _ = await fetch(host, port, "POST", path, WORKER_ADMIN_TIMEOUT)
+        return status
 
     async def _ask_all(self, path: str) -> list[tuple[int, Any] | BaseException]:
         live = [w for w in self.workers if w.alive and w.admin is not None]
@@ -333,7 +323,7 @@ class Supervisor:
             if w.alive and w.admin is not None:
                 try:
                     status, dump = await self._get(w, "/config_dump")
-                except (aiohttp.ClientError, TimeoutError):
+                except FetchError:
                     continue
                 if status == 200 and isinstance(dump, dict):
                     dump["workers"] = [w.pid for w in self.workers]
@@ -365,7 +355,7 @@ class Supervisor:
         log.info("quitquitquit: stopping %d worker(s)", len(self.workers))
         self._stop.set()
 
-    async def _workers_handler(self, request: web.Request) -> web.Response:
+    async def _workers_handler(self, request: AdminRequest) -> AdminResponse:
         rows = [
             {
                 "index": w.index,
@@ -376,7 +366,7 @@ class Supervisor:
             }
             for w in self.workers
         ]
-        return web.json_response({"workers": rows})
+        return AdminResponse.json({"workers": rows})
 
 
 async def _main(opts: RunOptions, outbound: Addr) -> int:

@@ -214,3 +214,78 @@ async def test_bind_conflict_raises_oserror() -> None:
     finally:
         await a.close()
         await b.close()
+
+
+async def _raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    try:
+        async with asyncio.timeout(timeout):
+            return await reader.read()  # every admin answer closes the connection
+    finally:
+        writer.close()
+
+
+async def test_head_unknown_path_bad_request_and_allow_header() -> None:
+    adm = Admin(FakeBackend())
+    _, port = await adm.start("127.0.0.1", 0)
+    try:
+        raw = await _raw(port, b"HEAD /ready HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 503 ") and raw.endswith(b"\r\n\r\n")  # no body
+        assert b"Content-Length: 10\r\n" in raw and b"Connection: close\r\n" in raw
+        raw = await _raw(port, b"GET /nope HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 404 ")
+        raw = await _raw(port, b"DELETE /drain HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 405 ") and b"Allow: POST\r\n" in raw
+        raw = await _raw(port, b"GARBAGE\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 400 ")
+        raw = await _raw(port, b"GET /stats?format=json HTTP/1.0\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 200 ")
+        assert json.loads(raw.partition(b"\r\n\r\n")[2])["requests"] == []
+    finally:
+        await adm.close()
+
+
+async def test_incomplete_request_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    import meshproxy.admin as admin_mod
+
+    monkeypatch.setattr(admin_mod, "ADMIN_HEAD_TIMEOUT", 0.2)
+    adm = Admin(FakeBackend())
+    _, port = await adm.start("127.0.0.1", 0)
+    try:
+        raw = await _raw(port, b"GET /ready HTTP/1.1\r\nHost: a\r\n", timeout=3)
+        assert raw.startswith(b"HTTP/1.1 408 ")
+    finally:
+        await adm.close()
+
+
+async def test_handler_bug_is_500_not_a_dead_connection() -> None:
+    class Broken(FakeBackend):
+        async def clusters(self) -> dict[str, Any]:
+            raise RuntimeError("bug")
+
+    adm = Admin(Broken())
+    _, port = await adm.start("127.0.0.1", 0)
+    try:
+        raw = await _raw(port, b"GET /clusters HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 500 ")
+    finally:
+        await adm.close()
+
+
+async def test_fetch_client_against_admin() -> None:
+    from meshproxy.admin import FetchError, fetch
+
+    backend = FakeBackend()
+    adm = Admin(backend)
+    host, port = await adm.start("127.0.0.1", 0)
+    try:
+        status, ctype, body = await fetch(host, port, "GET", "/clusters", 5)
+        assert status == 200 and ctype == "application/json"
+        assert json.loads(body)["clusters"][0]["name"] == "c"
+        status, ctype, body = await fetch(host, port, "POST", "/drain", 5)
+        assert (status, body) == (200, b"OK\n") and backend.drained == 1
+    finally:
+        await adm.close()
+    with pytest.raises(FetchError):
+        await fetch(host, port, "GET", "/ready", 2)  # nothing listens any more
