@@ -14,7 +14,9 @@ deciding synchronously, against one ``state.snapshot`` read:
    (503 ``UH``);
 3. the upstream request head: hop-by-hop headers dropped, ``x-request-id`` / XFF / XFP /
    ``x-envoy-attempt-count``, rewrite (``x-envoy-original-path``), request header operations
-   of the route and the destination.
+   in Envoy's order: the destination's (weighted cluster's) first, then the route's, so a
+   route-level ``set`` wins (response operations likewise). Without a rewrite or header
+   operations the head is serialized in one pass (``build_request_head``), the common case.
 
 Then :meth:`Exchange._attempt` makes *one* upstream attempt: a pooled keep-alive connection
 when there is one (no await at all on that path), else a connect under the cluster's
