@@ -9,11 +9,14 @@ are taken as written; everything is lower-cased. A Kubernetes-style FQDN
 (:func:`aliases`). ``*.example.com`` matches any name ending in ``.example.com``; ``*`` matches
 everything (:func:`wildcard_matches`).
 
-The syntax checks return an error message (Istio's wording) or None; they never raise.
+The syntax checks return an error message (Istio's wording) or None; they never raise. The
+costlier ones are memoized (pure functions of a string; a big config repeats addresses and
+domains endlessly).
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -77,6 +80,7 @@ def is_subdomain(value: str) -> bool:
     return len(value) <= 253 and _DNS1123_SUBDOMAIN.match(value) is not None
 
 
+@functools.lru_cache(maxsize=65536)
 def is_ip(value: str) -> bool:
     try:
         ipaddress.ip_address(value)
@@ -85,6 +89,7 @@ def is_ip(value: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=65536)
 def check_ip_subnet(value: str) -> str | None:
     """An IP or CIDR, else the error."""
     try:
@@ -120,11 +125,13 @@ def _labels(domain: str, shown: str = "") -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=65536)
 def check_fqdn(name: str) -> str | None:
     """Istio ``ValidateFQDN``."""
     return _preconditions(name) or _labels(name)
 
 
+@functools.lru_cache(maxsize=65536)
 def check_wildcard_domain(name: str) -> str | None:
     """Istio ``ValidateWildcardDomain``: a wildcard only as (or at the start of) the first label."""
     err = _preconditions(name)

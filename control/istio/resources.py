@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from control.istio.schema import Duration
+from control.istio.schema import MEMOIZED, Duration
 
 S = TypeVar("S")
 
@@ -628,6 +628,10 @@ class ObjectMeta:
     managed_fields: object = None
     self_link: object = None
 
+
+# Sub-structures that configs repeat (the same rule, match, header block or traffic policy in
+# many resources): equal raw values decode to one shared object (see schema.MEMOIZED).
+MEMOIZED.update({HTTPRoute, HTTPMatchRequest, Headers, HTTPRetry, TrafficPolicy, Subset})
 
 SPEC_TYPES: dict[str, type] = {
     "VirtualService": VirtualServiceSpec,

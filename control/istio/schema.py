@@ -287,6 +287,12 @@ def decoder_for(cls: type[T]) -> Callable[[Any, str, list[Problem]], T | None]:
     return dec
 
 
+MEMOIZED: set[type] = set()
+"""Message classes whose decoded objects are shared between equal raw values (set by the
+schema's owner; see :func:`fast_decoder_for`): sub-structures that configs repeat."""
+_MEMO_MAX = 8192
+
+
 class _Reject(Exception):
     """Raised inside a fast decoder: the value is not plainly valid; take the checked path."""
 
@@ -488,6 +494,22 @@ def fast_decoder_for(cls: type[T]) -> Callable[[Any], T]:
     hints = typing.get_type_hints(cls)
     fields: dict[str, tuple[str, FastDecoder]] = {}
     make = fast_constructor(cls)
+    memo: dict[str, Any] | None = {} if cls in MEMOIZED else None
+
+    def memo_dec(v: Any) -> Any:
+        # ``repr`` tells apart every value YAML produces (1 / 1.0 / True / "1", None /
+        # "None"...), so equal reprs decode to equal objects; one shared object is also
+        # what lets later identity-keyed caches (validation, translation) hit
+        if type(v) is not dict or memo is None:
+            raise _Reject
+        key = repr(v)
+        got = memo.get(key)
+        if got is None:
+            got = dec(v)
+            if len(memo) >= _MEMO_MAX:
+                memo.clear()
+            memo[key] = got
+        return got
 
     def dec(v: Any) -> Any:
         if type(v) is not dict:
@@ -502,7 +524,7 @@ def fast_decoder_for(cls: type[T]) -> Callable[[Any], T]:
                 kwargs[spec[0]] = spec[1](x)
         return make(**kwargs)
 
-    _FAST[cls] = dec  # registered before recursion so self-referencing messages work
+    _FAST[cls] = dec if memo is None else memo_dec  # registered before recursion
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         json_name = f.metadata.get("json") or _camel(f.name)
         fdec = _fast_for_type(hints[f.name], f.metadata, False)
@@ -510,7 +532,7 @@ def fast_decoder_for(cls: type[T]) -> Callable[[Any], T]:
         snake = _snake(json_name)
         if snake != json_name:
             fields.setdefault(snake, (f.name, fdec))
-    return dec
+    return _FAST[cls]
 
 
 def decode(cls: type[T], raw: Any, path: str, problems: list[Problem]) -> T | None:

@@ -453,6 +453,7 @@ class _Translator:
         self._dest_cache: dict[tuple[Any, ...], tuple[str, dict[int, str], str, int | None]] = {}
         self._wc_cache: dict[tuple[Any, ...], WeightedCluster] = {}
         self._retry_cache: dict[Any, RetryPolicy | None] = {}
+        self._parts: dict[int, tuple[Any, ...]] = {}  # id(rule) -> (rule, *its Route parts)
         self._expand_cache: dict[tuple[str, str], str] = {}
 
     def expand(self, host: str, namespace: str) -> str:
@@ -1017,12 +1018,10 @@ class _Translator:
         mirror_dests: Sequence[_Resolved | None],
     ) -> Route:
         """Phase two of :meth:`route`: pure, from the rule and its resolved destinations."""
-        matches: list[Match] = []
-        for m, ok in zip(r.match, live, strict=True):
-            if ok:
-                got = self.match(m)
-                if got is not None:
-                    matches.append(got)
+        parts = self._parts.get(id(r))
+        if parts is None or parts[0] is not r:
+            parts = self._parts[id(r)] = (r, *self._route_parts(r, live))
+        _, matches, redirect, direct, rewrite, headers, timeout, retries, fault = parts
         clusters: list[WeightedCluster] = []
         total = 0
         n = len(r.route)
@@ -1051,6 +1050,50 @@ class _Translator:
                 if wkey is not None:
                     self._wc_cache[wkey] = wc
             clusters.append(wc)
+        mirrors: list[Mirror] = []
+        md = iter(mirror_dests)
+        if r.mirror is not None:
+            frac = 1.0
+            if r.mirror_percentage is not None and r.mirror_percentage.value is not None:
+                frac = r.mirror_percentage.value / 100.0
+            elif r.mirror_percent is not None:
+                frac = r.mirror_percent / 100.0
+            mirrors.append(_mirror(r.mirror, next(md), frac))
+        for mp in r.mirrors:
+            got = next(md)
+            if mp.destination is None or got is None:
+                continue
+            frac = 1.0
+            if mp.percentage is not None and mp.percentage.value is not None:
+                frac = mp.percentage.value / 100.0
+            mirrors.append(_mirror(mp.destination, got, frac))
+        return Route(
+            name=r.name or "",
+            meta=_meta(vs, path),
+            matches=matches,
+            clusters=tuple(clusters),
+            total_weight=total,
+            redirect=redirect,
+            direct_response=direct,
+            rewrite=rewrite,
+            headers=headers,
+            timeout=timeout,
+            retries=retries,
+            fault=fault,
+            mirrors=tuple(m for m in mirrors if m.cluster),
+        )
+
+    def _route_parts(self, r: HTTPRoute, live: tuple[bool, ...]) -> tuple[Any, ...]:
+        """The parts of a :class:`Route` that depend on the rule alone (and the proxy), shared
+        by every VirtualService that has this very rule object (the decoder shares equal
+        rules): matches, redirect, direct response, rewrite, headers, timeout, retries,
+        fault."""
+        matches: list[Match] = []
+        for m, ok in zip(r.match, live, strict=True):
+            if ok:
+                got = self.match(m)
+                if got is not None:
+                    matches.append(got)
         redirect = None
         if r.redirect is not None:
             rd_ = r.redirect
@@ -1084,37 +1127,15 @@ class _Translator:
                 if rr is not None and rr.match
                 else None,
             )
-        mirrors: list[Mirror] = []
-        md = iter(mirror_dests)
-        if r.mirror is not None:
-            frac = 1.0
-            if r.mirror_percentage is not None and r.mirror_percentage.value is not None:
-                frac = r.mirror_percentage.value / 100.0
-            elif r.mirror_percent is not None:
-                frac = r.mirror_percent / 100.0
-            mirrors.append(_mirror(r.mirror, next(md), frac))
-        for mp in r.mirrors:
-            got = next(md)
-            if mp.destination is None or got is None:
-                continue
-            frac = 1.0
-            if mp.percentage is not None and mp.percentage.value is not None:
-                frac = mp.percentage.value / 100.0
-            mirrors.append(_mirror(mp.destination, got, frac))
-        return Route(
-            name=r.name or "",
-            meta=_meta(vs, path),
-            matches=tuple(matches),
-            clusters=tuple(clusters),
-            total_weight=total,
-            redirect=redirect,
-            direct_response=direct,
-            rewrite=rewrite,
-            headers=_header_policy(r.headers),
-            timeout=float(r.timeout) if r.timeout else None,
-            retries=self.retries(r),
-            fault=_fault(r),
-            mirrors=tuple(m for m in mirrors if m.cluster),
+        return (
+            tuple(matches),
+            redirect,
+            direct,
+            rewrite,
+            _header_policy(r.headers),
+            float(r.timeout) if r.timeout else None,
+            self.retries(r),
+            _fault(r),
         )
 
     def retries(self, r: HTTPRoute) -> RetryPolicy | None:

@@ -471,7 +471,7 @@ def check_virtual_service(c: Checker, ns: str, vs: VirtualServiceSpec) -> None:
     if not vs.http and not vs.tcp and not vs.tls:
         c.err("spec", "http, tcp or tls must be provided in virtual service")
     for i, r in enumerate(vs.http):
-        check_http_route(c, f"spec.http[{i}]", r, delegate)
+        _check_http_route_memo(c, f"spec.http[{i}]", r, delegate)
     _warn_unreachable(c, vs.http)
     for i, t in enumerate(vs.tls):
         p = f"spec.tls[{i}]"
@@ -540,6 +540,49 @@ def _warn_unreachable(c: Checker, routes: tuple[HTTPRoute, ...]) -> None:
                     f"virtualService rule #{i} not used (only the last rule can have no matches)",
                 )
             catch_all = i
+
+
+class _Recorder(Checker):
+    """A :class:`Checker` that keeps its findings, to be replayed under another path."""
+
+    __slots__ = ("found",)
+
+    def __init__(self) -> None:
+        super().__init__("", "", ValidationReport())
+        self.found: list[tuple[bool, str, str]] = []
+
+    def err(self, path: str, msg: str) -> None:
+        self.found.append((True, path, msg))
+
+    def warn(self, path: str, msg: str) -> None:
+        self.found.append((False, path, msg))
+
+
+_HERE = "\x00"  # stands for the rule's path while its findings are recorded
+_RULE_FINDINGS: dict[tuple[int, bool], tuple[HTTPRoute, tuple[tuple[bool, str, str], ...]]] = {}
+_RULE_FINDINGS_MAX = 8192
+
+
+def _check_http_route_memo(c: Checker, p: str, r: HTTPRoute, delegate: bool) -> None:
+    """:func:`check_http_route`, memoized by the rule object: the decoder shares one object
+    between equal rules (see ``schema.MEMOIZED``), and a rule's findings depend on nothing
+    else, so a config repeating the same rule checks it once and replays the lines."""
+    key = (id(r), delegate)
+    hit = _RULE_FINDINGS.get(key)
+    if hit is None or hit[0] is not r:
+        rec = _Recorder()
+        check_http_route(rec, _HERE, r, delegate)
+        if not all(path.startswith(_HERE) for _, path, _ in rec.found):
+            check_http_route(c, p, r, delegate)  # not replayable: check in place
+            return
+        if len(_RULE_FINDINGS) >= _RULE_FINDINGS_MAX:
+            _RULE_FINDINGS.clear()
+        hit = _RULE_FINDINGS[key] = (r, tuple(rec.found))
+    for is_err, path, msg in hit[1]:
+        if is_err:
+            c.err(p + path[1:], msg)
+        else:
+            c.warn(p + path[1:], msg)
 
 
 def check_http_route(c: Checker, p: str, r: HTTPRoute, delegate: bool) -> None:
