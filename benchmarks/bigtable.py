@@ -398,10 +398,13 @@ def run(ctx: Context) -> dict:
         print(f"   bigtable: {exc}", flush=True)
         return {"status": "error", "error": str(exc)}
     ratio = round(large["rps"] / small["rps"], 3) if small.get("rps") else None
+    a, b = small.get("cpu_s_per_1k"), large.get("cpu_s_per_1k")
+    cpu_ratio = round(b / a, 3) if a and b else None
     return {
         "status": "ok",
         "small": small,
         "large": large,
         "rps_ratio": ratio,
+        "cpu_ratio": cpu_ratio,
         "reload": large.get("reload", {}),
     }

@@ -122,7 +122,13 @@ def bigtable_lines(big: dict | None) -> list[str]:
     out.append("")
     out.append(
         f"Big-table throughput is {_f(ratio * 100 if ratio else None, '{:.1f}')}% of the "
-        "small table's (target: within 10%)."
+        "small table's (target: within 10%)"
+        + (
+            f"; its CPU per request is {big['cpu_ratio']:.2f}x the small table's (the figure"
+            " least affected by other processes)."
+            if big.get("cpu_ratio")
+            else "."
+        )
     )
     tables = [t for t in (small, large) if t.get("reload")]
     if tables:
