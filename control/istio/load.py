@@ -44,6 +44,7 @@ from yaml.events import (
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 from control.istio import hosts as H
+from control.istio.fastyaml import parse_simple
 from control.istio.resources import API_VERSIONS, SPEC_TYPES, ObjectMeta, Resource, Resources
 from control.istio.schema import Problem, decode
 from control.istio.validate import Checker, ValidationReport, check_references, check_spec
@@ -256,6 +257,10 @@ def parse_yaml(text: str, docs: list[Any] | None = None) -> list[Any]:
     """
     if docs is None:
         docs = []
+    simple = parse_simple(text)
+    if simple is not None:
+        docs.extend(simple)
+        return docs
     try:
         _parse_events(text, docs)
     except _Fallback:

@@ -37,6 +37,7 @@ from control.istio import IncrementalBuilder, build_snapshot
 from control.istio.load import (
     _relevance_warnings,
     load_documents,
+    paused_gc,
     read_documents,
     yaml_files,
 )
@@ -124,7 +125,8 @@ class Timer:
         w0, c0 = time.perf_counter(), time.process_time()
         if prof is not None:
             prof.enable()
-        out = fn()
+        with paused_gc():  # as the pipeline itself runs
+            out = fn()
         if prof is not None:
             prof.disable()
         cpu, wall = time.process_time() - c0, time.perf_counter() - w0
