@@ -3,8 +3,10 @@
 Theory of operation
 -------------------
 :func:`load_paths` expands each path (a directory is walked recursively for ``*.yaml`` /
-``*.yml``, sorted, hidden entries skipped), parses each file as multi-document YAML with the
-C loader (pure-Python fallback), and turns every non-empty document into a
+``*.yml``, sorted, hidden entries skipped), parses each file as multi-document YAML
+(:func:`parse_yaml`: the plain block-style subset by :mod:`control.istio.fastyaml`, else
+objects built from the C parser's events, else from its composed nodes; always the result
+``yaml.load_all`` with the safe loader would give), and turns every non-empty document into a
 :class:`~control.istio.resources.Resource`:
 
 1. envelope: ``apiVersion``/``kind``/``metadata``/``spec`` (``status`` tolerated). Kinds we do
@@ -17,6 +19,11 @@ C loader (pure-Python fallback), and turns every non-empty document into a
 A document with problems is reported and left out of the result; a YAML syntax error names
 the file and line. Nothing here raises for a user mistake. Each kept resource carries the
 sha256 of its canonical JSON so the snapshot version is a pure function of the content.
+
+The big-table costs are the YAML, the decoding (a fast decoder with a checked fallback, see
+:mod:`control.istio.schema`) and the rule checks (memoized per shared rule object); the GC is
+paused meanwhile (:func:`paused_gc`). :class:`control.istio.IncrementalBuilder` reuses all of
+it per file and per document across reloads.
 """
 
 from __future__ import annotations

@@ -28,6 +28,12 @@ passes, each linear in the size of the config:
 4. **Route table.** One virtual host per VirtualService and one per ServiceEntry host that no
    VirtualService covers (a single catch-all route). Exact names, with their short aliases
    (the proxy's namespace wins a clash, then sorted order), wildcard suffixes and ``*``.
+A :class:`TranslationCache` (kept by :class:`control.istio.IncrementalBuilder`) carries pieces
+from one translation to the next: services per ServiceEntry, clusters, whole VirtualHosts and
+single routes, each keyed by the identity of the decoded objects it was made from (the builder
+keeps the objects of unchanged files) and, for routes and VirtualHosts, by how their
+destinations resolve now; replaying those resolutions keeps every side effect (clusters,
+warnings and their order), so the result always equals an uncached translation.
 """
 
 from __future__ import annotations
