@@ -6,7 +6,9 @@ The downstream connection (``meshproxy.http.server``) creates one :class:`Exchan
 head and starts it when it reaches the front of the pipeline queue. ``start`` does all the
 deciding synchronously, against one ``state.snapshot`` read:
 
-1. target + authority -> (host, port, virtual host), memoised per snapshot and authority; a
+1. target + authority -> (host, port, virtual host), memoised per snapshot and authority (the
+   memo's bound scales with the snapshot's names, so a 10,000-host table rotating over every
+   host is served from it, while made-up Host headers cannot grow it past that bound); a
    :class:`~meshproxy.core.routing.RequestInfo` is built only when a route match, a redirect
    or a hash policy needs one;
 2. route (404 ``NR``), then the route's action: direct response, redirect, or
@@ -95,7 +97,11 @@ if TYPE_CHECKING:
     from meshproxy.metrics import Metrics
 
 _monotonic = time.monotonic
-AUTHORITY_CACHE_SIZE = 4096  # distinct authorities remembered per snapshot
+# The per-snapshot authority memo holds at most BASE + PER_NAME x (names in the route table)
+# entries: every host and alias of a big table fits (as "host" and "host:port"), while Host
+# headers a client makes up cannot grow it past a bound set by the snapshot (see lookup).
+AUTHORITY_CACHE_BASE = 4096
+AUTHORITY_CACHE_PER_NAME = 2
 _NO_ROUTE = local_reply(Failure.NO_ROUTE)
 _BAD_REQUEST = local_reply(Failure.BAD_REQUEST)
 _NONE = BodyFraming.NONE
@@ -150,12 +156,20 @@ class Destination:
                 self.plain = _plain(first, wc)
 
 
+def authority_cache_limit(snap: Snapshot) -> int:
+    """How many authorities the memo may hold under ``snap``: a fixed allowance plus
+    ``AUTHORITY_CACHE_PER_NAME`` per exact name (aliases included) and wildcard suffix."""
+    names = len(snap.routes.exact) + len(snap.routes.wildcards)
+    return AUTHORITY_CACHE_BASE + AUTHORITY_CACHE_PER_NAME * names
+
+
 class ProxyContext:
     """Shared by every exchange of a data plane (built once by ``DataPlane``)."""
 
     __slots__ = (
         "active_requests",
         "cache",
+        "cache_limit",
         "cache_snap",
         "loop",
         "metrics",
@@ -175,18 +189,28 @@ class ProxyContext:
         self.active_requests = 0
         self.cache_snap: Snapshot | None = None
         self.cache: dict[str, Destination] = {}
+        self.cache_limit = AUTHORITY_CACHE_BASE
 
     def lookup(self, snap: Snapshot, authority: str) -> Destination:
-        """What ``authority`` resolves to under ``snap``, memoised per snapshot (bounded)."""
+        """What ``authority`` resolves to under ``snap``, memoised per snapshot.
+
+        Called by :meth:`Exchange.start` on a memo miss. The memo is bounded by the snapshot's
+        size (:func:`authority_cache_limit`), never by what clients send: when a flood of
+        made-up Host headers fills it, it is emptied and refilled, so the hosts in real use
+        are memoised again after one request each and memory stays bounded.
+        """
         if snap is not self.cache_snap:
             self.cache_snap = snap
             self.cache = {}
+            self.cache_limit = authority_cache_limit(snap)
         d = self.cache.get(authority)
         if d is None:
             host, port = split_authority(authority)
             d = Destination(authority, host, port, find_virtual_host(snap.routes, host))
-            if len(self.cache) < AUTHORITY_CACHE_SIZE:
-                self.cache[authority] = d
+            cache = self.cache
+            if len(cache) >= self.cache_limit:
+                cache.clear()
+            cache[authority] = d
         return d
 
     @property

@@ -21,7 +21,8 @@ generator functions are imported, not copied: N hosts ``svc-I.bench.local``, 5 `
 rules each, every rule to one ServiceEntry, response header ``x-bench-gen`` set) and the
 requests rotate over every host and rule exactly as the harness's wrk Lua script does; with
 ``--config DIR`` any Istio config is used and ``--host`` / ``--path`` say what to request.
-``--compare 10,10000`` measures several table sizes, each in its own child process (so each
+``--compare 10,10000`` measures several table sizes (``N/K``: N hosts, requests to K of them,
+which tells the table's size from the working set's), each in its own child process (so each
 has its own heap, as a real proxy would), taking turns so that machine noise hits them alike,
 and prints the ratio. As in ``meshproxy run``, ``gc.freeze()``
 follows the snapshot apply (``--no-freeze`` to see what it saves); the run reports the cyclic
@@ -274,10 +275,15 @@ def run(w: Wired, scenario: Scenario, n: int, gcw: GcWatch | None = None) -> flo
 
 def scenario_for(args: argparse.Namespace, root: Path) -> Scenario:
     if args.config:
-        return config_scenario(Path(args.config), args.host, args.path, args.cluster)
-    if args.hosts:
-        return bigtable_scenario(root, args.hosts)
-    return single_scenario(root)
+        sc = config_scenario(Path(args.config), args.host, args.path, args.cluster)
+    elif args.hosts:
+        sc = bigtable_scenario(root, args.hosts)
+    else:
+        sc = single_scenario(root)
+    if args.rotate:
+        sc.requests = sc.requests[: args.rotate]
+        sc.name += f" (requests to {len(sc.requests)} of them)"
+    return sc
 
 
 async def amain(args: argparse.Namespace) -> None:
@@ -313,17 +319,46 @@ async def amain(args: argparse.Namespace) -> None:
     )
 
 
+CALLGRIND_EVENTS = ("Ir", "Dr", "Dw", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw")
+
+
+def callgrind_totals(path: Path) -> dict[str, int]:
+    """The ``totals:`` line of a callgrind output file, by event name."""
+    events: list[str] = []
+    for line in path.read_text().splitlines():
+        if line.startswith("events:"):
+            events = line.split()[1:]
+        elif line.startswith("totals:"):
+            return dict(zip(events, (int(x) for x in line.split()[1:]), strict=False))
+    raise SystemExit(f"no totals in {path}")
+
+
 def compare(args: argparse.Namespace) -> int:
-    """One child process per table size, measured in turns (same noise for each)."""
-    sizes = [int(x) for x in args.compare.split(",")]
+    """One child process per table size, measured in turns (same noise for each).
+
+    With ``--callgrind`` each child runs under ``valgrind --tool=callgrind --cache-sim=yes
+    --instr-atstart=no``: it builds its table uninstrumented, then ``callgrind_control -i on``
+    counts exactly the measured requests (instructions and simulated cache misses per request,
+    the same on a busy machine as on an idle one).
+    """
+    sizes = args.compare.split(",")  # "N" or "N/K": N hosts, requests rotating over K of them
     children: list[subprocess.Popen[str]] = []
     argv = [sys.executable, __file__, "--serve"] + (["--no-freeze"] if args.no_freeze else [])
+    tmp = Path(tempfile.mkdtemp(prefix="micro-cg-"))  # kept: the files can be annotated
+    outs: list[Path] = []
     try:
-        for n in sizes:
+        for i, n in enumerate(sizes):
+            hosts, _, rotate = n.partition("/")
+            prefix: list[str] = []
+            if args.callgrind:
+                outs.append(tmp / f"cg-{i}.out")
+                prefix = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--cache-sim=yes"]
+                prefix.append(f"--callgrind-out-file={outs[-1]}")
             c = subprocess.Popen(
-                [*argv, "--hosts", str(n)],
+                [*prefix, *argv, "--hosts", hosts, "--rotate", rotate or "0"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL if args.callgrind else None,
                 text=True,
             )
             children.append(c)
@@ -333,37 +368,62 @@ def compare(args: argparse.Namespace) -> int:
             if not line or line[0] != "ready":
                 raise SystemExit(f"{n} hosts: child failed to start")
             print(f"{n} hosts: built in {line[1]} s", flush=True)
-        results: dict[int, list[float]] = {n: [] for n in sizes}
-        gcs: dict[int, str] = {}
-        for r in range(args.repeat):
+        results: dict[str, list[float]] = {n: [] for n in sizes}
+        gcs: dict[str, str] = {}
+        for r in range(1 if args.callgrind else args.repeat):
             for n, c in zip(sizes, children, strict=True):
                 assert c.stdin is not None and c.stdout is not None
+                if args.callgrind:
+                    subprocess.run(
+                        ["callgrind_control", "-i", "on", str(c.pid)],
+                        check=True,
+                        capture_output=True,
+                    )
                 c.stdin.write(f"{args.requests}\n")
                 c.stdin.flush()
                 us, _, gsum = c.stdout.readline().strip().partition(" ")
+                if args.callgrind:
+                    subprocess.run(
+                        ["callgrind_control", "-i", "off", str(c.pid)],
+                        check=True,
+                        capture_output=True,
+                    )
                 results[n].append(float(us))
                 gcs[n] = gsum
             print(
                 f"round {r + 1}: " + ", ".join(f"{n} hosts {results[n][-1]:.2f} us" for n in sizes),
                 flush=True,
             )
-        base = min(results[sizes[0]])
-        for n in sizes:
-            best = min(results[n])
-            med = sorted(results[n])[len(results[n]) // 2]
-            print(
-                f"{n:>6} hosts: best {best:.2f} us/request, median {med:.2f}"
-                f" ({best / base:.3f}x of {sizes[0]} hosts); GC last round: {gcs[n]}"
-            )
+        if not args.callgrind:
+            base = min(results[sizes[0]])
+            for n in sizes:
+                best = min(results[n])
+                med = sorted(results[n])[len(results[n]) // 2]
+                print(
+                    f"{n:>6} hosts: best {best:.2f} us/request, median {med:.2f}"
+                    f" ({best / base:.3f}x of {sizes[0]} hosts); GC last round: {gcs[n]}"
+                )
     finally:
         for c in children:
             if c.stdin is not None:
                 c.stdin.close()
             try:
-                c.wait(30)
+                c.wait(120)
             except subprocess.TimeoutExpired:
                 c.kill()
                 c.wait()
+    if args.callgrind:
+        print(f"callgrind files (callgrind_annotate FILE): {tmp}")
+        base_t: dict[str, int] | None = None
+        for n, out in zip(sizes, outs, strict=True):
+            t = callgrind_totals(out)
+            base_t = base_t or t
+            per = {e: t.get(e, 0) / args.requests for e in CALLGRIND_EVENTS}
+            print(
+                f"{n:>9} hosts: {per['Ir']:,.0f} instructions/request"
+                f" ({t['Ir'] / base_t['Ir']:.3f}x); D1 misses {per['D1mr'] + per['D1mw']:.1f},"
+                f" LL misses {per['DLmr'] + per['DLmw'] + per['ILmr']:.1f} per request"
+            )
     return 0
 
 
@@ -380,6 +440,8 @@ def main() -> int:
     ap.add_argument("--host", default="bench.local")
     ap.add_argument("--path", default="/")
     ap.add_argument("--cluster", default="bench.local", help="the cluster requests route to")
+    ap.add_argument("--callgrind", action="store_true", help="--compare under callgrind")
+    ap.add_argument("--rotate", type=int, default=0, help="rotate over the first K hosts only")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.compare:
