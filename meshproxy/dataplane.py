@@ -10,6 +10,9 @@ connections to endpoints that are gone), a :class:`~meshproxy.proxy.ProxyContext
 listener. Drain is three steps the composition root calls in order: :meth:`stop_accepting`,
 :meth:`close_idle` (idle connections close now, busy ones after their current response, with
 ``Connection: close``), :meth:`wait_drained`.
+
+While it exists the data plane also installs the metrics' cyclic-GC hook
+(``Metrics.gc``; removed by :meth:`close`), since a collection is a stall of every request.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ class DataPlane:
         self._servers: list[asyncio.Server] = []
         self._proxy: ProxyContext | None = None
         self._server_ctx: ServerContext | None = None
+        gc_stats = getattr(metrics, "gc", None)  # test fakes may have no GC hook
+        if gc_stats is not None:
+            gc_stats.install()
 
     def _contexts(self) -> ServerContext:
         if self._server_ctx is None:
@@ -124,6 +130,9 @@ class DataPlane:
             for conn in list(ctx.connections):
                 conn.abort()
         self._pools.close()
+        gc_stats = getattr(self._metrics, "gc", None)
+        if gc_stats is not None:
+            gc_stats.uninstall()
         await asyncio.sleep(0)
 
     def __repr__(self) -> str:

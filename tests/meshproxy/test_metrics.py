@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshproxy.config.model import Cluster, Endpoint, ProxyIdentity, Snapshot
@@ -205,3 +207,51 @@ def test_empty_render_parses() -> None:
     fams = _families(Metrics().render())
     assert fams["istio_requests"].samples == []
     assert "istio_request_bytes" in fams
+
+
+# --------------------------------------------------------------------------- GC
+
+
+def _gc_values(fams: dict, family: str) -> dict[str, float]:
+    suffix = "_total" if family.endswith("_total") else ""
+    fam = fams[family.removesuffix("_total")]
+    return {s.labels["generation"]: s.value for s in _samples(fam, suffix)}
+
+
+def test_gc_collections_counted_only_while_installed() -> None:
+    m = Metrics()
+    gc.collect(0)
+    assert m.gc.collections == [0, 0, 0]
+    m.gc.install()
+    m.gc.install()  # idempotent: one hook, one count per collection
+    try:
+        gc.collect(0)
+        gc.collect(2)
+    finally:
+        m.gc.uninstall()
+    assert m.gc not in gc.callbacks
+    gc.collect(1)
+    assert m.gc.collections == [1, 0, 1]
+    assert m.gc.longest[2] > 0 and m.gc.seconds[2] >= m.gc.longest[2]
+    fams = _families(m.render())
+    assert _gc_values(fams, "meshproxy_gc_collections_total") == {"0": 1, "1": 0, "2": 1}
+    assert _gc_values(fams, "meshproxy_gc_longest_pause_seconds")["2"] == m.gc.longest[2]
+    assert _gc_values(fams, "meshproxy_gc_pause_seconds_total")["1"] == 0
+
+
+def test_gc_merge_sums_counts_and_keeps_longest() -> None:
+    a, b = Metrics(), Metrics()
+    a.gc("start", {"generation": 1})
+    a.gc("stop", {"generation": 1, "collected": 0, "uncollectable": 0})
+    b.gc.collections[1] = 2
+    b.gc.seconds[1] = 0.5
+    b.gc.longest[1] = 0.4
+    fams = _families(render(merge_exports([a.export(), b.export()])))
+    assert _gc_values(fams, "meshproxy_gc_collections_total") == {"0": 0, "1": 3, "2": 0}
+    assert _gc_values(fams, "meshproxy_gc_longest_pause_seconds")["1"] == 0.4
+    assert _gc_values(fams, "meshproxy_gc_pause_seconds_total")["1"] >= 0.5
+    # an export without the gc part merges as zeros
+    old = a.export()
+    del old["gc"]
+    fams = _families(render(merge_exports([old])))
+    assert _gc_values(fams, "meshproxy_gc_collections_total") == {"0": 0, "1": 0, "2": 0}

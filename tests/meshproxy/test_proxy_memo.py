@@ -1,11 +1,16 @@
-"""The per-snapshot authority memo of ``ProxyContext.lookup``: bounded by the snapshot's names,
-never by the Host headers clients make up, and big enough for every host of a big table.
+"""What keeps a big table cheap per request: the per-snapshot authority memo of
+``ProxyContext.lookup`` (bounded by the snapshot's names, never by the Host headers clients make
+up, and big enough for every host of a big table) and the GC hook the data plane installs.
 
 No sockets: ``ProxyContext`` only needs a running loop, so these are plain async tests."""
 
 from __future__ import annotations
 
+import gc
+
 from meshproxy.config.model import RouteTable, Snapshot
+from meshproxy.dataplane import DataPlane
+from meshproxy.metrics import Metrics
 from meshproxy.proxy import (
     AUTHORITY_CACHE_BASE,
     AUTHORITY_CACHE_PER_NAME,
@@ -87,3 +92,13 @@ async def test_memo_is_per_snapshot() -> None:
     assert ctx.lookup(new, "svc-4.bench.local").vh is None
     assert set(ctx.cache) == {"svc-1.bench.local", "svc-4.bench.local"}
     assert ctx.cache_limit == authority_cache_limit(new)
+
+
+async def test_dataplane_installs_the_gc_hook_while_it_runs() -> None:
+    metrics = Metrics()
+    dp = DataPlane(State(), metrics, Settings())
+    assert metrics.gc in gc.callbacks
+    gc.collect(0)
+    assert metrics.gc.collections[0] >= 1
+    await dp.close()
+    assert metrics.gc not in gc.callbacks
