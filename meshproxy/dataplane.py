@@ -25,7 +25,7 @@ from meshproxy.net.listen import listen
 from meshproxy.proxy import ProxyContext
 from meshproxy.settings import Settings
 from meshproxy.state import State
-from meshproxy.upstream.pool import EndpointState, Pools
+from meshproxy.upstream.pool import Pools
 
 if TYPE_CHECKING:
     from meshproxy.metrics import Metrics
@@ -93,29 +93,38 @@ class DataPlane:
         return 0 if self._proxy is None else self._proxy.active_requests
 
     def clusters_view(self) -> dict[str, Any]:
-        """``/clusters`` per INTERFACE.md, for every cluster of the current snapshot."""
+        """``/clusters`` per INTERFACE.md, for every cluster of the current snapshot.
+
+        Live state exists only for clusters that served a request (``Pools`` builds it on
+        first use); the others are shown from the snapshot with the state a fresh endpoint
+        has, without building any (a 10,000-cluster table stays lazy)."""
         live = self._pools.states()
         out = []
         for name, cluster in self._state.snapshot.clusters.items():
             cs = live.get(name)
-            states: list[EndpointState] = (
-                cs.endpoints if cs is not None else [EndpointState(e) for e in cluster.endpoints]
-            )
-            out.append(
-                {
-                    "name": name,
-                    "endpoints": [
-                        {
-                            "address": st.key,
-                            "healthy": st.healthy,
-                            "ejected": st.ejected,
-                            "ejections": st.ejections,
-                            "active_requests": st.active,
-                        }
-                        for st in states
-                    ],
-                }
-            )
+            if cs is not None:
+                endpoints = [
+                    {
+                        "address": st.key,
+                        "healthy": st.healthy,
+                        "ejected": st.ejected,
+                        "ejections": st.ejections,
+                        "active_requests": st.active,
+                    }
+                    for st in cs.endpoints
+                ]
+            else:
+                endpoints = [
+                    {
+                        "address": ep.key,
+                        "healthy": True,
+                        "ejected": False,
+                        "ejections": 0,
+                        "active_requests": 0,
+                    }
+                    for ep in cluster.endpoints
+                ]
+            out.append({"name": name, "endpoints": endpoints})
         return {"clusters": out}
 
     async def close(self) -> None:

@@ -1,6 +1,7 @@
-"""What keeps a big table cheap per request: the per-snapshot authority memo of
+"""What keeps a big table cheap: the per-snapshot authority memo of
 ``ProxyContext.lookup`` (bounded by the snapshot's names, never by the Host headers clients make
-up, and big enough for every host of a big table) and the GC hook the data plane installs.
+up, and big enough for every host of a big table), the GC hook the data plane installs, and
+``/clusters`` staying lazy for clusters that served nothing.
 
 No sockets: ``ProxyContext`` only needs a running loop, so these are plain async tests."""
 
@@ -102,3 +103,26 @@ async def test_dataplane_installs_the_gc_hook_while_it_runs() -> None:
     assert metrics.gc.collections[0] >= 1
     await dp.close()
     assert metrics.gc not in gc.callbacks
+
+
+async def test_clusters_view_builds_no_live_state_for_idle_clusters() -> None:
+    clusters = [cluster(f"c{i}", [9000 + i]) for i in range(500)]
+    snap = snapshot([vhost("h", (to_cluster("c0"),))], clusters)
+    state = State()
+    state.apply(snap)
+    dp = DataPlane(state, FakeMetrics(), Settings())  # type: ignore[arg-type]
+    try:
+        view = dp.clusters_view()["clusters"]
+        assert [c["name"] for c in view] == [f"c{i}" for i in range(500)]
+        assert view[7]["endpoints"] == [
+            {
+                "address": "127.0.0.1:9007",
+                "healthy": True,
+                "ejected": False,
+                "ejections": 0,
+                "active_requests": 0,
+            }
+        ]
+        assert dp._pools.states() == {}  # nothing built for clusters that served nothing
+    finally:
+        await dp.close()
