@@ -233,3 +233,25 @@ async def test_slow_build_does_not_stall_the_loop(tmp_path: Path) -> None:
     await tick
     assert state.snapshot.version.startswith("slow-")
     assert max_lag < 0.1, f"event loop stalled for {max_lag * 1000:.0f} ms"
+
+
+async def test_reload_builds_with_gc_off_and_freezes_the_result(tmp_path: Path) -> None:
+    """No collection may run between a build and the freeze of what it allocated (a
+    collection over a big fresh config stalls the loop); afterwards the GC is on again."""
+    import gc
+
+    seen: list[bool] = []
+
+    def builder(paths: list[str], proxy: ProxyIdentity) -> tuple[Snapshot | None, FakeReport]:
+        seen.append(gc.isenabled())
+        return file_builder(paths, proxy)
+
+    src, state, _, cfg = make(tmp_path, build=builder)
+    src.load_initial()
+    cfg.write_text("v2")
+    frozen = gc.get_freeze_count()
+    assert await src.reload() is True
+    assert state.snapshot.version == "v2"
+    assert seen[-1] is False, "the build ran with the cyclic GC enabled"
+    assert gc.isenabled()
+    assert gc.get_freeze_count() > frozen
