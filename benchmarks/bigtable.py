@@ -13,20 +13,26 @@ for saturation, the ``loadgen.py loop`` prober for the reload), so the lookup co
 table is really exercised. The small table is the same with 10 hosts; both are loaded with
 the same script and wrk settings, so the throughput ratio isolates the table's size.
 
-The reload replaces ``routes.yaml`` (write to a temp file, then rename) with generation G+1:
-every route of every VirtualService changes. While that happens:
+Two reloads follow, each under load, each replacing ``routes.yaml`` (write to a temp file, then
+rename):
+
+* the localized edit: one VirtualService (``svc-N/2``, mid-file) sets ``x-bench-gen: 2``, the
+  other documents are byte-identical, so the incremental builder re-translates one document;
+* the full rewrite: every VirtualService sets ``x-bench-gen: 3`` (all 50,000 routes change).
+
+While each happens:
 
 * a closed-loop prober (``loadgen.py loop``, 4 keep-alive connections, rotating over all
-  hosts) records the first response carrying the new ``x-bench-gen`` (the time until the new
-  config serves) and the longest gap between consecutive responses (the reload's stall);
-* the admin is polled every 20 ms until it reports the new version. A ``/config_dump`` of
-  50,000 routes is about 100 MB and takes the proxy many seconds to build, so polling it would
-  measure the dump and stall the proxy, not the reload: the poll reads
-  ``meshproxy_config_version_info`` on ``/stats/prometheus`` (the same ``snapshot.version``,
-  a few kB). When that metric is missing it polls ``/config_dump`` itself.
+  hosts; for the localized edit every third request goes to the edited host) records the
+  first response carrying the new ``x-bench-gen`` (the time until the new config serves) and
+  the longest gap between consecutive responses (the reload's stall);
+* the admin is polled every 20 ms until it reports the new version, with
+  ``/config_dump?resource=version`` (a few dozen bytes; :func:`version_reader` falls back to
+  ``meshproxy_config_version_info`` on ``/stats/prometheus``, then to the whole dump, for an
+  admin without that query).
 
-Last, one ``/config_dump`` (bounded by ``Plan.dump_timeout``) must show the new version; its
-response time and size are reported.
+Last, one whole ``/config_dump`` (bounded by ``Plan.dump_timeout``) must show the new version;
+its response time and size are reported.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -133,8 +141,8 @@ spec:
     return "---\n".join(docs)
 
 
-def routes_yaml(hosts: int, generation: int) -> str:
-    rules = "".join(
+def _rules(generation: int) -> str:
+    return "".join(
         f"""  - name: r{k}
     match:
     - uri:
@@ -151,6 +159,13 @@ def routes_yaml(hosts: int, generation: int) -> str:
 """
         for k in range(RULES)
     )
+
+
+def routes_yaml(hosts: int, generation: int, overrides: Mapping[int, int] | None = None) -> str:
+    """One VirtualService per host; host ``i`` sets ``x-bench-gen`` to ``overrides[i]`` when
+    given, else to ``generation``."""
+    rules = {g: _rules(g) for g in {generation, *(overrides or {}).values()}}
+    over = overrides or {}
     return "---\n".join(
         f"""apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -161,7 +176,7 @@ spec:
   hosts:
   - {host(i)}
   http:
-{rules}"""
+{rules[over.get(i, generation)]}"""
         for i in range(hosts)
     )
 
@@ -172,9 +187,11 @@ def generate(directory: Path, hosts: int, upstream_port: int, generation: int = 
     write_routes(directory, hosts, generation)
 
 
-def write_routes(directory: Path, hosts: int, generation: int) -> float:
+def write_routes(
+    directory: Path, hosts: int, generation: int, overrides: Mapping[int, int] | None = None
+) -> float:
     """Atomically replace routes.yaml; returns the monotonic time right after the rename."""
-    text = routes_yaml(hosts, generation)
+    text = routes_yaml(hosts, generation, overrides)
     tmp = directory / ".routes.yaml.tmp"
     tmp.write_text(text)
     os.replace(tmp, directory / "routes.yaml")
@@ -205,6 +222,7 @@ def config_dump(admin: int, timeout: float = 30.0) -> tuple[str | None, float, i
 
 
 _VERSION_METRIC = re.compile(r'^meshproxy_config_version_info\{version="([^"]*)"\}', re.M)
+CHEAP_VERSION_BYTES = 64 * 1024  # a version-only answer bigger than this is a whole dump
 
 
 def metrics_version(admin: int) -> str | None:
@@ -219,30 +237,87 @@ def metrics_version(admin: int) -> str | None:
     return found[-1] if len(found) == 1 else None
 
 
+def dump_version(admin: int) -> tuple[str | None, bool]:
+    """(version from ``/config_dump?resource=version``, whether the answer was cheap). An
+    admin that does not know the query answers the whole dump: right, but not cheap."""
+    try:
+        reply = http_get(admin, "/config_dump?resource=version", timeout=10.0)
+    except OSError:
+        return None, False
+    if reply.status != 200:
+        return None, False
+    try:
+        doc = json.loads(reply.body)
+    except ValueError:
+        return None, False
+    version = doc.get("version") if isinstance(doc, dict) else None
+    return (str(version) if version is not None else None), len(reply.body) < CHEAP_VERSION_BYTES
+
+
+def version_reader(admin: int, dump_timeout: float) -> tuple[Callable[[], str | None], str]:
+    """The cheapest way this admin tells its applied version, and its description."""
+    if dump_version(admin)[1]:
+        return (lambda: dump_version(admin)[0]), "/config_dump?resource=version"
+    if metrics_version(admin) is not None:
+        return (lambda: metrics_version(admin)), "meshproxy_config_version_info"
+
+    def whole_dump() -> str | None:
+        return config_dump(admin, timeout=dump_timeout)[0]
+
+    return whole_dump, "/config_dump (whole)"
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One reload scenario: what it changes, how, and the ``x-bench-gen`` value that shows a
+    response came from the new config."""
+
+    key: str  # where the result goes in the table's dict
+    what: str
+    value: str
+    write: Callable[[], float]  # rewrites routes.yaml; returns the time right after the rename
+    requests: Path  # the prober's request list
+
+
+def edited_host(hosts: int) -> int:
+    """The host whose VirtualService the localized edit changes (mid-file)."""
+    return hosts // 2
+
+
+def write_local_requests(workdir: Path, hosts: int) -> Path:
+    """The prober's list for the localized edit: every host in turn, as for the full rewrite,
+    with the edited host every third request so the first response from the new config is
+    seen within a few requests of it serving."""
+    k = edited_host(hosts)
+    pairs: list[tuple[str, str]] = []
+    for i in range(hosts):
+        if i % 3 == 0:
+            pairs.append((host(k), request_path(k)))
+        pairs.append((host(i), request_path(i)))
+    path = workdir / f"requests-{hosts}-local.json"
+    path.write_text(json.dumps(pairs))
+    return path
+
+
 def _stop_prober(prober: subprocess.Popen[str]) -> dict:
     if prober.poll() is None:
         prober.send_signal(signal.SIGTERM)
     return finish_loadgen(prober, timeout=30)
 
 
-def _reload(ctx: Context, running: Running, directory: Path, hosts: int, req_json: Path) -> dict:
-    """Rewrite every VirtualService under load; see the module docstring."""
+def _reload(ctx: Context, running: Running, edit: Edit) -> dict:
+    """Apply ``edit`` under load; see the module docstring."""
     assert running.admin_port is not None
-    out: dict = {}
+    out: dict = {"edit": edit.what}
     notes: list[str] = []
     cap = 90.0  # seconds a reload may take before we give up waiting
-    v0 = metrics_version(running.admin_port)
-    cheap = v0 is not None
-    if not cheap:
-        try:
-            v0, _, _ = config_dump(running.admin_port, timeout=ctx.plan.dump_timeout)
-        except (BenchError, OSError) as exc:
-            notes.append(f"admin version unreadable: {exc}")
-    out["version_source"] = (
-        "meshproxy_config_version_info on /stats/prometheus, then /config_dump"
-        if cheap
-        else "/config_dump"
-    )
+    read_version, source = version_reader(running.admin_port, ctx.plan.dump_timeout)
+    out["version_source"] = source
+    try:
+        v0 = read_version()
+    except (BenchError, OSError) as exc:
+        v0 = None
+        notes.append(f"admin version unreadable: {exc}")
     out["version_before"] = v0
     prober = run_loadgen(
         "loop",
@@ -250,7 +325,7 @@ def _reload(ctx: Context, running: Running, directory: Path, hosts: int, req_jso
         ctx.load_cpus,
         duration=cap + 10,
         connections=4,
-        requests_file=req_json,
+        requests_file=edit.requests,
         watch_header=GEN_HEADER,
         background=True,
     )
@@ -259,16 +334,13 @@ def _reload(ctx: Context, running: Running, directory: Path, hosts: int, req_jso
     admin_at: float | None = None
     try:
         time.sleep(ctx.plan.reload_window / 2)
-        t_write = write_routes(directory, hosts, 2)
+        t_write = edit.write()
         while v0 is not None and time.monotonic() < t_write + cap:
             if not running.proc or not running.proc.alive():
                 notes.append("meshproxy exited during the reload")
                 break
             try:
-                if cheap:
-                    v = metrics_version(running.admin_port)
-                else:
-                    v, _, _ = config_dump(running.admin_port, timeout=ctx.plan.dump_timeout)
+                v = read_version()
             except (BenchError, OSError):
                 v = None
             if v is not None and v != v0:
@@ -283,27 +355,37 @@ def _reload(ctx: Context, running: Running, directory: Path, hosts: int, req_jso
     finally:
         res = _stop_prober(prober)
     out["config_dump_seconds"] = round(admin_at - t_write, 4) if admin_at is not None else None
-    seen = [c["at"] for c in res["header_changes"] if c["value"] == "2"]
+    seen = [c["at"] for c in res["header_changes"] if c["value"] == edit.value]
     out["data_plane_seconds"] = round(seen[0] - t_write, 4) if seen else None
     if not seen:
-        notes.append(f"no response carried {GEN_HEADER}: 2 (header ops unsupported or no reload)")
+        notes.append(
+            f"no response carried {GEN_HEADER}: {edit.value} (header ops unsupported or no reload)"
+        )
     out["max_gap_ms"] = res["max_gap_ms"]
     out["max_gap_after_write_ms"] = round((res["max_gap_at"] - t_write) * 1e3, 1)
     out["prober_responses"] = res["responses"]
     out["errors"] = res["errors"]
     out["non_2xx"] = res["non_2xx"]
-    # last, as it may take the proxy a long time: one /config_dump, which must show the version
-    try:
-        v_dump, took, size = config_dump(running.admin_port, timeout=ctx.plan.dump_timeout)
-        out["config_dump_fetch_seconds"] = round(took, 3)
-        out["config_dump_bytes"] = size
-        if "version_after" in out and v_dump != out["version_after"]:
-            notes.append(f"/config_dump says {v_dump!r}, the metric {out['version_after']!r}")
-    except (BenchError, OSError) as exc:
-        notes.append(f"/config_dump did not answer within {ctx.plan.dump_timeout:.0f} s ({exc})")
     if notes:
         out["note"] = "; ".join(notes)
     return out
+
+
+def _dump_check(ctx: Context, running: Running, result: dict) -> None:
+    """One whole ``/config_dump`` (bounded by ``Plan.dump_timeout``), which must show the
+    version the last reload reported; its response time and size go in ``result``."""
+    assert running.admin_port is not None
+    rel = result.get("reload", {})
+    try:
+        v_dump, took, size = config_dump(running.admin_port, timeout=ctx.plan.dump_timeout)
+        rel["config_dump_fetch_seconds"] = round(took, 3)
+        rel["config_dump_bytes"] = size
+        if "version_after" in rel and v_dump != rel["version_after"]:
+            note = f"/config_dump says {v_dump!r}, the version poll {rel['version_after']!r}"
+            rel["note"] = "; ".join(filter(None, [rel.get("note"), note]))
+    except (BenchError, OSError) as exc:
+        note = f"/config_dump did not answer within {ctx.plan.dump_timeout:.0f} s ({exc})"
+        rel["note"] = "; ".join(filter(None, [rel.get("note"), note]))
 
 
 def ours_cpu_seconds(ctx: Context) -> float:
@@ -370,13 +452,32 @@ def _measure_table(ctx: Context, hosts: int, label: str, reload: bool) -> dict:
         result["peak_hwm_kib"] = sum(p.hwm_kib for p in procstat.tree_memory(pid))
         print(f"   {label}: {sat['rps']:,.0f} req/s", flush=True)
         if reload:
-            result["reload"] = rel = _reload(ctx, running, directory, hosts, req_json)
-            print(
-                f"   reload: new config serves after {rel.get('data_plane_seconds')} s, admin "
-                f"version after {rel.get('config_dump_seconds')} s, "
-                f"longest gap {rel.get('max_gap_ms')} ms",
-                flush=True,
+            k = edited_host(hosts)
+            edits = (
+                Edit(
+                    "reload_local",
+                    f"one VirtualService (svc-{k}, 1 of {hosts:,} documents in routes.yaml)",
+                    "2",
+                    lambda: write_routes(directory, hosts, 1, {k: 2}),
+                    write_local_requests(ctx.workdir, hosts),
+                ),
+                Edit(
+                    "reload",
+                    f"every VirtualService ({hosts:,})",
+                    "3",
+                    lambda: write_routes(directory, hosts, 3),
+                    req_json,
+                ),
             )
+            for edit in edits:
+                result[edit.key] = rel = _reload(ctx, running, edit)
+                print(
+                    f"   reload, {edit.what}: new config serves after "
+                    f"{rel.get('data_plane_seconds')} s, admin version after "
+                    f"{rel.get('config_dump_seconds')} s, longest gap {rel.get('max_gap_ms')} ms",
+                    flush=True,
+                )
+            _dump_check(ctx, running, result)
             result["peak_hwm_after_reload_kib"] = sum(p.hwm_kib for p in procstat.tree_memory(pid))
         if not running.proc.alive():
             raise BenchError(f"meshproxy died during the run\n{running.proc.tail()}")
@@ -407,4 +508,5 @@ def run(ctx: Context) -> dict:
         "rps_ratio": ratio,
         "cpu_ratio": cpu_ratio,
         "reload": large.get("reload", {}),
+        "reload_local": large.get("reload_local", {}),
     }

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 BEGIN = "<!-- BENCH:RESULTS:BEGIN (written by benchmarks/run.py; do not edit) -->"
@@ -96,6 +95,13 @@ def peer_table(peers: list[dict]) -> list[str]:
     return rows
 
 
+RELOADS = (
+    ("reload_local", "edit one VirtualService"),
+    ("reload", "rewrite every VirtualService"),
+)
+"""The reload scenarios of a big-table result: its key, and the row title."""
+
+
 def bigtable_lines(big: dict | None) -> list[str]:
     if not big:
         return []
@@ -130,54 +136,47 @@ def bigtable_lines(big: dict | None) -> list[str]:
             else "."
         )
     )
-    tables = [t for t in (small, large) if t.get("reload")]
-    if tables:
-
-        def row(title: str, target: str, cell: Callable[[dict], str]) -> str:
-            cells = " | ".join(cell(t["reload"]) for t in tables)
-            return f"| {title} | {cells} | {target} |"
-
-        def dump_cell(r: dict) -> str:
-            size = r["config_dump_bytes"] / 1024 if r.get("config_dump_bytes") else None
-            return f"{_f(r.get('config_dump_fetch_seconds'), '{:.3f}')} s / {_mib(size)} MiB"
-
+    rows = [(t, key, title) for t in (small, large) for key, title in RELOADS if t.get(key)]
+    if rows:
         out += [
             "",
-            "| reload: rewrite every VirtualService | "
-            + " | ".join(t["label"] for t in tables)
-            + " | target |",
-            "|---|" + "--:|" * len(tables) + "--:|",
-            row(
-                "file write -> admin reports the new version (`/config_dump` `version`)",
-                "<= 1 s",
-                lambda r: f"{_f(r.get('config_dump_seconds'), '{:.3f}')} s",
-            ),
-            row(
-                "file write -> first response from the new config",
-                "",
-                lambda r: f"{_f(r.get('data_plane_seconds'), '{:.3f}')} s",
-            ),
-            row(
-                "longest gap between responses (when, from the write)",
-                "<= 100 ms",
-                lambda r: (
-                    f"{_f(r.get('max_gap_ms'), '{:.1f}')} ms "
-                    f"({_f(r.get('max_gap_after_write_ms'), '{:+,.0f}')} ms)"
-                ),
-            ),
-            row("`/config_dump` response time / size", "", dump_cell),
-            row(
-                "errors / non-2xx during the reload",
-                "0",
-                lambda r: f"{r.get('errors', '-')} / {r.get('non_2xx', '-')}",
-            ),
+            "| reload | file write -> admin reports the new version "
+            "| file write -> first response from the new config "
+            "| longest gap between responses (when, from the write) "
+            "| errors / non-2xx |",
+            "|---|--:|--:|--:|--:|",
         ]
-        sources = {t["reload"].get("version_source") for t in tables} - {None}
+        for t, key, title in rows:
+            r = t[key]
+            out.append(
+                f"| {t['label']}: {title} "
+                f"| {_f(r.get('config_dump_seconds'), '{:.3f}')} s "
+                f"| {_f(r.get('data_plane_seconds'), '{:.3f}')} s "
+                f"| {_f(r.get('max_gap_ms'), '{:.1f}')} ms "
+                f"({_f(r.get('max_gap_after_write_ms'), '{:+,.0f}')} ms) "
+                f"| {r.get('errors', '-')} / {r.get('non_2xx', '-')} |"
+            )
+        out.append("| target | <= 1 s |  | <= 100 ms | 0 |")
+        dumps = [t for t in (small, large) if t.get("reload")]
+        if dumps:
+            cells = []
+            for t in dumps:
+                r = t["reload"]
+                size = r["config_dump_bytes"] / 1024 if r.get("config_dump_bytes") else None
+                cells.append(
+                    f"{t['label']}: {_f(r.get('config_dump_fetch_seconds'), '{:.3f}')} s / "
+                    f"{_mib(size)} MiB"
+                )
+            out += [
+                "",
+                f"Whole `/config_dump` after the reloads (time / size): {'; '.join(cells)}.",
+            ]
+        sources = {t[key].get("version_source") for t, key, _ in rows} - {None}
         if sources:
             out += ["", f"Version read from: {', '.join(sorted(sources))}."]
-        for t in tables:
-            if t["reload"].get("note"):
-                out += ["", f"Note ({t['label']}): {t['reload']['note']}"]
+        for t, key, title in rows:
+            if t[key].get("note"):
+                out += ["", f"Note ({t['label']}, {title}): {t[key]['note']}"]
     return out
 
 

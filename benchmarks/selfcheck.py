@@ -3,7 +3,9 @@
 Theory of operation: the harness is not collected by pytest (it needs nginx, wrk and minutes
 of CPU), so this script checks its pure parts and its generated configs quickly, with plain
 ``assert``s that fail loudly: wrk output parsing, nearest-rank percentiles, the markdown
-report and the README marker rewrite on a synthetic result document, that every generated
+report (with both reload rows of the big table) and the README marker rewrite on synthetic
+result documents, that the localized-edit reload changes exactly one VirtualService document
+(and its prober visits the edited host), that every generated
 Istio config passes ``meshproxy validate``, and, when nginx is installed, one short open-loop
 and one closed-loop ``loadgen.py`` run against the nginx upstream (the rate must be met with
 no errors over exactly 16 upstream connections; the loop prober must see responses and the
@@ -14,6 +16,7 @@ in the hundreds of ms), which a closed-loop client would hide. Exit 0 when all p
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -105,6 +108,68 @@ def check_report() -> None:
         assert readme.read_text() == f"head\n{report.BEGIN}\nNEW\n{report.END}\ntail\n"
         readme.write_text("no markers\n")
         assert not report.update_readme(readme, "NEW\n")
+
+
+def _reload_result(gap: float) -> dict:
+    return {
+        "edit": "x",
+        "config_dump_seconds": 0.25,
+        "data_plane_seconds": 0.26,
+        "max_gap_ms": gap,
+        "max_gap_after_write_ms": 120.0,
+        "errors": 0,
+        "non_2xx": 0,
+        "version_source": "/config_dump?resource=version",
+    }
+
+
+def check_bigtable_report() -> None:
+    table = {
+        "hosts": 10_000,
+        "routes": 50_000,
+        "rps": 5000,
+        "reload_local": _reload_result(12.5),
+        "reload": {
+            **_reload_result(97.0),
+            "config_dump_fetch_seconds": 2.0,
+            "config_dump_bytes": 27 * 1024 * 1024,
+        },
+    }
+    big = {
+        "status": "ok",
+        "small": {**table, "label": "10 hosts", "hosts": 10, "routes": 50},
+        "large": {**table, "label": "10,000 hosts"},
+        "rps_ratio": 1.0,
+    }
+    md = "\n".join(report.bigtable_lines(big))
+    assert "| 10,000 hosts: edit one VirtualService | 0.250 s | 0.260 s | 12.5 ms (+120 ms)" in md
+    assert "| 10,000 hosts: rewrite every VirtualService | 0.250 s | 0.260 s | 97.0 ms" in md
+    assert md.count("| 10 hosts: ") == 2, md
+    assert "10,000 hosts: 2.000 s / 27.0 MiB" in md, md
+    # a result without the localized edit (an older run) still renders
+    del big["large"]["reload_local"]
+    md = "\n".join(report.bigtable_lines(big))
+    assert "10,000 hosts: edit one" not in md and "10,000 hosts: rewrite every" in md
+
+
+def check_localized_edit() -> None:
+    """The localized edit changes exactly one document of routes.yaml: the edited host's."""
+    hosts = 30
+    k = bigtable.edited_host(hosts)
+    before = bigtable.routes_yaml(hosts, 1).split("---\n")
+    after = bigtable.routes_yaml(hosts, 1, {k: 2}).split("---\n")
+    assert len(before) == len(after) == hosts
+    changed = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
+    assert changed == [k], changed
+    assert f'{bigtable.GEN_HEADER}: "2"' in after[k] and f"name: svc-{k}\n" in after[k]
+    full = bigtable.routes_yaml(hosts, 3).split("---\n")
+    assert all(a != b for a, b in zip(after, full, strict=True))
+    with tempfile.TemporaryDirectory() as d:
+        pairs = json.loads(bigtable.write_local_requests(Path(d), hosts).read_text())
+    edited = [p for p in pairs if p[0] == bigtable.host(k)]
+    assert len(edited) >= hosts // 3 and {p[0] for p in pairs} == {
+        bigtable.host(i) for i in range(hosts)
+    }
 
 
 def check_configs() -> None:
@@ -232,6 +297,8 @@ def main() -> int:
     for check in (
         check_parsers,
         check_report,
+        check_bigtable_report,
+        check_localized_edit,
         check_configs,
         check_loadgen,
         check_coordinated_omission,
