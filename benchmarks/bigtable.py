@@ -32,7 +32,8 @@ While each happens:
   admin without that query).
 
 Last, one whole ``/config_dump`` (bounded by ``Plan.dump_timeout``) must show the new version;
-its response time and size are reported.
+its response time and size are reported, and the longest gap between the responses of the same
+prober, looping over every host while the dump is produced (what a dump costs the data plane).
 """
 
 from __future__ import annotations
@@ -371,21 +372,40 @@ def _reload(ctx: Context, running: Running, edit: Edit) -> dict:
     return out
 
 
-def _dump_check(ctx: Context, running: Running, result: dict) -> None:
+def _dump_check(ctx: Context, running: Running, result: dict, req_json: Path) -> None:
     """One whole ``/config_dump`` (bounded by ``Plan.dump_timeout``), which must show the
-    version the last reload reported; its response time and size go in ``result``."""
+    version the last reload reported, fetched while the prober loops over every host: its
+    response time, size and the longest gap between the prober's responses meanwhile (what a
+    dump costs the data plane) go in ``result["reload"]``."""
     assert running.admin_port is not None
     rel = result.get("reload", {})
+    notes = [rel["note"]] if rel.get("note") else []
+    prober = run_loadgen(
+        "loop",
+        running.port,
+        ctx.load_cpus,
+        duration=ctx.plan.dump_timeout + 10,
+        connections=4,
+        requests_file=req_json,
+        background=True,
+    )
+    assert isinstance(prober, subprocess.Popen)
     try:
+        time.sleep(ctx.plan.reload_window / 4)
         v_dump, took, size = config_dump(running.admin_port, timeout=ctx.plan.dump_timeout)
         rel["config_dump_fetch_seconds"] = round(took, 3)
         rel["config_dump_bytes"] = size
         if "version_after" in rel and v_dump != rel["version_after"]:
-            note = f"/config_dump says {v_dump!r}, the version poll {rel['version_after']!r}"
-            rel["note"] = "; ".join(filter(None, [rel.get("note"), note]))
+            notes.append(f"/config_dump says {v_dump!r}, the version poll {rel['version_after']!r}")
+        time.sleep(ctx.plan.reload_window / 4)
     except (BenchError, OSError) as exc:
-        note = f"/config_dump did not answer within {ctx.plan.dump_timeout:.0f} s ({exc})"
-        rel["note"] = "; ".join(filter(None, [rel.get("note"), note]))
+        notes.append(f"/config_dump did not answer within {ctx.plan.dump_timeout:.0f} s ({exc})")
+    finally:
+        res = _stop_prober(prober)
+    rel["config_dump_max_gap_ms"] = res["max_gap_ms"]
+    rel["config_dump_errors"] = res["errors"] + res["non_2xx"]
+    if notes:
+        rel["note"] = "; ".join(notes)
 
 
 def ours_cpu_seconds(ctx: Context) -> float:
@@ -477,7 +497,7 @@ def _measure_table(ctx: Context, hosts: int, label: str, reload: bool) -> dict:
                     f"{rel.get('config_dump_seconds')} s, longest gap {rel.get('max_gap_ms')} ms",
                     flush=True,
                 )
-            _dump_check(ctx, running, result)
+            _dump_check(ctx, running, result, req_json)
             result["peak_hwm_after_reload_kib"] = sum(p.hwm_kib for p in procstat.tree_memory(pid))
         if not running.proc.alive():
             raise BenchError(f"meshproxy died during the run\n{running.proc.tail()}")

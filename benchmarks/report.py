@@ -165,11 +165,12 @@ def bigtable_lines(big: dict | None) -> list[str]:
                 size = r["config_dump_bytes"] / 1024 if r.get("config_dump_bytes") else None
                 cells.append(
                     f"{t['label']}: {_f(r.get('config_dump_fetch_seconds'), '{:.3f}')} s / "
-                    f"{_mib(size)} MiB"
+                    f"{_mib(size)} MiB / {_f(r.get('config_dump_max_gap_ms'), '{:.1f}')} ms"
                 )
             out += [
                 "",
-                f"Whole `/config_dump` after the reloads (time / size): {'; '.join(cells)}.",
+                "Whole `/config_dump` after the reloads (time / size / longest gap between "
+                f"responses of a client looping over every host meanwhile): {'; '.join(cells)}.",
             ]
         sources = {t[key].get("version_source") for t, key, _ in rows} - {None}
         if sources:
