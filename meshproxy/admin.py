@@ -557,7 +557,8 @@ def _dumps(data: Any) -> str:
 
 
 async def _json_off_loop(data: Any) -> AdminResponse:
-    """For documents that grow with the config (a 10,000-host dump is tens of MB)."""
+    """For ``/clusters``, which grows with the number of clusters (``/config_dump``, much
+    bigger, is streamed instead: see ``_AdminConnection._stream``)."""
     text = await asyncio.to_thread(_dumps, data)
     return AdminResponse(200, text.encode(), JSON_TYPE)
 
