@@ -35,6 +35,7 @@ class Failure(enum.Enum):
     BAD_REQUEST = "DPE"  # downstream protocol error: malformed request
     HEADERS_TOO_LARGE = "DPE431"  # request head over the size / count limit
     HEAD_TIMEOUT = "DPE408"  # request head not received in time (slowloris)
+    NOT_IMPLEMENTED = "DPE501"  # a request transfer-coding other than chunked
     INTERNAL = "INTERNAL"  # a bug in the proxy (logged with its traceback)
 
     @property
@@ -56,6 +57,7 @@ _FLAGS: dict[Failure, str] = {
     Failure.BAD_REQUEST: "DPE",
     Failure.HEADERS_TOO_LARGE: "DPE",
     Failure.HEAD_TIMEOUT: "DPE",
+    Failure.NOT_IMPLEMENTED: "DPE",
     Failure.INTERNAL: "-",
 }
 
@@ -92,6 +94,7 @@ _REPLIES: dict[Failure, LocalReply] = {
         431, "DPE", b"Request Header Fields Too Large", close=True
     ),
     Failure.HEAD_TIMEOUT: LocalReply(408, "DPE", b"request timeout", close=True),
+    Failure.NOT_IMPLEMENTED: LocalReply(501, "DPE", b"Not Implemented", close=True),
     Failure.INTERNAL: LocalReply(500, "-", b"internal error", close=True),
 }
 

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _monotonic = time.monotonic  # the event loop's clock (loop.time() without a method call)
 
+_NO_BODY = BodyFraming.NONE
 MAX_PIPELINE = 16  # requests parsed ahead of the one being answered before reading pauses
 LINGER_SECONDS = 2.0  # after an error reply, input is read and dropped this long before close
 
@@ -367,15 +368,21 @@ class HttpConnection(asyncio.Protocol):
             self._no_more = True
         except httptools.HttpParserError as e:
             cause = e.__context__
-            if isinstance(cause, ProtocolError):
+            if cause is None and self._no_more and self._reading is None and not self._in_head:
+                # Bytes after a request that ends the connection (Connection: close, HTTP/1.0
+                # without keep-alive): llhttp refuses them; they are ignored, not an error.
+                pass
+            elif isinstance(cause, ProtocolError):
                 self._fail(cause.failure)
+                return
             elif cause is not None and isinstance(e, httptools.HttpParserCallbackError):
                 # not the client's fault: a bug below a parser callback
                 log.error("internal error while handling a request", exc_info=cause)
                 self._fail(Failure.INTERNAL)
+                return
             else:
                 self._fail(Failure.BAD_REQUEST)
-            return
+                return
         except ProtocolError as e:  # raised outside a parser callback
             self._fail(e.failure)
             return
@@ -443,6 +450,8 @@ class HttpConnection(asyncio.Protocol):
         head.target_b += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer field of a chunked body: dropped, as Envoy does for HTTP/1
         head = self._head
         assert head is not None
         n = self._head_bytes = self._head_bytes + len(name) + len(value) + 4
@@ -482,6 +491,10 @@ class HttpConnection(asyncio.Protocol):
                                 head.drop = []
                             head.drop.append(tok)
                 elif name == b"transfer-encoding":
+                    if value != b"chunked" and value.strip().lower() != b"chunked":
+                        # llhttp accepts any codings ending in chunked; only chunked is
+                        # implemented (Envoy: 501)
+                        raise ProtocolError(Failure.NOT_IMPLEMENTED, "transfer-coding")
                     head.framing = BodyFraming.CHUNKED
                 elif name == b"content-length":
                     head.content_length = int(value)  # llhttp validated it
@@ -494,6 +507,11 @@ class HttpConnection(asyncio.Protocol):
             head.framing = BodyFraming.LENGTH
         if head.host is None and http11:
             raise ProtocolError(Failure.BAD_REQUEST, "missing Host")
+        if head.drop is not None and b"upgrade" in head.drop and head.framing is not _NO_BODY:
+            # llhttp ends an Upgrade request at its head, so its body would be lost or read
+            # as the next request; the protocol switch is not proxied: refuse it.
+            if head.framing is BodyFraming.CHUNKED or head.content_length:
+                raise ProtocolError(Failure.BAD_REQUEST, "Upgrade request with a body")
         ex = self.ctx.factory(self, head)
         self._reading = ex
         queue = self._queue

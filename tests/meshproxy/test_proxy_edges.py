@@ -1,0 +1,98 @@
+"""HTTP/1.1 edge cases of the data path, each found by running the proxy against a raw
+upstream: real sockets on 127.0.0.1, a real DataPlane, bytes written and read raw."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.support.dataplane import running_dataplane
+from tests.support.fakes import service_snapshot
+from tests.support.rawhttp import is_closed, read_response, request
+from tests.support.upstream import Reply, UpstreamServer
+
+
+def get(path: str = "/", host: str = "svc", extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
+
+
+# --------------------------------------------------------------------------- request side
+
+
+async def test_upgrade_request_with_body_is_refused_and_upstream_untouched() -> None:
+    async with UpstreamServer(Reply(body=b"ok")) as up:
+        async with running_dataplane(service_snapshot("svc", [up.port])) as p:
+            for framing in (b"Content-Length: 5\r\n", b"Transfer-Encoding: chunked\r\n"):
+                body = b"hello" if framing.startswith(b"Content") else b"5\r\nhello\r\n0\r\n\r\n"
+                reader, writer = await asyncio.open_connection(p.host, p.port)
+                writer.write(
+                    b"POST /up HTTP/1.1\r\nHost: svc\r\nConnection: upgrade\r\n"
+                    b"Upgrade: websocket\r\n" + framing + b"\r\n" + body
+                )
+                r = await read_response(reader)
+                assert r.status == 400
+                assert await is_closed(reader)
+                writer.close()
+            assert up.raw_bytes == 0
+            # a body-less Upgrade request is an ordinary request, Upgrade stripped
+            r = await request(
+                p.host,
+                p.port,
+                get("/ws", extra="Connection: Upgrade\r\nUpgrade: websocket\r\n"),
+            )
+            assert r.status == 200 and r.body == b"ok"
+            rec = up.requests[0]
+            assert rec.target == "/ws" and rec.header("upgrade") is None
+
+
+async def test_request_trailers_are_not_request_headers() -> None:
+    async with UpstreamServer(lambda rec: Reply(body=rec.body)) as up:
+        async with running_dataplane(service_snapshot("svc", [up.port])) as p:
+            reader, writer = await asyncio.open_connection(p.host, p.port)
+            writer.write(
+                b"POST / HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"3\r\nabc\r\n0\r\nX-Trailer: t\r\nHost: evil\r\n\r\n"
+            )
+            r = await read_response(reader)
+            assert r.status == 200 and r.body == b"abc"
+            writer.write(get("/next"))
+            r = await read_response(reader)
+            assert r.status == 200
+            writer.close()
+            for rec in up.requests:
+                assert rec.header("x-trailer") is None
+                assert rec.header_all("host") == ["svc"]
+            assert [rec.target for rec in up.requests] == ["/", "/next"]
+
+
+async def test_non_chunked_request_transfer_coding_is_501() -> None:
+    async with UpstreamServer(Reply()) as up:
+        async with running_dataplane(service_snapshot("svc", [up.port])) as p:
+            reader, writer = await asyncio.open_connection(p.host, p.port)
+            writer.write(
+                b"POST / HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                b"3\r\nabc\r\n0\r\n\r\n"
+            )
+            r = await read_response(reader)
+            assert r.status == 501
+            assert await is_closed(reader)
+            writer.close()
+            assert up.raw_bytes == 0
+            assert [(m.code, m.flags) for m in p.metrics.requests] == [(501, "DPE")]
+
+
+async def test_bytes_after_connection_close_request_are_ignored() -> None:
+    async with UpstreamServer(Reply(body=b"x")) as up:
+        async with running_dataplane(service_snapshot("svc", [up.port])) as p:
+            for first in (
+                get(extra="Connection: close\r\n"),
+                b"GET / HTTP/1.0\r\nHost: svc\r\n\r\n",
+            ):
+                reader, writer = await asyncio.open_connection(p.host, p.port)
+                writer.write(first + get("/second"))
+                r = await read_response(reader)
+                assert r.status == 200 and r.body == b"x"
+                assert await is_closed(reader)
+                writer.close()
+            await asyncio.sleep(0.05)
+            assert [m.code for m in p.metrics.requests] == [200, 200]
+            assert [rec.target for rec in up.requests] == ["/", "/"]
