@@ -14,9 +14,12 @@ passes, each linear in the size of the config:
    first loaded.
 2. **Clusters.** One per (host, port) and one per DestinationRule subset, named ``host`` /
    ``host|subset`` for a single-port service and ``host:port`` / ``host:port|subset`` when it
-   has several. The DestinationRule is found as Istio does (exact host, else the most specific
-   wildcard; the proxy's namespace first, then the service's; same-namespace rules merged:
-   first traffic policy wins, subsets are added). Traffic policy: ``portLevelSettings`` for the
+   has several. The DestinationRule is found as Istio does, namespace by namespace: the
+   proxy's, then the service's, then ``istio-system`` (rules exported to the proxy), rules of
+   other namespaces never; within the namespace the exact host, else the most specific
+   wildcard (see ``DestinationRuleIndex.lookup``); a ``workloadSelector`` selects proxies of
+   its own namespace only; same-namespace rules merged: first traffic policy wins, subsets are
+   added. Traffic policy: ``portLevelSettings`` for the
    cluster's port replace the top-level groups wholesale (Istio: "not inherited"), then the
    subset's policy overrides group by group (loadBalancer, connectionPool, outlierDetection,
    tls), its own port-level settings last.
@@ -586,7 +589,9 @@ class _Translator:
         rules = [
             r
             for r in self.dr_index.lookup(svc.host, self.ns, svc.namespace)
-            if r.spec.workload_selector is None or self._selects_proxy(r.spec)
+            # a workloadSelector selects workloads of its own namespace only
+            if r.spec.workload_selector is None
+            or (r.namespace == self.ns and self._selects_proxy(r.spec))
         ]
         out: _DR | None = None
         if rules:

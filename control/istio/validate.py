@@ -15,8 +15,10 @@ Each ``check_*`` function receives a :class:`Checker` that formats every finding
 separately; nothing stops at the first problem.
 
 :func:`check_references` runs after all files are loaded and checks what needs several
-resources at once: a route's ``subset`` must be defined by the DestinationRule(s) of its host
-when one is loaded (a warning when none is), duplicate DestinationRules.
+resources at once: a route's ``subset`` must be defined by the DestinationRule(s) that apply
+to its host for a proxy of the VirtualService's namespace (see
+:meth:`DestinationRuleIndex.lookup`: Istio's namespace precedence), when one does (a warning
+when none does), duplicate DestinationRules.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -1497,55 +1499,114 @@ def visible(export_to: tuple[str, ...], owner_ns: str, ns: str) -> bool:
     return False
 
 
-class DestinationRuleIndex:
-    """DestinationRules by host, for the lookup Istio does from a given namespace."""
+ROOT_NAMESPACE = "istio-system"
+"""Istio's config root namespace: its exported DestinationRules apply mesh-wide."""
 
-    def __init__(self, rules: Iterable[Resource[DestinationRuleSpec]]) -> None:
+
+def _private(r: Resource[DestinationRuleSpec]) -> bool:
+    """A rule exported to its own namespace only (``exportTo: [.]`` or ``[<its namespace>]``)."""
+    e = r.spec.export_to
+    return len(e) == 1 and e[0] in (".", r.namespace)
+
+
+class _NamespaceRules:
+    """The DestinationRules of one namespace, by host."""
+
+    __slots__ = ("exact", "wild")
+
+    def __init__(self) -> None:
         self.exact: dict[str, list[Resource[DestinationRuleSpec]]] = {}
         self.wild: list[tuple[str, Resource[DestinationRuleSpec]]] = []
+
+    def match(
+        self, host: str, keep: Callable[[Resource[DestinationRuleSpec]], bool]
+    ) -> list[Resource[DestinationRuleSpec]]:
+        """The kept rules of the most specific host matching ``host``: the exact host, else
+        the longest matching wildcard."""
+        got = [r for r in self.exact.get(host, ()) if keep(r)]
+        if got:
+            return got
+        best: str | None = None
+        for pat, r in self.wild:
+            if best is not None and pat != best:
+                break
+            if H.wildcard_matches(pat, host) and keep(r):
+                best = pat
+                got.append(r)
+        return got
+
+
+class DestinationRuleIndex:
+    """DestinationRules by namespace and host, for the lookup Istio does for a proxy.
+
+    Istio (``PushContext.destinationRule``) looks namespace by namespace and stops at the first
+    that has a rule for the host; within a namespace the most specific host wins (the exact
+    host, else the longest matching wildcard). Rules of any namespace but those three never
+    apply. See :meth:`lookup`.
+    """
+
+    def __init__(self, rules: Iterable[Resource[DestinationRuleSpec]]) -> None:
+        # every rule by expanded exact host, all namespaces (for the duplicate warnings)
+        self.exact: dict[str, list[Resource[DestinationRuleSpec]]] = {}
+        self.by_ns: dict[str, _NamespaceRules] = {}
         for r in rules:
             if r.spec.host is None:
                 continue
             h = H.expand(r.spec.host, r.namespace)
+            ns = self.by_ns.get(r.namespace)
+            if ns is None:
+                ns = self.by_ns[r.namespace] = _NamespaceRules()
             if h.startswith("*"):
-                self.wild.append((h, r))
+                ns.wild.append((h, r))
             else:
                 self.exact.setdefault(h, []).append(r)
-        # most specific wildcard first: longest suffix wins, "*" last
-        self.wild.sort(key=lambda hr: -len(hr[0]))
+                ns.exact.setdefault(h, []).append(r)
+        for ns in self.by_ns.values():
+            # most specific wildcard first: longest suffix wins, "*" last (stable: load order)
+            ns.wild.sort(key=lambda hr: -len(hr[0]))
+
+    def _match(
+        self, ns: str, host: str, keep: Callable[[Resource[DestinationRuleSpec]], bool]
+    ) -> list[Resource[DestinationRuleSpec]]:
+        rules = self.by_ns.get(ns)
+        return rules.match(host, keep) if rules is not None else []
 
     def lookup(
         self, host: str, from_ns: str, service_ns: str | None = None
     ) -> list[Resource[DestinationRuleSpec]]:
-        """The DestinationRules that apply to ``host`` for a proxy in ``from_ns``.
+        """The DestinationRules that apply to ``host`` for a proxy in ``from_ns`` (the
+        service being in ``service_ns``), in load order; the caller merges them.
 
-        Exact host beats wildcard, the most specific wildcard beats the others. Among rules for
-        the same host, Istio prefers the proxy's namespace, then the service's namespace, then
-        any other (root) namespace; rules of the chosen namespace are merged by the caller.
+        1. the proxy's namespace: its rules visible to itself (for a proxy in the root
+           namespace, only the root's rules exported to itself alone);
+        2. the service's namespace, then 3. the root namespace: their rules not private to
+           themselves; the most specific host is chosen among those, then the rules for it not
+           exported to the proxy's namespace are dropped (none left: go on).
         """
-        cands = [
-            r for r in self.exact.get(host, ()) if visible(r.spec.export_to, r.namespace, from_ns)
-        ]
-        if not cands:
-            best = None
-            for pat, r in self.wild:
-                if H.wildcard_matches(pat, host) and visible(
-                    r.spec.export_to, r.namespace, from_ns
-                ):
-                    if best is None:
-                        best = pat
-                    if pat == best:
-                        cands.append(r)
-                    else:
-                        break
-        if not cands:
-            return []
-        for ns in (from_ns, service_ns):
-            same = [r for r in cands if r.namespace == ns]
-            if same:
-                return same
-        first_ns = cands[0].namespace
-        return [r for r in cands if r.namespace == first_ns]
+        if from_ns != ROOT_NAMESPACE:
+            got = self._match(
+                from_ns, host, lambda r: visible(r.spec.export_to, r.namespace, from_ns)
+            )
+        else:
+            got = self._match(from_ns, host, _private)
+        if got:
+            return got
+        for ns in (service_ns, ROOT_NAMESPACE):
+            if ns is None:
+                continue
+            exported = self._match(ns, host, lambda r: not _private(r))
+            got = [r for r in exported if visible(r.spec.export_to, r.namespace, from_ns)]
+            if got:
+                return got
+        return []
+
+    def anywhere(self, host: str) -> bool:
+        """Whether a rule of any namespace names ``host`` (exactly or by a wildcard)."""
+        return any(rules.match(host, _always) for rules in self.by_ns.values())
+
+
+def _always(_r: Resource[DestinationRuleSpec]) -> bool:
+    return True
 
 
 def check_references(resources: Resources, report: ValidationReport) -> None:
@@ -1564,23 +1625,62 @@ def check_references(resources: Resources, report: ValidationReport) -> None:
                     f"namespace {later.namespace} ({group[0].file}); the two are merged: the first "
                     f"traffic policy wins, subsets are added unless their name is taken",
                 )
+    # the namespace of a ServiceEntry host as the translator sees it from a namespace: the
+    # visible entry of that namespace if any, else the first visible one
+    entries: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+    for se in resources.service_entries:
+        for raw in se.spec.hosts:
+            entries.setdefault(H.expand(raw, se.namespace), []).append(
+                (se.namespace, se.spec.export_to)
+            )
+
+    def service_namespace(host: str, from_ns: str) -> str:
+        seen = [
+            ns
+            for ns, export_to in entries.get(host, ())
+            if visible(export_to, ns, from_ns) and "~" not in export_to
+        ]
+        if from_ns in seen:
+            return from_ns
+        if seen:
+            return seen[0]
+        return H.namespace_of(host) or from_ns
+
     for vs in resources.virtual_services:
         c = Checker(vs.file, vs.ref, report)
         for path, d in _route_destinations(vs.spec):
             if not d.subset or not d.host:
                 continue
             host = H.expand(d.host, vs.namespace)
-            rules = index.lookup(host, vs.namespace, H.namespace_of(host))
+            # the rules a proxy of the VirtualService's namespace gets; a workloadSelector
+            # never reaches across namespaces
+            rules = [
+                r
+                for r in index.lookup(host, vs.namespace, service_namespace(host, vs.namespace))
+                if r.spec.workload_selector is None or r.namespace == vs.namespace
+            ]
             if not rules:
+                if index.anywhere(host):
+                    why = (
+                        f"no DestinationRule for this host applies to namespace {vs.namespace} "
+                        f"(only those of the proxy's namespace, or exported from the service's "
+                        f"namespace or {ROOT_NAMESPACE}, do)"
+                    )
+                else:
+                    why = "no DestinationRule for this host is loaded"
                 c.warn(
                     f"{path}.subset",
-                    f"subset {d.subset!r} of host {host}: no DestinationRule for this host is "
-                    f"loaded (the route will get no endpoints)",
+                    f"subset {d.subset!r} of host {host}: {why} (the route will get no endpoints)",
                 )
                 continue
             names = {s.name for r in rules for s in r.spec.subsets if s.name}
             if d.subset not in names:
-                refs = ", ".join(f"DestinationRule/{r.name}" for r in rules)
+                refs = ", ".join(
+                    f"DestinationRule/{r.name}"
+                    if r.namespace == vs.namespace
+                    else f"DestinationRule/{r.namespace}/{r.name}"
+                    for r in rules
+                )
                 c.err(
                     f"{path}.subset",
                     f"subset {d.subset!r} is not defined by {refs} for host {host}",

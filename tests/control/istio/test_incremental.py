@@ -221,6 +221,49 @@ def test_edit_sequence_matches_a_full_build_every_step(
     assert len(versions) >= 8
 
 
+def test_destination_rule_precedence_edits_match_a_full_build(tmp_path: Path) -> None:
+    """Which namespace's DestinationRule applies changes with rules elsewhere: the cached
+    clusters and routes must follow (proxy in ``shop``, service in ``default``)."""
+    proxy = ProxyIdentity(namespace="shop")
+    root = tmp_path / "cfg"
+    put(root / "reviews" / "se.yaml", REVIEWS_SE)
+    put(root / "reviews" / "dr.yaml", REVIEWS_DR)
+    put(root / "reviews" / "vs.yaml", reviews_vs(90, 10))
+    builder = IncrementalBuilder(proxy)
+    host = "reviews.default.svc.cluster.local"
+
+    def policy() -> tuple[str, str] | None:
+        snap = check(builder, root, proxy)
+        assert snap is not None
+        meta = snap.clusters[host].policy_meta
+        return (meta.namespace, meta.name) if meta is not None else None
+
+    assert policy() == ("default", "reviews")
+    shop_wild = """\
+    apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {name: wild, namespace: shop}
+    spec:
+      host: "*.svc.cluster.local"
+      trafficPolicy: {loadBalancer: {simple: RANDOM}}
+    """
+    # the proxy namespace's wildcard beats the service namespace's exact host
+    put(root / "shop-wild.yaml", shop_wild)
+    assert policy() == ("shop", "wild")
+    # ... and its subsets are gone with it: the routes to v1/v2 now select nothing
+    snap = check(builder, root, proxy)
+    assert snap is not None and snap.clusters[f"{host}|v1"].endpoints == ()
+    assert any("subset 'v1' of host" in w for w in snap.warnings)
+    (root / "shop-wild.yaml").unlink()
+    assert policy() == ("default", "reviews")
+    # the service's rule made private: the root namespace's mesh-wide rule applies
+    put(root / "reviews" / "dr.yaml", REVIEWS_DR.replace("spec:\n", "spec:\n  exportTo: [.]\n"))
+    put(root / "mesh.yaml", shop_wild.replace("namespace: shop", "namespace: istio-system"))
+    assert policy() == ("istio-system", "wild")
+    put(root / "reviews" / "dr.yaml", REVIEWS_DR)
+    assert policy() == ("default", "reviews")
+
+
 def test_recently_modified_files_are_rehashed_not_trusted(tmp_path: Path) -> None:
     proxy = ProxyIdentity()
     for i in range(5):
