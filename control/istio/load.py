@@ -218,8 +218,9 @@ def _semantic_checks(
     report: ValidationReport,
 ) -> None:
     """Istio's rules on the decoded spec. A field the decoder rejected was left at its default,
-    so findings at (or under) such a field, or on its parent, would only echo the schema
-    problem: they are dropped."""
+    and so may its siblings be (``port: {name: http}`` decodes to a port whose ``number`` is
+    unset): findings at or under such a field, on its parent, or anywhere under its parent
+    would only echo the schema problem: they are dropped."""
     if not schema_problems:
         check_spec(c, kind, namespace, spec)
         return
@@ -230,7 +231,7 @@ def _semantic_checks(
 
     def echo(line: str) -> bool:
         path = line[4:].split(": ", 1)[0]  # scratch lines are ": : path: message"
-        if path in parents:
+        if path in parents or any(path.startswith(p + ".") for p in parents):
             return True
         return any(path == b or path.startswith((b + ".", b + "[")) for b in bad)
 

@@ -370,6 +370,33 @@ def test_envelope_problems() -> None:
     assert _check({"metadata": {"name": "x"}}) == ["t.yaml: <no kind>/x: kind: required"]
 
 
+def test_a_bad_field_does_not_echo_as_errors_on_its_defaulted_siblings() -> None:
+    # port.name is not a field: the decoded port has no number, which is not the user's error
+    assert _check(
+        _vs(
+            {
+                "hosts": ["a"],
+                "http": [{"route": [{"destination": {"host": "a", "port": {"name": "http"}}}]}],
+            }
+        )
+    ) == ["t.yaml: VirtualService/t: spec.http[0].route[0].destination.port.name: unknown field"]
+    # a real error elsewhere (outside the bad field's parent) is still reported
+    assert _check(
+        _vs(
+            {
+                "hosts": ["a"],
+                "http": [
+                    {"route": [{"destination": {"host": "a", "port": {"name": "http"}}}]},
+                    {"route": [{"destination": {"host": "a", "port": {"number": 70000}}}]},
+                ],
+            }
+        )
+    ) == [
+        "t.yaml: VirtualService/t: spec.http[0].route[0].destination.port.name: unknown field",
+        "t.yaml: VirtualService/t: spec.http[1].route[0].destination.port.number: port number 70000 must be in the range 1..65535",
+    ]
+
+
 def test_compile_re2_translates_and_rejects() -> None:
     assert compile_re2(r"abc\z").fullmatch("abc")
     assert compile_re2(r"(?P<v>v\d+)").fullmatch("v12")
