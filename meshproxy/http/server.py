@@ -473,6 +473,7 @@ class HttpConnection(asyncio.Protocol):
         http11 = head.http11 = version == "1.1"
         keep_alive = http11
         special = _SPECIAL
+        other_coding: bytes | None = None
         for name, value in head.headers:
             if name in special:
                 if name == b"host":
@@ -491,15 +492,21 @@ class HttpConnection(asyncio.Protocol):
                                 head.drop = []
                             head.drop.append(tok)
                 elif name == b"transfer-encoding":
-                    if value != b"chunked" and value.strip().lower() != b"chunked":
-                        # llhttp accepts any codings ending in chunked; only chunked is
-                        # implemented (Envoy: 501)
-                        raise ProtocolError(Failure.NOT_IMPLEMENTED, "transfer-coding")
                     head.framing = BodyFraming.CHUNKED
+                    if value != b"chunked" and value.strip().lower() != b"chunked":
+                        other_coding = value
                 elif name == b"content-length":
                     head.content_length = int(value)  # llhttp validated it
                 elif value.lower() == b"100-continue":
                     head.expect_continue = True
+        if other_coding is not None:  # the final coding of the last header decides
+            # Only chunked is implemented. Codings that end in chunked are accepted by llhttp
+            # and answered 501 as Envoy does; any other final coding is llhttp's 400.
+            for name, value in reversed(head.headers):
+                if name == b"transfer-encoding":
+                    if value.rsplit(b",", 1)[-1].strip().lower() == b"chunked":
+                        raise ProtocolError(Failure.NOT_IMPLEMENTED, "transfer-coding")
+                    break
         head.keep_alive = keep_alive
         if head.framing is BodyFraming.CHUNKED:
             head.content_length = None

@@ -96,3 +96,16 @@ async def test_bytes_after_connection_close_request_are_ignored() -> None:
             await asyncio.sleep(0.05)
             assert [m.code for m in p.metrics.requests] == [200, 200]
             assert [rec.target for rec in up.requests] == ["/", "/"]
+
+
+async def test_gzip_then_chunked_in_two_headers_is_501() -> None:
+    async with UpstreamServer(Reply()) as up:
+        async with running_dataplane(service_snapshot("svc", [up.port])) as p:
+            r = await request(
+                p.host,
+                p.port,
+                b"POST / HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: gzip\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            )
+            assert r.status == 501
+            assert up.raw_bytes == 0
