@@ -38,6 +38,7 @@ call with the response code and Envoy response flag.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -86,12 +87,15 @@ from meshproxy.http.codec import (
     split_authority,
     status_line,
     upstream_request,
+    uri_bytes,
 )
 from meshproxy.http.server import HttpConnection, RequestHead
 from meshproxy.settings import Settings
 from meshproxy.state import State
 from meshproxy.upstream.connection import UpstreamConnection
 from meshproxy.upstream.pool import ClusterState, ConnectFailure, EndpointState, Pools
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from meshproxy.metrics import Metrics
@@ -288,7 +292,36 @@ class Exchange:
     # ------------------------------------------------------------------ start: decide
 
     def start(self) -> None:
-        """Called by the connection when this request is at the front of the queue."""
+        """Called by the connection when this request is at the front of the queue. A bug
+        below (never a user mistake) is logged and answered ``500`` instead of killing the
+        client's transport."""
+        try:
+            self._start()
+        except Exception:
+            log.exception("internal error while starting a request: %r", self.head)
+            self._internal_error()
+
+    def _internal_error(self) -> None:
+        if self.done:
+            return
+        up = self.up
+        self.up = None
+        if up is not None:
+            up.abort()
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+            self._connect_task = None
+        if self.response_started:
+            self._finish(self.status, "-")
+            self.conn.abort()
+            return
+        try:
+            self._local(local_reply(Failure.INTERNAL))
+        except Exception:
+            log.exception("internal error while answering a request")
+            self.conn.abort()
+
+    def _start(self) -> None:
         self.started = True
         ctx = self.ctx
         ctx.active_requests += 1
@@ -296,6 +329,8 @@ class Exchange:
         conn = self.conn
         target = head.target_b
         if target[:1] == b"/":
+            if b"#" in target:  # a fragment is never sent (nor routed on)
+                target = head.target_b = target[: target.index(b"#")]
             scheme: str | None = None
             authority = head.host or ""
             path: str | None = None  # decoded only when routing needs it
@@ -342,6 +377,8 @@ class Exchange:
                     head.method, path, d.host, d.port, scheme or conn.scheme, head.map, authority
                 )
             status, location = redirect_response(route.redirect, req, match)
+            if not location.isascii():
+                location = uri_bytes(location).decode("ascii")
             self._local(LocalReply(status, "-"), extra=(("location", location),), route=route)
             return
         if not route.clusters:

@@ -377,8 +377,31 @@ def bytes_to_pairs(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, st
     return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
 
 
+def header_bytes(text: str) -> bytes:
+    """A header name or value from configuration as bytes: latin-1 (what it was decoded from,
+    for request-derived values), else UTF-8 (a non-latin-1 value written in the config, as
+    Envoy sends it)."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8")
+
+
+def uri_bytes(uri: str) -> bytes:
+    """A request target or ``Location`` from configuration as bytes: non-ASCII characters (and
+    controls / spaces) percent-encoded from their UTF-8 form, as Envoy does."""
+    if uri.isascii() and uri.isprintable() and " " not in uri:
+        return uri.encode("ascii")
+    return "".join(
+        chr(b) if 0x20 < b < 0x7F else f"%{b:02X}" for b in uri.encode("utf-8", "replace")
+    ).encode("ascii")
+
+
 def pairs_to_bytes(pairs: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    return [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in pairs]
+    try:
+        return [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in pairs]
+    except UnicodeEncodeError:
+        return [(header_bytes(n.lower()), header_bytes(v)) for n, v in pairs]
 
 
 def request_head(
@@ -389,7 +412,11 @@ def request_head(
     content_length: int | None,
 ) -> bytes:
     """Serialize an HTTP/1.1 request head for the upstream."""
-    parts: list[bytes] = [f"{method} {path} HTTP/1.1\r\n".encode("latin-1")]
+    try:
+        line = f"{method} {path} HTTP/1.1\r\n".encode("latin-1")
+    except UnicodeEncodeError:  # a rewrite from configuration
+        line = b"%s %s HTTP/1.1\r\n" % (method.encode("latin-1"), uri_bytes(path))
+    parts: list[bytes] = [line]
     for n, v in headers:
         parts += (n, b": ", v, b"\r\n")
     if framing is BodyFraming.LENGTH:
@@ -565,7 +592,7 @@ def local_reply_bytes(
     ``content-length`` always, ``content-type`` only with a body."""
     parts = [status_line(status, http11)]
     for n, v in extra:
-        parts.append(f"{n}: {v}\r\n".encode("latin-1"))
+        parts.append(header_bytes(n) + b": " + header_bytes(v) + b"\r\n")
     if body:
         parts.append(f"content-type: {content_type}\r\n".encode("latin-1"))
     parts.append(b"content-length: %d\r\n" % len(body))
@@ -589,4 +616,7 @@ def lines_to_pairs(lines: Iterable[bytes]) -> list[tuple[str, str]]:
 
 
 def pairs_to_lines(pairs: Iterable[tuple[str, str]]) -> list[bytes]:
-    return [f"{n.lower()}: {v}\r\n".encode("latin-1") for n, v in pairs]
+    try:
+        return [f"{n.lower()}: {v}\r\n".encode("latin-1") for n, v in pairs]
+    except UnicodeEncodeError:
+        return [header_bytes(n.lower()) + b": " + header_bytes(v) + b"\r\n" for n, v in pairs]

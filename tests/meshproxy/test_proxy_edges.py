@@ -5,8 +5,20 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from meshproxy.config.model import (
+    HeaderOps,
+    HeaderPolicy,
+    Match,
+    MatchKind,
+    Redirect,
+    Route,
+    StringMatch,
+    WeightedCluster,
+)
 from tests.support.dataplane import running_dataplane
-from tests.support.fakes import service_snapshot
+from tests.support.fakes import META, cluster, service_snapshot, snapshot, vhost
 from tests.support.rawhttp import is_closed, read_response, request
 from tests.support.upstream import Reply, UpstreamServer
 
@@ -109,3 +121,73 @@ async def test_gzip_then_chunked_in_two_headers_is_501() -> None:
             )
             assert r.status == 501
             assert up.raw_bytes == 0
+
+
+# --------------------------------------------------------------------------- config values
+
+
+async def test_non_latin1_header_values_and_redirect_from_config() -> None:
+    wc = WeightedCluster(cluster="svc", weight=100, host="svc")
+    routes = (
+        Route(
+            name="redir",
+            meta=META,
+            matches=(Match(uri=StringMatch(MatchKind.PREFIX, "/old")),),
+            redirect=Redirect(uri="/€ x", code=302),
+        ),
+        Route(
+            name="ops",
+            meta=META,
+            clusters=(wc,),
+            total_weight=100,
+            headers=HeaderPolicy(
+                request=HeaderOps(set=(("x-cur", "€uro"),)),
+                response=HeaderOps(set=(("x-resp", "ÿ€"),)),
+            ),
+        ),
+    )
+    async with UpstreamServer(Reply(body=b"ok")) as up:
+        snap = snapshot([vhost("svc", routes)], [cluster("svc", [up.port])])
+        async with running_dataplane(snap) as p:
+            reader, writer = await asyncio.open_connection(p.host, p.port)
+            writer.write(get("/old"))
+            r = await read_response(reader)
+            assert r.status == 302
+            assert r.header("location") == "http://svc/%E2%82%AC%20x"
+            writer.write(get("/x"))
+            r = await read_response(reader)
+            assert r.status == 200 and r.body == b"ok"
+            assert r.header("x-resp") == "ÿ€".encode().decode("latin-1")
+            writer.close()
+            assert up.requests[0].header("x-cur") == "€uro".encode().decode("latin-1")
+
+
+async def test_internal_error_while_starting_is_a_500_not_a_dead_transport(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import meshproxy.proxy as proxy_mod
+
+    def boom(*args: object) -> object:
+        raise RuntimeError("bug")
+
+    async with UpstreamServer(Reply(body=b"ok")) as up:
+        async with running_dataplane(service_snapshot("svc", [up.port])) as p:
+            monkeypatch.setattr(proxy_mod, "build_request_head", boom)
+            reader, writer = await asyncio.open_connection(p.host, p.port)
+            writer.write(get())
+            r = await read_response(reader)
+            assert r.status == 500
+            writer.close()
+            monkeypatch.undo()
+            r = await request(p.host, p.port, get())
+            assert r.status == 200
+            assert [m.code for m in p.metrics.requests] == [500, 200]
+            assert p.state is not None
+
+
+async def test_fragment_stripped_from_origin_form_target() -> None:
+    async with UpstreamServer(Reply(body=b"ok")) as up:
+        async with running_dataplane(service_snapshot("svc", [up.port])) as p:
+            r = await request(p.host, p.port, get("/a/b?q=1#frag"))
+            assert r.status == 200
+            assert up.requests[0].target == "/a/b?q=1"
