@@ -680,6 +680,12 @@ class Exchange:
             self.conn.write(b"".join(out))
 
     def on_response_complete(self, keep_alive: bool) -> None:
+        if not self.response_started:  # a message end without a head: never a response
+            up = self.up
+            if up is not None:
+                up.abort()
+            self.on_upstream_lost(Failure.UPSTREAM_PROTOCOL_ERROR)
+            return
         if self._down_framing is _CHUNKED:
             out = self._out
             if out is None:
@@ -698,6 +704,7 @@ class Exchange:
         self.conn.exchange_done(self, self.close_after or self._down_framing is _CLOSE)
 
     def on_upstream_lost(self, failure: Failure) -> None:
+        up = self.up
         self.up = None
         if self.done:
             return
@@ -705,8 +712,12 @@ class Exchange:
             self._attempt_failed(failure)
             return
         self.flush_response()
-        if self._up_framing is _CLOSE and failure is Failure.UPSTREAM_RESET:
-            # close-delimited body: the close is its end
+        if (
+            self._up_framing is _CLOSE
+            and failure is Failure.UPSTREAM_RESET
+            and (up is None or up.clean_eof)
+        ):
+            # close-delimited body: the upstream's FIN is its end (a reset is a truncation)
             if self._down_framing is _CHUNKED:
                 self.conn.write(LAST_CHUNK)
             self._finish(self.status, "-")

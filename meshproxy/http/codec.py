@@ -473,7 +473,15 @@ class ResponseHead:
     """An upstream response head being filtered, one header at a time (see
     :func:`filter_response_headers`); the upstream connection feeds it from the parser."""
 
-    __slots__ = ("chunked", "close", "content_length", "dropped", "keep_alive", "lines")
+    __slots__ = (
+        "chunked",
+        "close",
+        "content_length",
+        "dropped",
+        "keep_alive",
+        "lines",
+        "other_coding",
+    )
 
     def __init__(self) -> None:
         self.lines: list[bytes] = []  # b"name: value\r\n", name lower-case
@@ -482,6 +490,7 @@ class ResponseHead:
         self.close = False  # upstream said Connection: close
         self.keep_alive = False  # upstream said Connection: keep-alive
         self.dropped: set[bytes] | None = None  # names its Connection header listed
+        self.other_coding = False  # a transfer-coding other than chunked (not implemented)
 
     def add(self, name: bytes, value: bytes) -> None:
         lname = name.lower()
@@ -504,8 +513,13 @@ class ResponseHead:
                         self.dropped = set()
                     self.dropped.add(tok)
         elif lname == b"transfer-encoding":
-            if value.lower().rstrip().endswith(b"chunked"):
+            # Only the final coding of the last header frames the body (RFC 9112 6.3).
+            v = value.strip().lower()
+            if v == b"chunked":
                 self.chunked = True
+            else:
+                self.other_coding = True
+                self.chunked = v.rsplit(b",", 1)[-1].strip() == b"chunked"
         elif lname == b"content-length":
             try:
                 self.content_length = int(value)

@@ -14,14 +14,19 @@ driven by ``httptools.HttpResponseParser``:
 * ``on_response_body(data)`` for every body piece, and ``flush_response()`` at the end of each
   read that leaves the response unfinished (the sink batches one read's output into one write;
   a sink whose response completed has flushed it already);
-* ``on_response_complete(keep_alive)`` at the end of the message; ``keep_alive`` is read
-  *inside* the parser's ``on_message_complete`` (httptools resets its state once
-  ``feed_data`` returns, so reading it later silently disables connection reuse);
-* ``on_upstream_lost(exc)`` if the connection closes or breaks before that. A response without
-  length is close-delimited: its end is the close, which the sink sees here too.
+* ``on_response_complete(keep_alive)`` at the end of the message, once ``feed_data`` has
+  returned (so the pool never hands the connection to another request while this read is
+  still being parsed); ``keep_alive`` is read *inside* the parser's ``on_message_complete``
+  (httptools resets its state once ``feed_data`` returns). Bytes seen after the end of the
+  response in the same read (a body on a HEAD / 204 / 304 response, a second head) make
+  ``keep_alive`` false: the upstream is out of step and the connection is not reused;
+* ``on_upstream_lost(failure)`` if the connection closes or breaks before that. A response
+  without length is close-delimited: its end is the close, which the sink sees here too;
+  :attr:`clean_eof` tells a FIN (the body's end) from a reset (a truncated body).
 
 A response to ``HEAD`` has no body whatever its headers say, but llhttp cannot be told so, so
-the head completes the message and the parser is replaced after ``feed_data`` returns.
+the head completes the message and the parser is replaced after ``feed_data`` returns. A
+response with a transfer-coding other than ``chunked`` is a protocol error (not implemented).
 
 Write back-pressure is forwarded to the sink (``upstream_pause_writing`` / ``..._resume_...``),
 which pauses the client's side; :meth:`pause_reading` lets the sink stop reading the upstream
@@ -65,13 +70,16 @@ class ResponseSink(Protocol):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
+        "_done",
         "_head_done",
         "_interim",
         "_limits",
         "_lines",
         "_parser",
         "_rh",
+        "_stray",
         "_timer",
+        "clean_eof",
         "closed",
         "endpoint",
         "expect_no_body",
@@ -96,6 +104,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._interim = False  # parsing a 1xx response that is not forwarded
         self._head_done = False  # HEAD response finished at its head: parser to be replaced
         self._limits = (high_water, low_water)
+        # A completed response is reported after feed_data returns, not from the parser
+        # callback, so bytes after it in the same read are seen first (``_stray``).
+        self._done: tuple[ResponseSink, bool] | None = None
+        self._stray = False  # bytes after the end of the response: never reuse
+        self.clean_eof = False  # the connection ended by EOF (not a reset)
 
     # ------------------------------------------------------------------ called by the owner
 
@@ -167,20 +180,35 @@ class UpstreamConnection(asyncio.Protocol):
             self.endpoint.discard(self)
             if self.transport is not None:
                 self.transport.abort()
-            if sink is not None:
+            done = self._done
+            if done is not None:  # garbage after a complete response: that one stands
+                self._done = None
+                done[0].on_response_complete(False)
+            elif sink is not None:
                 sink.on_upstream_lost(Failure.UPSTREAM_PROTOCOL_ERROR)
             return
-        if self.sink is sink:  # still streaming (a completed response flushed itself)
-            sink.flush_response()
         if self._head_done:
             self._head_done = False
             self._parser = httptools.HttpResponseParser(self)
+        done = self._done
+        if done is not None:
+            self._done = None
+            sink, keep = done
+            if self._stray:
+                # bytes after a response (a body on a HEAD / 204 / 304 response): the
+                # upstream is out of step; the connection is not reused
+                self._stray = False
+                keep = False
+            sink.on_response_complete(keep)
+        elif self.sink is sink:  # still streaming
+            sink.flush_response()
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost reports to the sink
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.clean_eof = exc is None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -227,24 +255,32 @@ class UpstreamConnection(asyncio.Protocol):
             return
         sink = self.sink
         if sink is None:
+            if self._done is not None:
+                self._stray = True  # another response head right after the last one
             return
+        if rh.other_coding:
+            raise ValueError("transfer-coding other than chunked")  # -> 503 UPE
         if rh.dropped:
             rh.finish()
         sink.on_response_head(status, rh)
         if self.expect_no_body and self.sink is sink:
-            # HEAD: the message ends here; keep-alive from version + Connection.
+            # HEAD: the message ends here; keep-alive from version + Connection. Completed
+            # once feed_data returns; whatever llhttp takes for its body is stray.
             if rh.close:
                 keep = False
             else:
                 keep = rh.keep_alive or self._parser.get_http_version() == "1.1"
             self._head_done = True
             self.sink = None
-            sink.on_response_complete(keep)
+            self._done = (sink, keep)
 
     def on_body(self, body: bytes) -> None:
         sink = self.sink
-        if sink is not None and not self._interim:
-            sink.on_response_body(body)
+        if sink is not None:
+            if not self._interim:
+                sink.on_response_body(body)
+        elif self._done is not None:
+            self._stray = True
 
     def on_message_complete(self) -> None:
         if self._interim:
@@ -255,7 +291,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         keep = self._parser.should_keep_alive()
         self.sink = None
-        sink.on_response_complete(keep)
+        self._done = (sink, keep)
 
     # ------------------------------------------------------------------ idle bookkeeping
 

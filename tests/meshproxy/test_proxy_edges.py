@@ -20,7 +20,7 @@ from meshproxy.config.model import (
 from tests.support.dataplane import running_dataplane
 from tests.support.fakes import META, cluster, service_snapshot, snapshot, vhost
 from tests.support.rawhttp import is_closed, read_response, request
-from tests.support.upstream import Reply, UpstreamServer
+from tests.support.upstream import Recorded, Reply, UpstreamServer
 
 
 def get(path: str = "/", host: str = "svc", extra: str = "") -> bytes:
@@ -191,3 +191,96 @@ async def test_fragment_stripped_from_origin_form_target() -> None:
             r = await request(p.host, p.port, get("/a/b?q=1#frag"))
             assert r.status == 200
             assert up.requests[0].target == "/a/b?q=1"
+
+
+# --------------------------------------------------------------------------- response side
+
+
+async def test_reset_during_close_delimited_body_is_a_truncation() -> None:
+    def handler(rec: Recorded) -> Reply:
+        raw = b"HTTP/1.1 200 OK\r\n\r\npartial"
+        return Reply(raw=raw, raw_reset=rec.target == "/rst")
+
+    async with UpstreamServer(handler) as up:
+        async with running_dataplane(service_snapshot("svc", [up.port])) as p:
+            # FIN: the end of the body, a complete chunked response
+            r = await request(p.host, p.port, get("/fin"))
+            assert r.status == 200 and r.body == b"partial" and r.chunked
+            # RST: the client must not take it for complete
+            reader, writer = await asyncio.open_connection(p.host, p.port)
+            writer.write(get("/rst"))
+            with pytest.raises((asyncio.IncompleteReadError, ConnectionResetError)):
+                await read_response(reader)
+            writer.close()
+            await asyncio.sleep(0.05)
+            assert [(m.code, m.flags) for m in p.metrics.requests] == [(200, "-"), (200, "UC")]
+
+
+async def test_head_response_with_stray_body_does_not_leak_into_next_exchange() -> None:
+    def handler(rec: Recorded) -> Reply:
+        if rec.method == "HEAD":
+            return Reply(raw=b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSTRAY", raw_keep=True)
+        return Reply(body=b"real")
+
+    async with UpstreamServer(handler) as up:
+        async with running_dataplane(service_snapshot("svc", [up.port])) as p:
+            reader, writer = await asyncio.open_connection(p.host, p.port)
+            writer.write(b"HEAD /h HTTP/1.1\r\nHost: svc\r\n\r\n" + get("/g"))
+            r = await read_response(reader, head_request=True)
+            assert r.status == 200 and r.header("content-length") == "5"
+            r = await read_response(reader)
+            assert r.status == 200 and r.body == b"real"
+            writer.write(get("/g2"))
+            r = await read_response(reader)
+            assert r.status == 200 and r.body == b"real"
+            writer.close()
+            # the out-of-step connection was not reused
+            assert up.connections == 2
+            assert [m.code for m in p.metrics.requests] == [200, 200, 200]
+
+
+async def test_204_followed_by_stray_bytes_closes_upstream_connection() -> None:
+    def handler(rec: Recorded) -> Reply:
+        if rec.target == "/204":
+            return Reply(
+                raw=b"HTTP/1.1 204 No Content\r\n\r\n"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSTRAY",
+                raw_keep=True,
+            )
+        return Reply(body=b"real")
+
+    async with UpstreamServer(handler) as up:
+        async with running_dataplane(service_snapshot("svc", [up.port])) as p:
+            reader, writer = await asyncio.open_connection(p.host, p.port)
+            writer.write(get("/204") + get("/g"))
+            r = await read_response(reader)
+            assert r.status == 204
+            r = await read_response(reader)
+            assert r.status == 200 and r.body == b"real"
+            writer.close()
+            assert up.connections == 2
+
+
+async def test_response_transfer_coding_other_than_chunked_is_upe() -> None:
+    def handler(rec: Recorded) -> Reply:
+        te = {"/gz": "gzip, chunked", "/two": "chunked, gzip"}.get(rec.target)
+        if te is None:
+            return Reply(body=b"fine")
+        return Reply(
+            raw=f"HTTP/1.1 200 OK\r\nTransfer-Encoding: {te}\r\n\r\n".encode()
+            + b"3\r\nabc\r\n0\r\n\r\n"
+        )
+
+    async with UpstreamServer(handler) as up:
+        async with running_dataplane(service_snapshot("svc", [up.port])) as p:
+            for path in ("/gz", "/two"):
+                r = await request(p.host, p.port, get(path))
+                assert r.status == 503, path
+                assert b"protocol error" in r.body
+            r = await request(p.host, p.port, get("/ok"))
+            assert r.status == 200 and r.body == b"fine"
+            assert [(m.code, m.flags) for m in p.metrics.requests] == [
+                (503, "UPE"),
+                (503, "UPE"),
+                (200, "-"),
+            ]

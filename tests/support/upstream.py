@@ -6,9 +6,10 @@ Theory of operation
 :class:`Recorded` (method, target, version, headers with lower-case names, body, and the id of
 the connection it came on), and answered with the :class:`Reply` that ``handler`` returns for it
 (or a fixed ``Reply``). A reply can be Content-Length framed, chunked (``chunks``),
-close-delimited (no length, connection closed after the body), delayed, or a reset / silent
-close before any byte. ``connections`` counts accepted TCP connections and ``raw_bytes`` every
-byte received, so a test can assert that nothing at all reached the upstream.
+close-delimited (no length, connection closed after the body), delayed, a reset / silent
+close before any byte, or exact raw bytes (then a close, a reset, or nothing).
+``connections`` counts accepted TCP connections and ``raw_bytes`` every byte received, so a
+test can assert that nothing at all reached the upstream.
 
 Usage::
 
@@ -19,6 +20,8 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -67,6 +70,8 @@ class Reply:
     no_content_length: bool = False  # omit content-length (e.g. for 204/304)
     interim_100: bool = False  # send "100 Continue" before the final response
     raw: bytes | None = None  # send exactly these bytes instead of a response, then close
+    raw_keep: bool = False  # with ``raw``: keep the connection open (and answering) after it
+    raw_reset: bool = False  # with ``raw``: end with a reset (RST) instead of a close (FIN)
 
 
 Handler = Callable[[Recorded], Reply]
@@ -151,6 +156,14 @@ class _Conn(asyncio.Protocol):
                 return
             if reply.raw is not None:
                 t.write(reply.raw)
+                if reply.raw_keep:
+                    continue
+                if reply.raw_reset:
+                    await asyncio.sleep(0.05)  # the bytes leave before the reset
+                    sock = t.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    t.abort()
+                    return
                 t.close()
                 return
             if reply.interim_100:
