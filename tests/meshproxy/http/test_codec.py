@@ -289,5 +289,11 @@ def test_every_failure_is_mapped_and_protocol_errors_close() -> None:
     for failure in Failure:
         reply = local_reply(failure)
         assert 400 <= reply.status < 600
-        closing = {"BAD_REQUEST", "HEADERS_TOO_LARGE", "HEAD_TIMEOUT", "INTERNAL"}
+        closing = {
+            "BAD_REQUEST",
+            "HEADERS_TOO_LARGE",
+            "HEAD_TIMEOUT",
+            "INTERNAL",
+            "NOT_IMPLEMENTED",
+        }
         assert reply.close == (failure.name in closing)
