@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from meshproxy.capabilities import unsupported
 from meshproxy.config.model import ProxyIdentity, Snapshot
 from meshproxy.settings import Settings
 from meshproxy.state import State
@@ -119,7 +120,9 @@ class FileSource:
         problems = tuple(report.problems)
         if problems or snapshot is None:
             return LoadResult(None, problems or ("config produced no snapshot",), ())
-        return LoadResult(snapshot, (), tuple(report.warnings))
+        if snapshot.version == self.state.snapshot.version:
+            return LoadResult(snapshot, (), ())  # unchanged: nothing will be applied or said
+        return LoadResult(snapshot, (), (*report.warnings, *unsupported(snapshot)))
 
     def load_initial(self) -> Snapshot:
         """Build and apply the start-up config; raise :class:`ConfigError` on problems."""
