@@ -119,7 +119,12 @@ class AdminBackend(Protocol):
     """What the admin endpoints ask; implemented by the single process and the supervisor."""
 
     async def is_ready(self) -> bool: ...
-    async def config_dump(self) -> dict[str, Any]: ...
+    async def config_dump(self, query: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The dump; ``query`` (the request's /config_dump parameters) is a hint a backend
+        may use to fetch less (the supervisor forwards it to its worker); the admin applies
+        the filters to whatever comes back."""
+        ...
+
     async def clusters(self) -> dict[str, Any]: ...
     async def stats_export(self) -> Export: ...
     async def drain(self) -> None: ...
@@ -838,7 +843,7 @@ class Admin:
             query = DumpQuery.parse(request.query)
         except ValueError as exc:
             return AdminResponse.text(f"config_dump: {exc}\n", 400)
-        dump = await self.backend.config_dump()
+        dump = await self.backend.config_dump(request.query)
         return AdminResponse(200, content_type=JSON_TYPE, pieces=dump_pieces(dump, query))
 
     async def _clusters(self, request: AdminRequest) -> AdminResponse:

@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from meshproxy.admin import Admin, snapshot_dump
@@ -192,7 +193,7 @@ class Proxy:
     async def is_ready(self) -> bool:
         return self.listening and self.state.applied and not self.draining
 
-    async def config_dump(self) -> dict[str, Any]:
+    async def config_dump(self, query: Mapping[str, str] | None = None) -> dict[str, Any]:
         listeners = []
         if self.outbound is not None:
             listeners.append(

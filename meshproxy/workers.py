@@ -31,8 +31,10 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 from meshproxy.admin import Admin, AdminRequest, AdminResponse, FetchError, fetch
 from meshproxy.cli import Addr, RunOptions, UsageError, format_addr, parse_addr
@@ -318,11 +320,14 @@ class Supervisor:
         answers = await self._ask_all("/ready")
         return all(not isinstance(a, BaseException) and a[0] == 200 for a in answers)
 
-    async def config_dump(self) -> dict[str, Any]:
+    async def config_dump(self, query: Mapping[str, str] | None = None) -> dict[str, Any]:
+        # Forward the filters: a worker's whole dump of a big table is tens of MB, while
+        # `?resource=version` (what "is my edit applied yet" polls ask) is a few bytes.
+        path = "/config_dump" + (f"?{urlencode(dict(query))}" if query else "")
         for w in self.workers:
             if w.alive and w.admin is not None:
                 try:
-                    status, dump = await self._get(w, "/config_dump")
+                    status, dump = await self._get(w, path)
                 except FetchError:
                     continue
                 if status == 200 and isinstance(dump, dict):

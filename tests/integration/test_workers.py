@@ -76,6 +76,10 @@ async def test_two_workers_serve_and_stats_aggregate(proxy: MeshProxy) -> None:
     assert any(c["name"].endswith("|v1") for c in clusters["clusters"])
     _, dump = await proxy.admin_get("/config_dump")
     assert dump["version"] and len(dump["workers"]) == 2
+    assert dump["virtual_hosts"]
+    # filters work through the supervisor too (it forwards them to the worker it asks)
+    _, small = await proxy.admin_get("/config_dump?resource=version")
+    assert small["version"] == dump["version"] and "virtual_hosts" not in small
 
 
 async def test_dead_worker_is_restarted(proxy: MeshProxy) -> None:

@@ -231,7 +231,7 @@ class FakeBackend:
     async def is_ready(self) -> bool:
         return self.ready
 
-    async def config_dump(self) -> dict[str, Any]:
+    async def config_dump(self, query: Any = None) -> dict[str, Any]:
         return snapshot_dump(sample_snapshot())
 
     async def clusters(self) -> dict[str, Any]:
@@ -546,7 +546,7 @@ class BigBackend(FakeBackend):
         super().__init__()
         self.snapshot = snapshot
 
-    async def config_dump(self) -> dict[str, Any]:
+    async def config_dump(self, query: Any = None) -> dict[str, Any]:
         return snapshot_dump(self.snapshot)
 
 
@@ -639,7 +639,7 @@ async def test_client_going_away_mid_dump_stops_the_work() -> None:
     pulled: list[int] = []
 
     class Counting(BigBackend):
-        async def config_dump(self) -> dict[str, Any]:
+        async def config_dump(self, query: Any = None) -> dict[str, Any]:
             doc = snapshot_dump(self.snapshot)
             section = doc["virtual_hosts"]
 
