@@ -301,9 +301,8 @@ class Exchange:
             log.exception("internal error while starting a request: %r", self.head)
             self._internal_error()
 
-    def _internal_error(self) -> None:
-        if self.done:
-            return
+    def _drop_upstream(self) -> None:
+        """Abort the upstream connection (never pooled again) or the connect in progress."""
         up = self.up
         self.up = None
         if up is not None:
@@ -311,6 +310,11 @@ class Exchange:
         if self._connect_task is not None:
             self._connect_task.cancel()
             self._connect_task = None
+
+    def _internal_error(self) -> None:
+        if self.done:
+            return
+        self._drop_upstream()
         if self.response_started:
             self._finish(self.status, "-")
             self.conn.abort()
@@ -572,13 +576,7 @@ class Exchange:
     def on_request_error(self, status: int) -> bool:
         """The request's framing broke: reset the upstream so it never sees a complete
         request. Returns whether the response had started (the client is then reset)."""
-        up = self.up
-        self.up = None
-        if up is not None:
-            up.abort()
-        if self._connect_task is not None:
-            self._connect_task.cancel()
-            self._connect_task = None
+        self._drop_upstream()
         started = self.response_started
         self._finish(self.status if started else status, "DPE")
         return started
@@ -587,13 +585,7 @@ class Exchange:
         """The client connection closed before this exchange was done."""
         if self.done:
             return
-        up = self.up
-        self.up = None
-        if up is not None:
-            up.abort()
-        if self._connect_task is not None:
-            self._connect_task.cancel()
-            self._connect_task = None
+        self._drop_upstream()
         self._finish(self.status, "DC")
 
     # ------------------------------------------------------------------ response
