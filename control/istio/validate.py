@@ -29,7 +29,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 from control.istio import hosts as H
 from control.istio.resources import (
@@ -51,6 +51,8 @@ from control.istio.resources import (
     Resource,
     Resources,
     RouteDestination,
+    RuleFrom,
+    RuleTo,
     ServiceEntrySpec,
     StringMatch,
     TrafficPolicy,
@@ -1382,66 +1384,94 @@ def check_authorization_policy(c: Checker, ns: str, ap: AuthorizationPolicySpec)
         )
     for i, rule in enumerate(ap.rules or ()):
         rp = f"spec.rules[{i}]"
-        if rule.from_ is not None and len(rule.from_) == 0:
-            c.err(f"{rp}.from", f"`from` must not be empty, found at rule {i}")
-        for j, fr in enumerate(rule.from_ or ()):
-            fp = f"{rp}.from[{j}].source"
-            if fr.source is None:
-                c.err(fp, f"`from.source` must not be nil, found at rule {i}")
-                continue
-            s = fr.source
-            lists = {
-                "principals": s.principals,
-                "notPrincipals": s.not_principals,
-                "requestPrincipals": s.request_principals,
-                "notRequestPrincipals": s.not_request_principals,
-                "namespaces": s.namespaces,
-                "notNamespaces": s.not_namespaces,
-                "serviceAccounts": s.service_accounts,
-                "notServiceAccounts": s.not_service_accounts,
-                "ipBlocks": s.ip_blocks,
-                "notIpBlocks": s.not_ip_blocks,
-                "remoteIpBlocks": s.remote_ip_blocks,
-                "notRemoteIpBlocks": s.not_remote_ip_blocks,
-            }
-            if not any(lists.values()):
-                c.err(fp, f"`from.source` must not be empty, found at rule {i}")
-            _check_values(c, fp, lists)
-            for fname in ("ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks"):
-                for k, ip in enumerate(lists[fname]):
-                    if ip and H.check_ip_subnet(ip):
-                        c.err(f"{fp}.{fname}[{k}]", f"invalid IP address or CIDR range: {ip}")
-        if rule.to is not None and len(rule.to) == 0:
-            c.err(f"{rp}.to", f"`to` must not be empty, found at rule {i}")
-        for j, to in enumerate(rule.to or ()):
-            op_ = f"{rp}.to[{j}].operation"
-            if to.operation is None:
-                c.err(op_, f"`to.operation` must not be nil, found at rule {i}")
-                continue
-            o = to.operation
-            lists = {
-                "hosts": o.hosts,
-                "notHosts": o.not_hosts,
-                "ports": o.ports,
-                "notPorts": o.not_ports,
-                "methods": o.methods,
-                "notMethods": o.not_methods,
-                "paths": o.paths,
-                "notPaths": o.not_paths,
-            }
-            if not any(lists.values()):
-                c.err(op_, f"`to.operation` must not be empty, found at rule {i}")
-            _check_values(c, op_, lists)
-            for fname in ("ports", "notPorts"):
-                for k, port in enumerate(lists[fname]):
-                    if port and (not port.isdigit() or not 0 < int(port) <= 65535):
-                        c.err(f"{op_}.{fname}[{k}]", f"invalid port: {port}")
+        _check_clauses(c, rp, i, "from", "source", rule.from_, _source_lists, _check_ip_blocks)
+        _check_clauses(c, rp, i, "to", "operation", rule.to, _operation_lists, _check_ports)
         for j, cond in enumerate(rule.when):
             cp = f"{rp}.when[{j}]"
             if not cond.key:
                 c.err(f"{cp}.key", "`key` must not be empty")
             elif not cond.values and not cond.not_values:
                 c.err(cp, f"at least one of `values` or `notValues` must be set for key {cond.key}")
+
+
+_Clause = TypeVar("_Clause", RuleFrom, RuleTo)
+
+
+def _check_clauses(
+    c: Checker,
+    rp: str,
+    i: int,
+    side: str,
+    part: str,
+    clauses: tuple[_Clause, ...] | None,
+    lists_of: Callable[[_Clause], Mapping[str, tuple[str, ...]] | None],
+    check_more: Callable[[Checker, str, Mapping[str, tuple[str, ...]]], None],
+) -> None:
+    """The checks `from[].source` and `to[].operation` share: a present list is not
+    empty, each entry has its part, the part sets at least one field, no value is
+    empty; `check_more` then checks the values particular to the part."""
+    if clauses is not None and len(clauses) == 0:
+        c.err(f"{rp}.{side}", f"`{side}` must not be empty, found at rule {i}")
+    for j, clause in enumerate(clauses or ()):
+        p = f"{rp}.{side}[{j}].{part}"
+        lists = lists_of(clause)
+        if lists is None:
+            c.err(p, f"`{side}.{part}` must not be nil, found at rule {i}")
+            continue
+        if not any(lists.values()):
+            c.err(p, f"`{side}.{part}` must not be empty, found at rule {i}")
+        _check_values(c, p, lists)
+        check_more(c, p, lists)
+
+
+def _source_lists(fr: RuleFrom) -> dict[str, tuple[str, ...]] | None:
+    s = fr.source
+    if s is None:
+        return None
+    return {
+        "principals": s.principals,
+        "notPrincipals": s.not_principals,
+        "requestPrincipals": s.request_principals,
+        "notRequestPrincipals": s.not_request_principals,
+        "namespaces": s.namespaces,
+        "notNamespaces": s.not_namespaces,
+        "serviceAccounts": s.service_accounts,
+        "notServiceAccounts": s.not_service_accounts,
+        "ipBlocks": s.ip_blocks,
+        "notIpBlocks": s.not_ip_blocks,
+        "remoteIpBlocks": s.remote_ip_blocks,
+        "notRemoteIpBlocks": s.not_remote_ip_blocks,
+    }
+
+
+def _operation_lists(to: RuleTo) -> dict[str, tuple[str, ...]] | None:
+    o = to.operation
+    if o is None:
+        return None
+    return {
+        "hosts": o.hosts,
+        "notHosts": o.not_hosts,
+        "ports": o.ports,
+        "notPorts": o.not_ports,
+        "methods": o.methods,
+        "notMethods": o.not_methods,
+        "paths": o.paths,
+        "notPaths": o.not_paths,
+    }
+
+
+def _check_ip_blocks(c: Checker, p: str, lists: Mapping[str, tuple[str, ...]]) -> None:
+    for fname in ("ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks"):
+        for k, ip in enumerate(lists[fname]):
+            if ip and H.check_ip_subnet(ip):
+                c.err(f"{p}.{fname}[{k}]", f"invalid IP address or CIDR range: {ip}")
+
+
+def _check_ports(c: Checker, p: str, lists: Mapping[str, tuple[str, ...]]) -> None:
+    for fname in ("ports", "notPorts"):
+        for k, port in enumerate(lists[fname]):
+            if port and (not port.isdigit() or not 0 < int(port) <= 65535):
+                c.err(f"{p}.{fname}[{k}]", f"invalid port: {port}")
 
 
 def _check_values(c: Checker, p: str, lists: Mapping[str, tuple[str, ...]]) -> None:
