@@ -71,6 +71,22 @@ def _nginx_temp_paths(d: Path) -> str:
     )
 
 
+def _nginx_head(d: Path) -> str:
+    """What the upstream's and the nginx peer's configs share, up to the ``http`` block's
+    own contents: one worker in the foreground, files under ``d``, keep-alive unlimited."""
+    return f"""
+worker_processes 1;
+daemon off;
+pid {d / "nginx.pid"};
+error_log {d / "error.log"} warn;
+events {{ worker_connections 16384; }}
+http {{
+  access_log off;
+{_nginx_temp_paths(d)}
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;"""
+
+
 class Upstream:
     """nginx as the fast upstream; counts accepted connections."""
 
@@ -87,17 +103,7 @@ class Upstream:
         d = self.workdir / "upstream"
         d.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        conf = f"""
-worker_processes 1;
-daemon off;
-pid {d / "nginx.pid"};
-error_log {d / "error.log"} warn;
-events {{ worker_connections 16384; }}
-http {{
-  access_log off;
-{_nginx_temp_paths(d)}
-  keepalive_requests 100000000;
-  keepalive_timeout 300s;
+        conf = f"""{_nginx_head(d)}
   server {{
     listen 127.0.0.1:{self.port} backlog=4096;
     default_type text/plain;
@@ -141,17 +147,7 @@ def start_nginx(workdir: Path, upstream_port: int, cpus: str | None) -> Running:
     d = workdir / "nginx"
     d.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    conf = f"""
-worker_processes 1;
-daemon off;
-pid {d / "nginx.pid"};
-error_log {d / "error.log"} warn;
-events {{ worker_connections 16384; }}
-http {{
-  access_log off;
-{_nginx_temp_paths(d)}
-  keepalive_requests 100000000;
-  keepalive_timeout 300s;
+    conf = f"""{_nginx_head(d)}
   upstream bench {{
     server 127.0.0.1:{upstream_port};
     keepalive 1024;
