@@ -19,13 +19,8 @@ from meshproxy.config.model import (
 )
 from tests.support.dataplane import running_dataplane
 from tests.support.fakes import META, cluster, service_snapshot, snapshot, vhost
-from tests.support.rawhttp import is_closed, read_response, request
+from tests.support.rawhttp import get, is_closed, read_response, request
 from tests.support.upstream import Recorded, Reply, UpstreamServer
-
-
-def get(path: str = "/", host: str = "svc", extra: str = "") -> bytes:
-    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
-
 
 # --------------------------------------------------------------------------- request side
 

@@ -24,14 +24,10 @@ from meshproxy.config.model import (
 from meshproxy.settings import Settings
 from tests.support.dataplane import running_dataplane
 from tests.support.fakes import META, cluster, service_snapshot, snapshot, to_cluster, vhost
-from tests.support.rawhttp import is_closed, read_response, request
+from tests.support.rawhttp import get, is_closed, read_response, request
 from tests.support.upstream import Recorded, Reply, UpstreamServer
 
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-
-
-def get(path: str = "/", host: str = "svc", extra: str = "", version: str = "1.1") -> bytes:
-    return f"GET {path} HTTP/{version}\r\nHost: {host}\r\n{extra}\r\n".encode()
 
 
 # --------------------------------------------------------------------------- basics

@@ -3,13 +3,19 @@
 :func:`read_response` reads one response off a ``StreamReader`` the way a strict client would:
 status line, headers (names lower-cased, order kept), then the body by the framing the head
 declares (no body for HEAD / 1xx / 204 / 304, Content-Length, chunked, else until EOF). It
-returns the raw bytes too, so tests can assert on exact framing.
+returns the raw bytes too, so tests can assert on exact framing. :func:`get` builds the plain
+GET request most proxy tests send.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+
+
+def get(path: str = "/", host: str = "svc", extra: str = "", version: str = "1.1") -> bytes:
+    """A GET request head: ``extra`` is more header lines, each ending in CRLF."""
+    return f"GET {path} HTTP/{version}\r\nHost: {host}\r\n{extra}\r\n".encode()
 
 
 @dataclass
