@@ -44,6 +44,7 @@ from control.istio.resources import (
     HTTPMatchRequest,
     HTTPRoute,
     HTTPRouteDestination,
+    L4MatchAttributes,
     LoadBalancerSettings,
     OutlierDetection,
     PeerAuthenticationSpec,
@@ -55,6 +56,7 @@ from control.istio.resources import (
     RuleTo,
     ServiceEntrySpec,
     StringMatch,
+    TLSMatchAttributes,
     TrafficPolicy,
     VirtualServiceSpec,
     WorkloadEntrySpec,
@@ -487,13 +489,7 @@ def check_virtual_service(c: Checker, ns: str, vs: VirtualServiceSpec) -> None:
                 c.err(mp, "TLS match must have at least one SNI host")
             for k, sni in enumerate(m.sni_hosts):
                 _check_sni(c, f"{mp}.sniHosts[{k}]", sni, vs, ns)
-            for k, sn in enumerate(m.destination_subnets):
-                err = H.check_ip_subnet(sn)
-                if err:
-                    c.err(f"{mp}.destinationSubnets[{k}]", err)
-            check_port(c, f"{mp}.port", m.port)
-            check_labels(c, f"{mp}.sourceLabels", m.source_labels)
-            check_gateway_names(c, f"{mp}.gateways", m.gateways)
+            _check_l4_match(c, mp, m)
         if not t.route:
             c.err(p, "TLS route is required")
         check_weights(c, f"{p}.route", t.route)
@@ -501,17 +497,22 @@ def check_virtual_service(c: Checker, ns: str, vs: VirtualServiceSpec) -> None:
         p = f"spec.tcp[{i}]"
         for j, m in enumerate(t.match):
             mp = f"{p}.match[{j}]"
-            for k, sn in enumerate(m.destination_subnets):
-                err = H.check_ip_subnet(sn)
-                if err:
-                    c.err(f"{mp}.destinationSubnets[{k}]", err)
-            check_port(c, f"{mp}.port", m.port)
-            check_labels(c, f"{mp}.sourceLabels", m.source_labels)
-            check_gateway_names(c, f"{mp}.gateways", m.gateways)
+            _check_l4_match(c, mp, m)
         if not t.route:
             c.err(p, "TCP route is required")
         check_weights(c, f"{p}.route", t.route)
     check_export_to(c, "spec.exportTo", ns, vs.export_to)
+
+
+def _check_l4_match(c: Checker, mp: str, m: L4MatchAttributes | TLSMatchAttributes) -> None:
+    """The attributes a TLS match shares with a TCP match."""
+    for k, sn in enumerate(m.destination_subnets):
+        err = H.check_ip_subnet(sn)
+        if err:
+            c.err(f"{mp}.destinationSubnets[{k}]", err)
+    check_port(c, f"{mp}.port", m.port)
+    check_labels(c, f"{mp}.sourceLabels", m.source_labels)
+    check_gateway_names(c, f"{mp}.gateways", m.gateways)
 
 
 def _check_sni(c: Checker, path: str, sni: str, vs: VirtualServiceSpec, ns: str) -> None:
