@@ -515,6 +515,17 @@ def _check_l4_match(c: Checker, mp: str, m: L4MatchAttributes | TLSMatchAttribut
     check_gateway_names(c, f"{mp}.gateways", m.gateways)
 
 
+def _check_mirror_percentage(c: Checker, path: str, what: str, pct: Percent | None) -> None:
+    """0 <= value <= 100; ``what`` names it as Istio's message does for that field."""
+    if pct is None or pct.value is None:
+        return
+    v = pct.value
+    if v > 100:
+        c.err(path, f"{what} must have a max value of 100 (it has {v:g})")
+    if v < 0:
+        c.err(path, f"{what} must have a min value of 0 (it has {v:g})")
+
+
 def _check_sni(c: Checker, path: str, sni: str, vs: VirtualServiceSpec, ns: str) -> None:
     err = H.check_wildcard_domain(sni)
     if err:
@@ -635,18 +646,9 @@ def check_http_route(c: Checker, p: str, r: HTTPRoute, delegate: bool) -> None:
         c.warn(
             f"{p}.mirrorPercent", 'using deprecated setting "mirrorPercent", use "mirrorPercentage"'
         )
-    if r.mirror_percentage is not None and r.mirror_percentage.value is not None:
-        v = r.mirror_percentage.value
-        if v > 100:
-            c.err(
-                f"{p}.mirrorPercentage.value",
-                f"mirror_percentage must have a max value of 100 (it has {v:g})",
-            )
-        if v < 0:
-            c.err(
-                f"{p}.mirrorPercentage.value",
-                f"mirror_percentage must have a min value of 0 (it has {v:g})",
-            )
+    _check_mirror_percentage(
+        c, f"{p}.mirrorPercentage.value", "mirror_percentage", r.mirror_percentage
+    )
     if r.mirror is not None:
         check_destination(c, f"{p}.mirror", r.mirror, required=True)
         if r.mirrors:
@@ -654,18 +656,7 @@ def check_http_route(c: Checker, p: str, r: HTTPRoute, delegate: bool) -> None:
     for i, m in enumerate(r.mirrors):
         mp = f"{p}.mirrors[{i}]"
         check_destination(c, f"{mp}.destination", m.destination, required=True)
-        if m.percentage is not None and m.percentage.value is not None:
-            v = m.percentage.value
-            if v > 100:
-                c.err(
-                    f"{mp}.percentage.value",
-                    f"mirror percentage must have a max value of 100 (it has {v:g})",
-                )
-            if v < 0:
-                c.err(
-                    f"{mp}.percentage.value",
-                    f"mirror percentage must have a min value of 0 (it has {v:g})",
-                )
+        _check_mirror_percentage(c, f"{mp}.percentage.value", "mirror percentage", m.percentage)
     _check_redirect(c, f"{p}.redirect", r)
     _check_direct_response(c, f"{p}.directResponse", r)
     _check_retries(c, f"{p}.retries", r)
