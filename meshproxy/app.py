@@ -18,6 +18,10 @@ closed at once and busy ones after their in-flight response. Stopping = drain, t
 ``--drain-seconds`` for in-flight requests, then close everything. A second SIGTERM/SIGINT
 while stopping cuts the wait short.
 
+With ``--access-log PATH|-`` the file is opened before anything listens (cannot open -> exit
+2), handed to the data plane, started right after the ``listening`` line is flushed (so on
+stdout that line stays first) and flushed and closed at exit.
+
 A ``--workers`` child runs this same code with ``--reuse-port`` (it shares the outbound port with
 its siblings) and ``--parent-pid`` (it stops when its supervisor is gone).
 """
@@ -33,6 +37,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from meshproxy.accesslog import AccessLog, AccessLogError
 from meshproxy.admin import Admin, snapshot_dump
 from meshproxy.cli import Addr, RunOptions, UsageError, format_addr
 from meshproxy.config.model import ProxyIdentity
@@ -67,7 +72,11 @@ class Proxy:
         self.metrics = Metrics(self.identity)
         self.state.subscribe(self.metrics.on_snapshot)
         self.source = FileSource(opts.config, self.identity, self.state, settings, self.metrics)
-        self.dataplane = DataPlane(self.state, self.metrics, settings)
+        try:
+            self.access_log = AccessLog.open(opts.access_log)
+        except AccessLogError as e:
+            raise UsageError(str(e)) from None
+        self.dataplane = DataPlane(self.state, self.metrics, settings, self.access_log)
         self.admin = Admin(self)
         self.outbound: Addr | None = None
         self.admin_addr: Addr | None = None
@@ -159,6 +168,8 @@ class Proxy:
                 await t
         self._tasks.clear()
         await self.dataplane.close()
+        if self.access_log is not None:
+            self.access_log.close()
         await self.admin.close()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -223,6 +234,8 @@ class Proxy:
         )
         self.dataplane.stop_accepting()
         self.dataplane.close_idle()
+        if self.access_log is not None:
+            self.access_log.flush()
 
     def request_quit(self) -> None:
         log.info("quitquitquit: draining, then exiting")
@@ -231,8 +244,15 @@ class Proxy:
 
 async def _main(opts: RunOptions, settings: Settings) -> int:
     proxy = Proxy(opts, settings)
-    await proxy.start()
+    try:
+        await proxy.start()
+    except BaseException:
+        if proxy.access_log is not None:
+            proxy.access_log.close()
+        raise
     print(proxy.listening_line(), flush=True)
+    if proxy.access_log is not None:
+        proxy.access_log.start()
     log.info("%s", proxy.listening_line())
     return await proxy.serve()
 

@@ -106,6 +106,12 @@ def _seconds(text: str) -> float:
     return s
 
 
+def _access_log_target(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a file path, - (stdout) or off")
+    return text
+
+
 # --------------------------------------------------------------------------- options
 
 
@@ -121,6 +127,7 @@ class RunOptions:
     labels: dict[str, str] = field(default_factory=dict)
     drain_seconds: float = 5.0
     log_level: str = "info"
+    access_log: str = "off"  # PATH, "-" (stdout) or "off"
     reuse_port: bool = False  # set by the supervisor for its workers
     parent_pid: int | None = None  # a worker exits when its supervisor is gone
 
@@ -188,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="on SIGTERM/SIGINT/quitquitquit, how long in-flight requests may take [5]",
     )
+    run.add_argument(
+        "--access-log",
+        type=_access_log_target,
+        default="off",
+        metavar="PATH|-|off",
+        help="one JSON object per request, appended to PATH, or on stdout with - [off]",
+    )
     run.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="[info]")
     run.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
@@ -239,6 +253,7 @@ def _run(ns: argparse.Namespace) -> int:
         labels=ns.labels,
         drain_seconds=ns.drain_seconds,
         log_level=ns.log_level,
+        access_log=ns.access_log,
         reuse_port=ns.reuse_port,
         parent_pid=ns.parent_pid,
     )

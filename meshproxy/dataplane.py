@@ -11,6 +11,9 @@ listener. Drain is three steps the composition root calls in order: :meth:`stop_
 :meth:`close_idle` (idle connections close now, busy ones after their current response, with
 ``Connection: close``), :meth:`wait_drained`.
 
+An optional :class:`~meshproxy.accesslog.AccessLog` is handed to the ``ProxyContext`` (one line
+per finished request); its owner (the composition root) starts and closes it.
+
 While it exists the data plane also installs the metrics' cyclic-GC hook
 (``Metrics.gc``; removed by :meth:`close`), since a collection is a stall of every request.
 """
@@ -28,12 +31,20 @@ from meshproxy.state import State
 from meshproxy.upstream.pool import Pools
 
 if TYPE_CHECKING:
+    from meshproxy.accesslog import AccessLog
     from meshproxy.metrics import Metrics
 
 
 class DataPlane:
-    def __init__(self, state: State, metrics: Metrics, settings: Settings) -> None:
+    def __init__(
+        self,
+        state: State,
+        metrics: Metrics,
+        settings: Settings,
+        access_log: AccessLog | None = None,
+    ) -> None:
         self._state = state
+        self._access_log = access_log
         self._metrics = metrics
         self._settings = settings
         self._pools = Pools(metrics, settings)
@@ -47,7 +58,9 @@ class DataPlane:
 
     def _contexts(self) -> ServerContext:
         if self._server_ctx is None:
-            self._proxy = ProxyContext(self._state, self._pools, self._metrics, self._settings)
+            self._proxy = ProxyContext(
+                self._state, self._pools, self._metrics, self._settings, self._access_log
+            )
             self._server_ctx = ServerContext(
                 self._settings, self._metrics, self._proxy.make_exchange
             )

@@ -32,7 +32,8 @@ reading paused above the high-water mark), response pieces go straight to the cl
 each side's write back-pressure pauses reading on the other side.
 
 Nothing here formats log lines; the outcome of every request is one ``metrics.record_request``
-call with the response code and Envoy response flag.
+call with the response code and Envoy response flag, plus one ``AccessLog.record`` call when
+``--access-log`` is on (``ctx.access_log`` is None otherwise: one ``is not None`` test).
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ from meshproxy.upstream.pool import ClusterState, ConnectFailure, EndpointState,
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from meshproxy.accesslog import AccessLog
     from meshproxy.metrics import Metrics
 
 _monotonic = time.monotonic
@@ -171,6 +173,7 @@ class ProxyContext:
     """Shared by every exchange of a data plane (built once by ``DataPlane``)."""
 
     __slots__ = (
+        "access_log",
         "active_requests",
         "cache",
         "cache_limit",
@@ -183,8 +186,16 @@ class ProxyContext:
         "state",
     )
 
-    def __init__(self, state: State, pools: Pools, metrics: Metrics, settings: Settings) -> None:
+    def __init__(
+        self,
+        state: State,
+        pools: Pools,
+        metrics: Metrics,
+        settings: Settings,
+        access_log: AccessLog | None = None,
+    ) -> None:
         self.state = state
+        self.access_log = access_log
         self.pools = pools
         self.metrics = metrics
         self.settings = settings
@@ -797,6 +808,9 @@ class Exchange:
         ctx.metrics.record_request(
             self.cluster, code, flags, _monotonic() - self.head.t0, self.req_bytes, self.resp_bytes
         )
+        access_log = ctx.access_log
+        if access_log is not None:
+            access_log.record(self, code, flags)
 
     def __repr__(self) -> str:
         return (

@@ -12,6 +12,12 @@ When ``--outbound`` asks for port 0, the supervisor first binds (without listeni
 SO_REUSEPORT socket to pick a concrete port, keeps it bound for its lifetime (so the port stays
 reserved across worker restarts), and hands the number to the workers.
 
+``--access-log PATH`` is passed to every worker (as an absolute path): each appends whole lines
+with ``O_APPEND`` writes to the same file. ``--access-log -`` is passed on too; the supervisor
+copies each worker's stdout lines after its ``listening`` line (access log lines, whole) to its
+own stdout, once its own ``listening`` line is out. The supervisor checks that PATH can be
+opened before starting any worker (exit 2 otherwise).
+
 Every worker watches the config files itself (same files, same translation, same version).
 The supervisor's admin answers by asking the workers' admins: ``/ready`` is 200 only when every
 worker is; ``/stats/prometheus`` sums the workers' raw exports (``/stats?format=json``) with
@@ -36,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
+from meshproxy.accesslog import OFF, STDOUT, AccessLogError, check_target
 from meshproxy.admin import Admin, AdminRequest, AdminResponse, FetchError, fetch
 from meshproxy.cli import Addr, RunOptions, UsageError, format_addr, parse_addr
 from meshproxy.metrics import Export, merge_exports
@@ -48,6 +55,7 @@ WORKER_START_TIMEOUT = 30.0  # seconds for a worker to print its listening line
 WORKER_ADMIN_TIMEOUT = 5.0  # seconds for one admin call to a worker
 RESTART_BACKOFF_MAX = 5.0  # seconds between restarts of a worker that keeps dying
 STOP_GRACE = 5.0  # seconds after --drain-seconds before a worker is killed
+PUMP_FINISH_TIMEOUT = 1.0  # seconds to copy a stopped worker's last stdout lines
 
 
 class WorkerStartError(Exception):
@@ -122,6 +130,7 @@ class Supervisor:
         self.stopping = False
         self._stop = asyncio.Event()
         self._monitors: list[asyncio.Task[None]] = []
+        self.stdout_open = asyncio.Event()  # set once our listening line is out
 
     def __repr__(self) -> str:
         return f"Supervisor(outbound={self.outbound!r}, workers={[w.pid for w in self.workers]})"
@@ -146,6 +155,8 @@ class Supervisor:
             str(o.drain_seconds),
             "--log-level",
             o.log_level,
+            "--access-log",
+            o.access_log if o.access_log in (OFF, STDOUT) else os.path.abspath(o.access_log),
             "--reuse-port",
             "--parent-pid",
             str(os.getpid()),
@@ -179,12 +190,27 @@ class Supervisor:
         w.pump = asyncio.create_task(self._pump(proc), name=f"worker-{w.index}-stdout")
         log.info("worker %d started (pid %d, admin %s)", w.index, proc.pid, fields["admin"])
 
-    @staticmethod
-    async def _pump(proc: asyncio.subprocess.Process) -> None:
-        """Keep reading a worker's stdout so it can never block on a full pipe."""
+    async def _pump(self, proc: asyncio.subprocess.Process) -> None:
+        """Keep reading a worker's stdout so it can never block on a full pipe; with
+        ``--access-log -`` copy its lines (whole) to our stdout after our listening line."""
         assert proc.stdout is not None
-        while await proc.stdout.readline():
-            pass
+        forward = self.opts.access_log == STDOUT
+        while True:
+            try:
+                line = await proc.stdout.readline()
+            except ValueError:  # a line over the reader's limit: dropped, keep reading
+                log.warning("dropped an over-long line from a worker's stdout")
+                continue
+            if not line:
+                return
+            if forward:
+                await self.stdout_open.wait()
+                if line.endswith(b"\n"):
+                    try:
+                        os.write(1, line)
+                    except OSError as e:
+                        log.error("cannot write the access log to stdout: %s", e)
+                        forward = False
 
     async def _monitor(self, w: Worker) -> None:
         """Restart worker ``w`` whenever it dies while we are not stopping."""
@@ -283,6 +309,9 @@ class Supervisor:
                     p.kill()
         for p in procs:
             await p.wait()
+        pumps = [w.pump for w in self.workers if w.pump is not None]
+        if pumps:  # let them copy what the workers wrote last (EOF follows the exit)
+            await asyncio.wait(pumps, timeout=PUMP_FINISH_TIMEOUT)
         for w in self.workers:
             if w.pump is not None:
                 w.pump.cancel()
@@ -378,6 +407,7 @@ async def _main(opts: RunOptions, outbound: Addr) -> int:
     sup = Supervisor(opts, outbound)
     await sup.start()
     print(sup.listening_line(), flush=True)
+    sup.stdout_open.set()
     log.info("%s (%d workers)", sup.listening_line(), len(sup.workers))
     return await sup.serve()
 
@@ -388,6 +418,10 @@ def supervise(opts: RunOptions) -> int:
 
     from meshproxy.app import identity_for, settings_for
 
+    try:
+        check_target(opts.access_log)
+    except AccessLogError as e:
+        raise UsageError(str(e)) from None
     # Validate once here, so a bad config is exit 2 with its problems, not N dead workers.
     source = FileSource(opts.config, identity_for(opts), State(), settings_for(opts))
     result = source.build()
