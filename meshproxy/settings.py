@@ -22,6 +22,17 @@ class Settings:
     upstream_idle_timeout: float = 60.0  # idle pooled upstream connection is closed
     max_idle_per_endpoint: int = 256  # idle connections kept per endpoint
     retry_buffer_bytes: int = 1024 * 1024  # request bodies up to this are replayable
+    retry_backoff_base: float = 0.025  # Envoy's default base interval (full jitter)
+    retry_backoff_max: float = 0.250  # Envoy's default: 10 x base
+    max_repicks: int = 5  # re-picks a retry makes to avoid hosts already tried
+    # the retry budget of clusters whose DestinationRule sets none (Istio has no default
+    # budget; 0 percent = only the minimum concurrency); None = no default budget
+    retry_budget_percent: float | None = 20.0
+    retry_budget_min: int = 3
+    # outlier detection: a pool smaller than 100 / maxEjectionPercent endpoints may still eject
+    # this many (Envoy ejects none there); 0 = Envoy's behaviour exactly
+    outlier_min_ejectable: int = 1
+    mirror_max_inflight: int = 1024  # concurrent mirror requests; more are dropped and counted
     # lifecycle
     drain_seconds: float = 5.0
     reload_debounce: float = 0.1  # quiet time after a config file change before reloading

@@ -186,14 +186,20 @@ class DirectResponse:
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Istio ``HTTPRetry``. ``attempts`` counts retries (1 + attempts tries at most)."""
+    """Istio ``HTTPRetry``. ``attempts`` counts retries (1 + attempts tries at most).
+
+    The defaults are Istio's ``DefaultPolicy()`` (pilot/pkg/networking/core/route/retry):
+    2 retries on connect-failure, refused-stream, unavailable, cancelled and
+    retriable-status-codes with the code 503. A ``retries`` block without ``retryOn`` keeps
+    these conditions and codes; a ``retryOn`` replaces both (its bare numbers are the codes).
+    """
 
     attempts: int = 2
     per_try_timeout: float | None = None
     retry_on: frozenset[str] = frozenset(
         {"connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"}
     )
-    retriable_status_codes: frozenset[int] = frozenset()
+    retriable_status_codes: frozenset[int] = frozenset({503})
     retry_remote_localities: bool = False
 
 
@@ -337,6 +343,17 @@ class ConnectionPool:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryBudget:
+    """Istio ``TrafficPolicy.retryBudget`` / Envoy ``RetryBudget``: at most ``percent`` % of the
+    cluster's active plus pending requests may be retries at once, but never fewer than
+    ``min_concurrency`` concurrent retries. When a cluster has no budget the data plane applies
+    its own default (``Settings.retry_budget_percent`` / ``..._min``), which Istio does not."""
+
+    percent: float = 20.0
+    min_concurrency: int = 3
+
+
+@dataclass(frozen=True, slots=True)
 class OutlierPolicy:
     """Istio ``OutlierDetection`` (present only when the DestinationRule has one)."""
 
@@ -388,6 +405,7 @@ class Cluster:
     pool: ConnectionPool = field(default_factory=ConnectionPool)
     outlier: OutlierPolicy | None = None
     tls: TlsPolicy | None = None
+    retry_budget: RetryBudget | None = None
     protocol: str = "HTTP"
     service_name: str = ""
     service_namespace: str = ""
