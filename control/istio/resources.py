@@ -404,7 +404,7 @@ class OutlierDetection:
     base_ejection_time: Duration | None = None
     max_ejection_percent: int | None = None
     min_health_percent: int | None = None
-    consecutive_errors: int | None = None  # deprecated alias of consecutive5xxErrors
+    consecutive_errors: int | None = None  # deprecated; Istio validates it, then ignores it
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,6 +444,19 @@ class ProxyProtocol:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryBudget:
+    """``TrafficPolicy.RetryBudget`` (Istio 1.27+): Envoy's
+    ``circuit_breakers.thresholds[].retry_budget``. ``percent`` is a ``DoubleValue`` (absent =
+    20 %), ``min_retry_concurrency`` a ``uint32`` (0 / absent = 3), ``budget_interval`` the
+    newer window over which requests are counted (absent / 0 = only active and pending ones).
+    A field of ``TrafficPolicy`` (so of a subset's policy too), not of ``PortTrafficPolicy``."""
+
+    percent: float | None = None
+    min_retry_concurrency: int | None = None
+    budget_interval: Duration | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TrafficPolicy:
     load_balancer: LoadBalancerSettings | None = None
     connection_pool: ConnectionPoolSettings | None = None
@@ -452,6 +465,7 @@ class TrafficPolicy:
     port_level_settings: tuple[PortTrafficPolicy, ...] = ()
     tunnel: TunnelSettings | None = None
     proxy_protocol: ProxyProtocol | None = None
+    retry_budget: RetryBudget | None = None
 
 
 @dataclass(frozen=True, slots=True)

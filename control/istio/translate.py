@@ -70,6 +70,7 @@ from control.istio.resources import (
     VirtualServiceSpec,
     WorkloadEntrySpec,
 )
+from control.istio.resources import RetryBudget as IRetryBudget
 from control.istio.resources import StringMatch as IStringMatch
 from control.istio.validate import DestinationRuleIndex, ValidationReport, compile_re2, visible
 from meshproxy.config.model import (
@@ -93,6 +94,7 @@ from meshproxy.config.model import (
     OutlierPolicy,
     ProxyIdentity,
     Redirect,
+    RetryBudget,
     RetryPolicy,
     Rewrite,
     Route,
@@ -195,33 +197,39 @@ def _meta(r: Resource[Any], path: str = "") -> Meta:
 # --------------------------------------------------------------------------- traffic policy
 
 _GROUPS = ("load_balancer", "connection_pool", "outlier_detection", "tls")
+# every group the merge carries; ``retry_budget`` exists on TrafficPolicy only, not per port
+_KEYS = (*_GROUPS, "retry_budget")
 
 
 def _port_policy(tp: TrafficPolicy | None, port: int) -> dict[str, Any]:
-    """Top-level groups of ``tp``, replaced wholesale by its portLevelSettings for ``port``."""
+    """Top-level groups of ``tp``, replaced wholesale by its portLevelSettings for ``port``.
+
+    Istio ``GetPortLevelTrafficPolicy`` returns ``shadowCopyPortTrafficPolicy(pls)``, a policy
+    holding the port's four groups and nothing else: with port-level settings for the port,
+    the top-level ``retryBudget`` does not apply either ("not inherited")."""
     if tp is None:
-        return dict.fromkeys(_GROUPS)
+        return dict.fromkeys(_KEYS)
     for pls in tp.port_level_settings:
         if pls.port is not None and pls.port.number == port:
-            return {g: getattr(pls, g) for g in _GROUPS}
-    return {g: getattr(tp, g) for g in _GROUPS}
+            return {**{g: getattr(pls, g) for g in _GROUPS}, "retry_budget": None}
+    return {g: getattr(tp, g) for g in _KEYS}
 
 
 def _merged_policy(
     dr_tp: TrafficPolicy | None, sub_tp: TrafficPolicy | None, port: int
 ) -> dict[str, Any]:
-    """Istio ``MergeTrafficPolicy``: DR policy for the port, subset groups on top, then the
-    subset's port-level settings for the port (which replace all groups)."""
+    """Istio ``MergeSubsetTrafficPolicy``: DR policy for the port, subset groups on top (a
+    subset ``retryBudget`` replaces the DR's: istio/istio#59668), then the subset's port-level
+    settings for the port, which replace the four groups wholesale and, having no
+    ``retryBudget`` of their own, leave the budget merged so far (``mergeTrafficPolicy`` only
+    copies a budget the subset's port-level copy has, and it has none)."""
     base = _port_policy(dr_tp, port)
     if sub_tp is None:
         return base
-    merged = {
-        g: (getattr(sub_tp, g) if getattr(sub_tp, g) is not None else base[g]) for g in _GROUPS
-    }
     for pls in sub_tp.port_level_settings:
         if pls.port is not None and pls.port.number == port:
-            return {g: getattr(pls, g) for g in _GROUPS}
-    return merged
+            return {**{g: getattr(pls, g) for g in _GROUPS}, "retry_budget": base["retry_budget"]}
+    return {g: (getattr(sub_tp, g) if getattr(sub_tp, g) is not None else base[g]) for g in _KEYS}
 
 
 _SIMPLE = {
@@ -235,6 +243,7 @@ _SIMPLE = {
 }
 _DEFAULT_LB = LoadBalancer()
 _DEFAULT_POOL = ConnectionPool()
+_DEFAULT_BUDGET = RetryBudget()  # Envoy's RetryBudget defaults: 20 %, 3
 
 
 def _lb(lb: LoadBalancerSettings | None) -> LoadBalancer:
@@ -269,17 +278,22 @@ def _lb(lb: LoadBalancerSettings | None) -> LoadBalancer:
 
 
 def _pool(cp: ConnectionPoolSettings | None) -> ConnectionPool:
-    """Istio applies each limit only when it is > 0; otherwise Envoy's default stays."""
+    """Istio ``applyConnectionPool`` (pilot/pkg/networking/core/cluster_traffic_policy.go).
+
+    The circuit-breaker limits (http2MaxRequests, http1MaxPendingRequests, maxRetries,
+    tcp.maxConnections) and maxRequestsPerConnection are applied only when > 0, so 0 means
+    "unset" and Envoy's / Istio's default stays (2^32-1 limits, unlimited requests per
+    connection). connectTimeout is applied when present (default: the mesh's 10 s). The
+    upstream idle timeout is ``http.idleTimeout``, else ``tcp.idleTimeout`` (Istio: ``if
+    idleTimeout == nil { idleTimeout = settings.Tcp.IdleTimeout }``), else Envoy's 1 h.
+    maxConcurrentStreams (HTTP/2 only), h2UpgradePolicy: UPGRADE, tcpKeepalive and
+    maxConnectionDuration have no field here: the validator warns that they are not applied."""
     if cp is None:
         return _DEFAULT_POOL
     d = _DEFAULT_POOL
     kw: dict[str, Any] = {}
     t, h = cp.tcp, cp.http
-    if t is not None:
-        if t.max_connections:
-            kw["max_connections"] = t.max_connections
-        if t.connect_timeout:
-            kw["connect_timeout"] = float(t.connect_timeout)
+    idle: float | None = None
     if h is not None:
         if h.http1_max_pending_requests:
             kw["max_pending_requests"] = h.http1_max_pending_requests
@@ -289,31 +303,50 @@ def _pool(cp: ConnectionPoolSettings | None) -> ConnectionPool:
             kw["max_requests_per_connection"] = h.max_requests_per_connection
         if h.max_retries:
             kw["max_retries"] = h.max_retries
-        if h.idle_timeout:
-            kw["idle_timeout"] = float(h.idle_timeout)
+        if h.idle_timeout is not None:
+            idle = float(h.idle_timeout)
+    if t is not None:
+        if t.max_connections:
+            kw["max_connections"] = t.max_connections
+        if t.connect_timeout is not None:
+            kw["connect_timeout"] = float(t.connect_timeout)
+        if idle is None and t.idle_timeout is not None:
+            idle = float(t.idle_timeout)
+    if idle is not None:
+        kw["idle_timeout"] = idle
     return ConnectionPool(**kw) if kw else d
 
 
 def _outlier(o: OutlierDetection | None) -> OutlierPolicy | None:
+    """Istio ``applyOutlierDetection`` (cluster_traffic_policy.go) over Envoy's defaults.
+
+    * ``consecutive5xxErrors`` / ``consecutiveGatewayErrors`` are wrappers: absent keeps
+      Envoy's default (5xx: 5, enforced; gateway: enforcing 0, i.e. off), 0 disables.
+    * The deprecated ``consecutiveErrors`` is not read by Istio's translation at all (only
+      warned about by validation), so it changes nothing here either.
+    * ``consecutiveLocalOriginFailures`` is copied only with ``splitExternalLocalOriginErrors``
+      and only when > 0; otherwise Envoy's default 5 (enforced at 100 %) stays.
+    * ``interval`` 10 s and ``baseEjectionTime`` 30 s unless given; ``maxEjectionPercent``
+      only when > 0 (else Envoy's 10); ``minHealthPercent`` always becomes the panic
+      threshold, so absent means 0 (Envoy's own default of 50 never applies)."""
     if o is None:
         return None
     d = OutlierPolicy()
     c5 = o.consecutive_5xx_errors
-    if c5 is None and o.consecutive_errors:
-        c5 = o.consecutive_errors  # deprecated alias
     c5xx: int | None = d.consecutive_5xx if c5 is None else (c5 or None)
     cgw = o.consecutive_gateway_errors or None
+    split = bool(o.split_external_local_origin_errors)
     clo = o.consecutive_local_origin_failures
     return OutlierPolicy(
         consecutive_5xx=c5xx,
         consecutive_gateway_errors=cgw,
-        split_external_local_origin_errors=bool(o.split_external_local_origin_errors),
-        consecutive_local_origin_failures=d.consecutive_local_origin_failures
-        if clo is None
-        else (clo or None),
-        interval=float(o.interval) if o.interval else d.interval,
+        split_external_local_origin_errors=split,
+        consecutive_local_origin_failures=clo
+        if split and clo
+        else d.consecutive_local_origin_failures,
+        interval=float(o.interval) if o.interval is not None else d.interval,
         base_ejection_time=float(o.base_ejection_time)
-        if o.base_ejection_time
+        if o.base_ejection_time is not None
         else d.base_ejection_time,
         max_ejection_percent=o.max_ejection_percent
         if o.max_ejection_percent
@@ -321,6 +354,20 @@ def _outlier(o: OutlierDetection | None) -> OutlierPolicy | None:
         min_health_percent=o.min_health_percent
         if o.min_health_percent is not None
         else d.min_health_percent,
+    )
+
+
+def _retry_budget(rb: IRetryBudget | None) -> RetryBudget | None:
+    """Istio ``applyRetryBudget``: a budget block present with a field absent takes Envoy's
+    default, ``percent`` 20 (istio/istio#59505 fixed an earlier 0.2) and
+    ``minRetryConcurrency`` 3 (applied only when > 0, so 0 also means 3). ``budgetInterval``
+    is not carried: the data plane implements the concurrent (0ms) form only."""
+    if rb is None:
+        return None
+    d = _DEFAULT_BUDGET
+    return RetryBudget(
+        percent=float(rb.percent) if rb.percent is not None else d.percent,
+        min_concurrency=rb.min_retry_concurrency if rb.min_retry_concurrency else d.min_concurrency,
     )
 
 
@@ -748,6 +795,7 @@ class _Translator:
             pool=_pool(groups["connection_pool"]),
             outlier=_outlier(groups["outlier_detection"]),
             tls=_tls(groups["tls"], svc.subject_alt_names),
+            retry_budget=_retry_budget(groups["retry_budget"]),
             protocol=(port.protocol or "HTTP").upper(),
             service_name=_service_name(svc.host),
             service_namespace=svc.namespace,
@@ -1061,23 +1109,29 @@ class _Translator:
                 if wkey is not None:
                     self._wc_cache[wkey] = wc
             clusters.append(wc)
+        # Istio MirrorPercent / MirrorPercentByPolicy (pilot/pkg/networking/core/route):
+        # no percentage = 100 %; a percentage given as 0 (or `{}`, whose value reads as 0)
+        # means no mirror policy at all; mirrorPercentage wins over the deprecated
+        # mirrorPercent
         mirrors: list[Mirror] = []
         md = iter(mirror_dests)
         if r.mirror is not None:
-            frac = 1.0
-            if r.mirror_percentage is not None and r.mirror_percentage.value is not None:
-                frac = r.mirror_percentage.value / 100.0
+            got = next(md)
+            if r.mirror_percentage is not None:
+                frac = (r.mirror_percentage.value or 0.0) / 100.0
             elif r.mirror_percent is not None:
                 frac = r.mirror_percent / 100.0
-            mirrors.append(_mirror(r.mirror, next(md), frac))
+            else:
+                frac = 1.0
+            if frac > 0:
+                mirrors.append(_mirror(r.mirror, got, frac))
         for mp in r.mirrors:
             got = next(md)
             if mp.destination is None or got is None:
                 continue
-            frac = 1.0
-            if mp.percentage is not None and mp.percentage.value is not None:
-                frac = mp.percentage.value / 100.0
-            mirrors.append(_mirror(mp.destination, got, frac))
+            frac = (mp.percentage.value or 0.0) / 100.0 if mp.percentage is not None else 1.0
+            if frac > 0:
+                mirrors.append(_mirror(mp.destination, got, frac))
         return Route(
             name=r.name or "",
             meta=_meta(vs, path),
@@ -1375,6 +1429,11 @@ def _retries(r: HTTPRoute) -> RetryPolicy | None:
 
 
 def _fault(r: HTTPRoute) -> FaultPolicy | None:
+    """Istio ``TranslateFault`` (pilot/pkg/networking/core/route/fault.go): a present
+    ``percentage`` is used even when its value is absent (0); only without one does the delay
+    fall back to the deprecated integer ``percent``; no percentage at all is 0 % (Envoy's
+    FractionalPercent default: no request affected). Only fixed delays and HTTP-status aborts
+    translate (validation rejects or warns about the others)."""
     f = r.fault
     if f is None:
         return None
@@ -1382,16 +1441,16 @@ def _fault(r: HTTPRoute) -> FaultPolicy | None:
     dfrac = 0.0
     if f.delay is not None and f.delay.fixed_delay is not None:
         delay = float(f.delay.fixed_delay)
-        if f.delay.percentage is not None and f.delay.percentage.value is not None:
-            dfrac = f.delay.percentage.value / 100.0
+        if f.delay.percentage is not None:
+            dfrac = (f.delay.percentage.value or 0.0) / 100.0
         elif f.delay.percent is not None:
             dfrac = f.delay.percent / 100.0
     status: int | None = None
     afrac = 0.0
     if f.abort is not None and f.abort.http_status is not None:
         status = f.abort.http_status
-        if f.abort.percentage is not None and f.abort.percentage.value is not None:
-            afrac = f.abort.percentage.value / 100.0
+        if f.abort.percentage is not None:
+            afrac = (f.abort.percentage.value or 0.0) / 100.0
     if delay is None and status is None:
         return None
     return FaultPolicy(delay=delay, delay_fraction=dfrac, abort_status=status, abort_fraction=afrac)

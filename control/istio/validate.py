@@ -51,6 +51,7 @@ from control.istio.resources import (
     Percent,
     Resource,
     Resources,
+    RetryBudget,
     RouteDestination,
     RuleFrom,
     RuleTo,
@@ -832,10 +833,9 @@ def _check_retries(c: Checker, p: str, r: HTTPRoute) -> None:
     attempts = rt.attempts or 0
     if attempts < 0:
         c.err(f"{p}.attempts", "attempts cannot be negative")
+    # Istio validateHTTPRetry tests `RetryOn != ""`: an empty retryOn is the same as none
     if attempts == 0 and (
-        rt.per_try_timeout is not None
-        or rt.retry_on is not None
-        or rt.retry_remote_localities is not None
+        rt.per_try_timeout is not None or rt.retry_on or rt.retry_remote_localities is not None
     ):
         c.err(p, "http retry policy configured when attempts are set to 0 (disabled)")
     check_duration(c, f"{p}.perTryTimeout", rt.per_try_timeout)
@@ -933,11 +933,14 @@ def check_traffic_policy(c: Checker, p: str, tp: TrafficPolicy | None) -> None:
         and not tp.port_level_settings
         and tp.tunnel is None
         and tp.proxy_protocol is None
+        # a policy with only a retryBudget is valid (istio/istio#57322)
+        and tp.retry_budget is None
     ):
         c.err(p, "traffic policy must have at least one field")
         return
     if tp.tunnel is not None and tp.proxy_protocol is not None:
         c.err(p, "tunnel and proxyProtocol must not be set together")
+    _check_retry_budget(c, f"{p}.retryBudget", tp.retry_budget)
     _check_outlier(c, f"{p}.outlierDetection", tp.outlier_detection)
     _check_pool(c, f"{p}.connectionPool", tp.connection_pool)
     _check_lb(c, f"{p}.loadBalancer", tp.load_balancer, tp.outlier_detection)
@@ -982,6 +985,30 @@ def check_traffic_policy(c: Checker, p: str, tp: TrafficPolicy | None) -> None:
         c.warn(tp_, "tunnel settings are validated but not used by meshproxy")
     if tp.proxy_protocol is not None:
         c.warn(f"{p}.proxyProtocol", "proxyProtocol is validated but not used by meshproxy")
+
+
+def _check_retry_budget(c: Checker, p: str, rb: RetryBudget | None) -> None:
+    """``TrafficPolicy.retryBudget``: ``percent`` is bounded 0..100 by the CRD schema
+    (``+kubebuilder:validation:Minimum=0`` / ``Maximum=100`` in destination_rule.proto),
+    ``minRetryConcurrency`` is a uint32. ``budgetInterval`` (Envoy's ``budget_interval``)
+    defaults to 0ms, the concurrent form: 0 is valid, a window is accepted but not applied."""
+    if rb is None:
+        return
+    if rb.percent is not None and not 0.0 <= rb.percent <= 100.0:
+        c.err(f"{p}.percent", f"retry budget percent {rb.percent:g} is not in range 0..100")
+    if rb.min_retry_concurrency is not None and rb.min_retry_concurrency < 0:
+        c.err(f"{p}.minRetryConcurrency", "min retry concurrency must be non-negative")
+    bi = rb.budget_interval
+    if bi is not None:
+        if bi < 0:
+            c.err(f"{p}.budgetInterval", "budget interval must not be negative")
+        elif bi > 0:
+            check_duration(c, f"{p}.budgetInterval", bi)
+            c.warn(
+                f"{p}.budgetInterval",
+                "accepted but not applied: meshproxy's retry budget counts only active and "
+                "pending requests (Envoy's budgetInterval 0ms form)",
+            )
 
 
 def _check_outlier(c: Checker, p: str, o: OutlierDetection | None) -> None:
@@ -1036,6 +1063,18 @@ def _check_pool(c: Checker, p: str, cp: ConnectionPoolSettings | None) -> None:
         check_duration(c, f"{hp}.idleTimeout", h.idle_timeout)
         if h.h2_upgrade_policy == "UPGRADE" and h.use_client_protocol:
             c.err(hp, "use client protocol must not be true when H2UpgradePolicy is UPGRADE")
+        # meshproxy speaks HTTP/1.1 upstream, which is what DEFAULT / DO_NOT_UPGRADE and
+        # useClientProtocol (downstream is HTTP/1) give in Istio; the HTTP/2-only knobs are not
+        if h.h2_upgrade_policy == "UPGRADE":
+            c.warn(
+                f"{hp}.h2UpgradePolicy",
+                "accepted but not applied: meshproxy does not upgrade upstream connections to HTTP/2",
+            )
+        if h.max_concurrent_streams:
+            c.warn(
+                f"{hp}.maxConcurrentStreams",
+                "accepted but not applied: it limits HTTP/2 streams and meshproxy's upstreams are HTTP/1.1",
+            )
     if cp.tcp is not None:
         t = cp.tcp
         tp = f"{p}.tcp"
@@ -1044,9 +1083,18 @@ def _check_pool(c: Checker, p: str, cp: ConnectionPoolSettings | None) -> None:
         check_duration(c, f"{tp}.connectTimeout", t.connect_timeout)
         check_duration(c, f"{tp}.maxConnectionDuration", t.max_connection_duration)
         check_duration(c, f"{tp}.idleTimeout", t.idle_timeout)
+        if t.max_connection_duration is not None:
+            c.warn(
+                f"{tp}.maxConnectionDuration",
+                "accepted but not applied: meshproxy does not close upstream connections by age",
+            )
         if t.tcp_keepalive is not None:
             check_duration(c, f"{tp}.tcpKeepalive.time", t.tcp_keepalive.time)
             check_duration(c, f"{tp}.tcpKeepalive.interval", t.tcp_keepalive.interval)
+            c.warn(
+                f"{tp}.tcpKeepalive",
+                "accepted but not applied: meshproxy sets no TCP keepalive on upstream sockets",
+            )
 
 
 def _is_prime(x: int) -> bool:
