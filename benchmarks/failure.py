@@ -861,11 +861,18 @@ _PROM_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 def parse_prometheus(text: str) -> dict[str, Any]:
     """Every ``meshproxy_*_total`` counter summed over its labels (and per ``cluster``
-    label when it has one), plus ``istio_requests_total`` by ``code/flags``."""
+    label when it has one; a declared family without series is 0), plus
+    ``istio_requests_total`` by ``code/flags``."""
     counters: dict[str, float] = {}
     by_cluster: dict[str, dict[str, float]] = {}
     requests: dict[str, float] = {}
     for line in text.splitlines():
+        if line.startswith("# TYPE meshproxy_"):
+            # a declared counter with no series yet has counted nothing: 0, not "absent"
+            parts = line.split()
+            if len(parts) >= 4 and parts[3] == "counter" and parts[2].endswith("_total"):
+                counters.setdefault(parts[2], 0.0)
+            continue
         if not line or line.startswith("#"):
             continue
         m = _PROM.match(line)
@@ -899,6 +906,17 @@ def parse_envoy_stats(text: str, cluster: str = ENVOY_CLUSTER) -> dict[str, floa
     return out
 
 
+def _is_envoy_gauge(name: str) -> bool:
+    """The Envoy cluster stats that are gauges (reported as read after the run, not as a
+    difference); every other integer stat of a cluster is a counter."""
+    return (
+        "remaining_" in name
+        or name.endswith(("_active", "_buffered", "_open", ".ejections_active"))
+        or name in ("max_host_weight", "membership_healthy", "membership_total")
+        or name.startswith(("membership_", "version", "lb_subsets_active"))
+    )
+
+
 def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
     return {k: v - before.get(k, 0.0) for k, v in sorted(after.items())}
 
@@ -915,13 +933,12 @@ def counter_delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, An
     }
 
 
-# Which counters the table shows, by what the brief calls them. meshproxy names are matched
-# by substring (the lead is still naming some of them), the first family that matches wins.
+# The counters the table shows (None when the proxy does not export that family at all).
 MESH_FIGURES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("retries", ("meshproxy_upstream_retries_total", "retries_total")),
-    ("retry overflow", ("budget", "retry_overflow")),
-    ("ejections", ("meshproxy_outlier_ejections_total", "ejections")),
-    ("CB overflow", ("meshproxy_upstream_overflows_total", "overflow")),
+    ("retries", ("meshproxy_upstream_retries_total",)),
+    ("retry overflow", ("meshproxy_upstream_retry_overflows_total",)),
+    ("ejections", ("meshproxy_outlier_ejections_total",)),
+    ("CB overflow", ("meshproxy_upstream_overflows_total",)),
     ("upstream conns", ("meshproxy_upstream_connections_total",)),
 )
 ENVOY_FIGURES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -934,25 +951,12 @@ ENVOY_FIGURES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def pick_figures(peer: str, counters: dict[str, float]) -> dict[str, float | None]:
-    """The table's counters out of a scenario's counter deltas (None: no such counter)."""
+    """The table's counters out of a scenario's counter deltas (a sum when a figure has
+    several counters; None when the proxy has none of them)."""
     out: dict[str, float | None] = {}
-    used: set[str] = set()
-    if peer == "envoy":
-        for label, names in ENVOY_FIGURES:
-            vals = [counters[n] for n in names if n in counters]
-            out[label] = sum(vals) if vals else None
-        return out
-    for label, patterns in MESH_FIGURES:
-        found: float | None = None
-        for pat in patterns:
-            for name in sorted(counters):
-                if name not in used and (name == pat or pat in name):
-                    found = counters[name]
-                    used.add(name)
-                    break
-            if found is not None:
-                break
-        out[label] = found
+    for label, names in ENVOY_FIGURES if peer == "envoy" else MESH_FIGURES:
+        vals = [counters[n] for n in names if n in counters]
+        out[label] = sum(vals) if vals else None
     return out
 
 
@@ -1023,6 +1027,8 @@ def read_clusters(peer: str, admin: int) -> Any:
             ]
             return flags
         reply = http_get(admin, "/clusters", host="admin", timeout=10)
+        if reply.status != 200:
+            return {"error": f"/clusters answered {reply.status}: {reply.body[:100]!r}"}
         doc = json.loads(reply.body)
         return [c for c in doc.get("clusters", []) if c.get("name", "").startswith(HOST)]
     except (OSError, BenchError, ValueError) as exc:
@@ -1089,7 +1095,12 @@ def run_scenario(sc: Scenario, ctx: Ctx) -> dict[str, Any]:
             raise BenchError(f"{sc.peer} died during the run\n{proxy.tail()}")
         after = read_counters(sc.peer, admin)
         if sc.peer == "envoy":
-            out["counters"] = {"counters": _delta(after["counters"], before["counters"])}
+            gauges = {k: v for k, v in after["counters"].items() if _is_envoy_gauge(k)}
+            counters = {k: v for k, v in after["counters"].items() if k not in gauges}
+            out["counters"] = {
+                "counters": _delta(counters, before["counters"]),
+                "gauges_after": gauges,
+            }
         else:
             out["counters"] = counter_delta(after, before)
         out["figures"] = pick_figures(sc.peer, out["counters"]["counters"])
