@@ -298,32 +298,39 @@ class OutlierDetector:
 
     def sweep(self, now: float) -> list[int]:
         """The interval timer (every ``policy.interval`` seconds): un-eject the hosts whose
-        ejection has run out, then decay the multiplier of hosts healthy for an interval.
-        Returns the indices un-ejected, for the log."""
+        ejection has run out and decay the multiplier of hosts healthy for an interval.
+        Returns the indices un-ejected, for the log.
+
+        The same pass recounts the ejected hosts from the :class:`HostHealth` objects, so an
+        ejection made through another detector over shared objects (a request that started
+        before a reload reporting to the old cluster state) is adopted within an interval."""
         unejected: list[int] = []
-        hosts = self._hosts
-        if self._ejected:
-            for i, h in enumerate(hosts):
-                if h.ejected and self._duration(h) <= now - h.ejected_at + TIMER_SLACK:
+        mask = self._mask
+        ejected = 0
+        healthy_for = self._interval - TIMER_SLACK
+        for i, h in enumerate(self._hosts):
+            if h.ejected:
+                if self._duration(h) <= now - h.ejected_at + TIMER_SLACK:
                     h.ejected = False
                     h.unejected_at = now
                     h.consecutive_5xx = 0
                     h.consecutive_gateway = 0
                     h.consecutive_local = 0
-                    self._mask[i] = True
-                    self._ejected -= 1
+                    mask[i] = True
                     unejected.append(i)
-            if unejected:
-                self._refresh()
-        healthy_for = self._interval - TIMER_SLACK
-        for h in hosts:
-            if (
-                h.multiplier
-                and not h.ejected
-                and h.unejected_at is not None
-                and now - h.unejected_at >= healthy_for
-            ):
-                h.multiplier -= 1
+                else:
+                    mask[i] = False
+                    ejected += 1
+            else:
+                mask[i] = True
+                # Envoy: healthy and un-ejected at least an interval ago (so never in the
+                # sweep that un-ejected it)
+                back = h.unejected_at
+                if h.multiplier and back is not None and now - back >= healthy_for:
+                    h.multiplier -= 1
+        if unejected or ejected != self._ejected:
+            self._ejected = ejected
+            self._refresh()
         return unejected
 
     # ------------------------------------------------------------------ reading

@@ -484,6 +484,20 @@ def test_carried_over_panic_state() -> None:
     assert d.panic and d.available is None and d.ejected_count == 1
 
 
+def test_sweep_adopts_an_ejection_made_through_another_detector() -> None:
+    # a request that began before a reload reports to the old detector over the same objects
+    hosts = [HostHealth() for _ in range(4)]
+    old = OutlierDetector(OutlierPolicy(), hosts)
+    new = OutlierDetector(OutlierPolicy(), hosts)
+    assert eject(old, 2, 0.0) is not None
+    assert new.ejected_count == 0 and new.available is None  # not seen until the sweep
+    assert new.sweep(10.0) == []
+    assert new.ejected_count == 1 and new.available == [True, True, False, True]
+    assert new.sweep(30.0) == [2]
+    assert new.ejected_count == 0 and new.available is None
+    assert new.sweep(40.0) == [] and new.ejected_count == 0
+
+
 # --------------------------------------------------------------------------- reading
 
 
