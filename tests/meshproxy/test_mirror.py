@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 
 import pytest
+import uvloop
 
 from meshproxy.config.model import Cluster, ConnectionPool, LbKind, LoadBalancer
 from meshproxy.http.codec import BodyFraming, build_request_head, encode_chunk
@@ -17,7 +20,7 @@ from meshproxy.settings import Settings
 from meshproxy.upstream.connection import UpstreamConnection
 from meshproxy.upstream.pool import ClusterState, EndpointState, Pools
 from tests.support.fakes import FakeMetrics, cluster
-from tests.support.upstream import Reply, UpstreamServer
+from tests.support.upstream import Handler, Reply, UpstreamServer
 
 # --------------------------------------------------------------------------- pure
 
@@ -86,6 +89,59 @@ def test_shadow_request_head_any_case_and_spacing_and_no_host() -> None:
 # --------------------------------------------------------------------------- helpers
 
 
+# pytest-asyncio 1.x prefers a conftest ``pytest_asyncio_loop_factories`` hook (not this
+# module's to add); test_runs_on_the_requested_loop fails if the override stops working.
+pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy" fixture')
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Every async test runs on both loops (the proxy runs on uvloop)."""
+    if request.param == "uvloop":
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
+
+
+async def test_runs_on_the_requested_loop(event_loop_policy: object) -> None:
+    wanted = isinstance(event_loop_policy, uvloop.EventLoopPolicy)
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop) is wanted
+
+
+@asynccontextmanager
+async def serve(*handlers: Handler | Reply) -> AsyncIterator[list[UpstreamServer]]:
+    """Recording upstreams on 127.0.0.1:0. On the asyncio loop they share the test's loop; on
+    uvloop (whose transports tests.support.upstream does not accept) they run on an asyncio
+    loop in a thread of their own, stopped on exit."""
+    servers = [UpstreamServer(h) for h in handlers]
+    if not isinstance(asyncio.get_running_loop(), uvloop.Loop):
+        for up in servers:
+            await up.start()
+        try:
+            yield servers
+        finally:
+            for up in servers:
+                await up.close()
+        return
+    loop = asyncio.SelectorEventLoop()  # not the policy's (uvloop) loop
+    thread = threading.Thread(target=loop.run_forever, name="upstream", daemon=True)
+    thread.start()
+
+    async def on_thread(coro: Coroutine[object, object, object]) -> None:
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+
+    try:
+        for up in servers:
+            await on_thread(up.start())
+        yield servers
+    finally:
+        for up in servers:
+            await on_thread(up.close())
+        await on_thread(asyncio.sleep(0.01))  # the cancelled reply tasks finish
+        loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(thread.join, 5)
+        loop.close()
+
+
 def make(
     ports: list[int], settings: Settings | None = None, rand: Callable[[], float] | None = None
 ) -> tuple[Mirrorer, Pools, Cluster]:
@@ -128,7 +184,7 @@ def counters(m: Mirrorer) -> tuple[int, int, int, int, int]:
 
 
 async def test_copy_arrives_shadowed_with_same_method_path_and_body() -> None:
-    async with UpstreamServer(Reply(body=b"mirror answer")) as up:
+    async with serve(Reply(body=b"mirror answer")) as [up]:
         m, pools, c = make([up.port])
         head = shadow_request_head(_head(b"reviews:9080", length=4))
         t0 = time.perf_counter()
@@ -147,7 +203,7 @@ async def test_copy_arrives_shadowed_with_same_method_path_and_body() -> None:
 
 
 async def test_chunked_body_is_mirrored() -> None:
-    async with UpstreamServer() as up:
+    async with serve(Reply()) as [up]:
         m, pools, c = make([up.port])
         head = shadow_request_head(_head(b"ratings", framing=BodyFraming.CHUNKED, length=None))
         body = encode_chunk(b"hello ") + encode_chunk(b"world") + b"0\r\n\r\n"
@@ -170,7 +226,7 @@ async def test_connections_are_reused_and_responses_of_any_kind_complete() -> No
             Reply(status=204, no_content_length=True, body=b""),
         ]
     )
-    async with UpstreamServer(lambda rec: next(replies)) as up:
+    async with serve(lambda rec: next(replies)) as [up]:
         m, pools, c = make([up.port])
         head = shadow_request_head(_head(b"svc", method=b"GET", framing=BodyFraming.NONE))
         for _ in range(4):
@@ -184,7 +240,7 @@ async def test_connections_are_reused_and_responses_of_any_kind_complete() -> No
 
 
 async def test_head_request_completes_at_its_head_and_keeps_the_connection() -> None:
-    async with UpstreamServer(Reply(body=b"ignored-by-llhttp")) as up:
+    async with serve(Reply(body=b"ignored-by-llhttp")) as [up]:
         m, pools, c = make([up.port])
         head = shadow_request_head(_head(b"svc", method=b"HEAD", framing=BodyFraming.NONE))
         for _ in range(2):
@@ -198,7 +254,7 @@ async def test_head_request_completes_at_its_head_and_keeps_the_connection() -> 
 
 async def test_connection_close_and_close_delimited_responses_are_not_reused() -> None:
     replies = iter([Reply(close=True), Reply(close_delimited=True, body=b"till fin"), Reply()])
-    async with UpstreamServer(lambda rec: next(replies)) as up:
+    async with serve(lambda rec: next(replies)) as [up]:
         m, pools, c = make([up.port])
         head = shadow_request_head(_head(b"svc", method=b"GET", framing=BodyFraming.NONE))
         for _ in range(3):
@@ -211,7 +267,7 @@ async def test_connection_close_and_close_delimited_responses_are_not_reused() -
 
 
 async def test_mirror_that_never_answers_times_out_and_is_aborted() -> None:
-    async with UpstreamServer(Reply(delay=30)) as up:
+    async with serve(Reply(delay=30)) as [up]:
         m, pools, c = make([up.port])
         head = shadow_request_head(_head(b"svc"))
         t0 = time.perf_counter()
@@ -239,7 +295,7 @@ async def test_mirror_that_never_answers_times_out_and_is_aborted() -> None:
     ids=["reset", "fin-before-response", "garbage", "truncated-body"],
 )
 async def test_broken_mirror_is_contained_and_counted(reply: Reply) -> None:
-    async with UpstreamServer(reply) as up:
+    async with serve(reply) as [up]:
         m, pools, c = make([up.port])
         m.send(c, shadow_request_head(_head(b"svc")), b"body", 2.0)
         await settle(m)
@@ -281,7 +337,7 @@ async def test_connect_that_hangs_is_bounded_by_the_mirror_deadline() -> None:
 
 
 async def test_inflight_bound_drops_and_counts() -> None:
-    async with UpstreamServer(Reply(delay=0.2)) as up:
+    async with serve(Reply(delay=0.2)) as [up]:
         m, pools, c = make([up.port], Settings(mirror_max_inflight=2))
         head = shadow_request_head(_head(b"svc"))
         for _ in range(5):
@@ -297,7 +353,7 @@ async def test_inflight_bound_drops_and_counts() -> None:
 
 
 async def test_body_larger_than_the_shadow_buffer_is_abandoned() -> None:
-    async with UpstreamServer() as up:
+    async with serve(Reply()) as [up]:
         m, pools, c = make([up.port], Settings(retry_buffer_bytes=1000))
         big = b"x" * 1001
         m.send(c, shadow_request_head(_head(b"svc", length=len(big))), big, 1.0)
@@ -311,7 +367,7 @@ async def test_body_larger_than_the_shadow_buffer_is_abandoned() -> None:
 
 
 async def test_bad_timeout_is_counted_not_raised() -> None:
-    async with UpstreamServer() as up:
+    async with serve(Reply()) as [up]:
         m, _, c = make([up.port])
         head = shadow_request_head(_head(b"svc"))
         for bad in (0.0, -1.0, float("inf"), float("nan")):
@@ -322,7 +378,7 @@ async def test_bad_timeout_is_counted_not_raised() -> None:
 
 
 async def test_picks_endpoints_with_the_injected_random() -> None:
-    async with UpstreamServer() as a, UpstreamServer() as b:
+    async with serve(Reply(), Reply()) as [a, b]:
         s = Settings()
         pools = Pools(FakeMetrics(), s)  # type: ignore[arg-type]
         c = cluster("two", [a.port, b.port], lb=LoadBalancer(kind=LbKind.RANDOM))
@@ -337,7 +393,7 @@ async def test_picks_endpoints_with_the_injected_random() -> None:
 
 
 async def test_close_ends_everything_in_flight_and_drops_later_copies() -> None:
-    async with UpstreamServer(Reply(delay=30)) as up:
+    async with serve(Reply(delay=30)) as [up]:
         m, pools, c = make([up.port])
         head = shadow_request_head(_head(b"svc"))
         m.send(c, head, b"body", 30.0)
