@@ -20,9 +20,10 @@ passes, each linear in the size of the config:
    wildcard (see ``DestinationRuleIndex.lookup``); a ``workloadSelector`` selects proxies of
    its own namespace only; same-namespace rules merged: first traffic policy wins, subsets are
    added. Traffic policy: ``portLevelSettings`` for the
-   cluster's port replace the top-level groups wholesale (Istio: "not inherited"), then the
-   subset's policy overrides group by group (loadBalancer, connectionPool, outlierDetection,
-   tls), its own port-level settings last.
+   cluster's port replace the top-level groups wholesale (Istio: "not inherited", the
+   top-level ``retryBudget`` included), then the subset's policy overrides group by group
+   (loadBalancer, connectionPool, outlierDetection, tls, retryBudget), its own port-level
+   settings last (they replace the four per-port groups and keep the budget merged so far).
 3. **Routes.** VirtualServices bound to ``mesh`` and visible to the proxy, in load order; the
    first one to claim a host wins it. Each ``http`` rule becomes a :class:`Route` with every
    condition precompiled; matches whose ``sourceLabels`` / ``sourceNamespace`` / ``gateways``
