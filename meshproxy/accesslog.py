@@ -145,7 +145,7 @@ def exchange_line(ex: Exchange, code: int, flags: str, now_wall: float, now_mono
         duration_ms=int(elapsed * 1000),
         bytes_received=ex.req_bytes,
         bytes_sent=ex.resp_bytes,
-        attempts=1 if ep is not None else 0,
+        attempts=ex.attempts,
         request_id=_request_id(ex),
     )
 

@@ -21,6 +21,7 @@ While it exists the data plane also installs the metrics' cyclic-GC hook
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any
 
 from meshproxy.http.server import HttpConnection, ServerContext
@@ -116,16 +117,22 @@ class DataPlane:
         for name, cluster in self._state.snapshot.clusters.items():
             cs = live.get(name)
             if cs is not None:
-                endpoints = [
-                    {
+                det = cs.detector
+                now = time.monotonic()
+                endpoints = []
+                for st in cs.endpoints:
+                    h = st.health
+                    entry: dict[str, Any] = {
                         "address": st.key,
-                        "healthy": st.healthy,
-                        "ejected": st.ejected,
-                        "ejections": st.ejections,
+                        "healthy": not h.ejected,
+                        "ejected": h.ejected,
+                        "ejections": h.ejections_total,
                         "active_requests": st.active,
+                        "connections": st.conns,
                     }
-                    for st in cs.endpoints
-                ]
+                    if det is not None:
+                        entry["outlier"] = det.host_info(st.index, now)
+                    endpoints.append(entry)
             else:
                 endpoints = [
                     {

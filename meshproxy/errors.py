@@ -6,8 +6,9 @@ Every way a request can end without an upstream response is a :class:`Failure` m
 codec, the router and the upstream attempt report *what happened* (a ``Failure``), never a
 status code; :func:`local_reply` is the single place that turns it into what Envoy would send
 (status, ``response_flags`` value, body, content-type) so the access log, the metrics and the
-client all agree. Retry / timeout / fault / circuit-breaking decisions (next issue) add members
-here and consult :attr:`Failure.retriable_reason` without touching the proxy's plumbing.
+client all agree. Flags gathered on the way (``DI`` for a fault delay, ``URX`` when retries are
+exhausted, ``UO`` when the retry budget refused a retry) are merged with the final one by
+:func:`join_flags` in Envoy's order.
 
 Bodies and flags follow Envoy (``source/common/stream_info/utility.cc`` short flag names and
 the router's ``upstream connect error or disconnect/reset before headers. reset reason: ...``
@@ -29,9 +30,9 @@ class Failure(enum.Enum):
     CONNECT_FAILURE = "UF"  # TCP connect refused / timed out
     UPSTREAM_RESET = "UC"  # upstream closed before the response head arrived
     UPSTREAM_PROTOCOL_ERROR = "UPE"  # upstream sent something that is not HTTP/1.x
-    UPSTREAM_TIMEOUT = "UT"  # route timeout (next issue)
-    OVERFLOW = "UO"  # connection-pool overflow (next issue)
-    RETRIES_EXHAUSTED = "URX"  # retries exhausted (next issue)
+    UPSTREAM_TIMEOUT = "UT"  # route timeout / per-try timeout
+    OVERFLOW = "UO"  # connection-pool overflow
+    RETRIES_EXHAUSTED = "URX"  # retries exhausted
     BAD_REQUEST = "DPE"  # downstream protocol error: malformed request
     HEADERS_TOO_LARGE = "DPE431"  # request head over the size / count limit
     HEAD_TIMEOUT = "DPE408"  # request head not received in time (slowloris)
@@ -60,6 +61,28 @@ _FLAGS: dict[Failure, str] = {
     Failure.NOT_IMPLEMENTED: "DPE",
     Failure.INTERNAL: "-",
 }
+
+
+# Envoy's response flag order (CoreResponseFlag in stream_info.h): a request with several
+# flags shows them in this order, comma-separated ("UF,URX", "DI,FI").
+_FLAG_ORDER = {
+    f: i
+    for i, f in enumerate(
+        "LH UH UT LR UR UF UC UO NR DI FI RL UAEX RLSE DC URX SI IH DPE UMSDR RFCF NFCF DT "
+        "UPE NC OM DF DO DR".split()
+    )
+}
+
+
+def join_flags(gathered: list[str], final: str) -> str:
+    """``final`` (one flag, ``-`` or a comma list) merged with the flags ``gathered`` on the
+    way (fault delay, retry limit, retry overflow), in Envoy's order, without repeats."""
+    flags = set(gathered)
+    if final and final != "-":
+        flags.update(final.split(","))
+    if not flags:
+        return "-"
+    return ",".join(sorted(flags, key=lambda f: (_FLAG_ORDER.get(f, 99), f)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +122,25 @@ _REPLIES: dict[Failure, LocalReply] = {
 }
 
 
-def local_reply(failure: Failure) -> LocalReply:
-    """The one mapping from an outcome to Envoy's status code, response flag and body."""
+_RETRIED_PREFIX = (
+    b"upstream connect error or disconnect/reset before headers. retried and the latest "
+    b"reset reason: "
+)
+# after retries, Envoy's body says so ("retried and the latest reset reason: ...")
+_RETRIED: dict[Failure, LocalReply] = {
+    f: LocalReply(r.status, r.flag, _RETRIED_PREFIX + r.body[len(_RESET_PREFIX) :])
+    for f, r in _REPLIES.items()
+    if r.body.startswith(_RESET_PREFIX)
+}
+
+
+def local_reply(failure: Failure, retried: bool = False) -> LocalReply:
+    """The one mapping from an outcome to Envoy's status code, response flag and body
+    (``retried``: the request was retried before this failure)."""
+    if retried:
+        r = _RETRIED.get(failure)
+        if r is not None:
+            return r
     return _REPLIES[failure]
 
 

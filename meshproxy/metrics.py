@@ -97,6 +97,10 @@ CLUSTER_COUNTERS: tuple[tuple[str, str], ...] = (
     ("meshproxy_upstream_connections_total", "Upstream connections opened, per cluster."),
     ("meshproxy_upstream_retries_total", "Request retries, per cluster."),
     ("meshproxy_upstream_overflows_total", "Requests refused by a connection pool limit (UO)."),
+    (
+        "meshproxy_upstream_retry_overflows_total",
+        "Retries refused by the retry budget or maxRetries (the failure went to the client).",
+    ),
     ("meshproxy_outlier_ejections_total", "Endpoints ejected by outlier detection."),
 )
 
@@ -330,6 +334,10 @@ class Metrics:
     def upstream_overflow(self, cluster_name: str) -> None:
         """Called when a connection pool limit refuses a request (UO)."""
         self._bump("meshproxy_upstream_overflows_total", cluster_name)
+
+    def upstream_retry_overflow(self, cluster_name: str) -> None:
+        """Called when the retry budget / ``maxRetries`` refuses a retry."""
+        self._bump("meshproxy_upstream_retry_overflows_total", cluster_name)
 
     def outlier_ejection(self, cluster_name: str) -> None:
         """Called by outlier detection for each endpoint it ejects."""

@@ -47,17 +47,21 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from meshproxy.config.model import (
+    DEFAULT_RETRY,
     NO_HEADER_OPS,
     NO_HEADERS,
     Cluster,
+    FaultPolicy,
     HeaderOps,
     Match,
+    RetryBudget,
     Route,
     Snapshot,
     VirtualHost,
     WeightedCluster,
 )
 from meshproxy.core.balance import hash_key_for
+from meshproxy.core.retry import Outcome, backoff, retriable, retry_allowed
 from meshproxy.core.routing import (
     RequestInfo,
     apply_header_ops,
@@ -67,7 +71,7 @@ from meshproxy.core.routing import (
     rewritten_path,
     select_route,
 )
-from meshproxy.errors import Failure, LocalReply, local_reply
+from meshproxy.errors import Failure, LocalReply, join_flags, local_reply
 from meshproxy.http.codec import (
     CONTINUE_100,
     LAST_CHUNK,
@@ -91,6 +95,7 @@ from meshproxy.http.codec import (
     uri_bytes,
 )
 from meshproxy.http.server import HttpConnection, RequestHead
+from meshproxy.mirror import Mirrorer, shadow_request_head
 from meshproxy.settings import Settings
 from meshproxy.state import State
 from meshproxy.upstream.connection import UpstreamConnection
@@ -114,6 +119,19 @@ _NONE = BodyFraming.NONE
 _LENGTH = BodyFraming.LENGTH
 _CHUNKED = BodyFraming.CHUNKED
 _CLOSE = BodyFraming.CLOSE
+_OVERFLOW = local_reply(Failure.OVERFLOW)
+_OVERLOADED = (("x-envoy-overloaded", "true"),)
+_ATTEMPT_1 = b"\r\nx-envoy-attempt-count: 1\r\n"
+_FAULT_BODY = b"fault filter abort"
+# methods a stale keep-alive connection is retried for at once (RFC 9110 9.2.2)
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+# attempt failure -> what outlier detection is told (a local-origin failure of this kind)
+_LOST = {
+    Failure.CONNECT_FAILURE: "connect",
+    Failure.UPSTREAM_RESET: "reset",
+    Failure.UPSTREAM_PROTOCOL_ERROR: "reset",
+    Failure.UPSTREAM_TIMEOUT: "timeout",
+}
 
 
 def _ops(ops: HeaderOps) -> HeaderOps | None:
@@ -178,8 +196,10 @@ class ProxyContext:
         "cache",
         "cache_limit",
         "cache_snap",
+        "default_budget",
         "loop",
         "metrics",
+        "mirrorer",
         "pools",
         "random",
         "settings",
@@ -201,6 +221,12 @@ class ProxyContext:
         self.settings = settings
         self.loop = asyncio.get_running_loop()
         self.random = random.random
+        self.mirrorer = Mirrorer(pools, settings)
+        self.default_budget: RetryBudget | None = (
+            None
+            if settings.retry_budget_percent is None
+            else RetryBudget(settings.retry_budget_percent, settings.retry_budget_min)
+        )
         self.active_requests = 0
         self.cache_snap: Snapshot | None = None
         self.cache: dict[str, Destination] = {}
@@ -238,15 +264,31 @@ class Exchange:
     """One request from head to the last byte of its response."""
 
     __slots__ = (
+        "_body_sent",
         "_buf",
         "_buf_size",
         "_connect_task",
         "_down_framing",
+        "_flags",
+        "_hash_key",
         "_head_req",
         "_holds_down_pause",
         "_holds_up_pause",
+        "_in_attempt",
+        "_mirrors",
         "_out",
+        "_replay",
+        "_replay_size",
+        "_retrying",
+        "_route_timer",
+        "_routed",
+        "_stale_retried",
+        "_timer",
+        "_tried",
+        "_try_timer",
         "_up_framing",
+        "_waiter",
+        "attempts",
         "close_after",
         "cluster",
         "conn",
@@ -299,6 +341,24 @@ class Exchange:
         self._up_framing = _NONE
         self._down_framing = _NONE
         self._out: list[bytes] | None = None  # response bytes produced during one upstream read
+        self.attempts = 0  # upstream attempts started (1 + retries)
+        self._flags: list[str] | None = None  # response flags gathered on the way (DI, URX..)
+        self._hash_key: bytes | None = None
+        self._in_attempt = False  # counted in the endpoint's / cluster's active requests
+        self._retrying = False  # a retry is scheduled or running (counted in retries_active)
+        self._tried: list[EndpointState] | None = None  # endpoints tried, once retrying
+        self._routed = False  # the router started (after any fault delay)
+        self._stale_retried = False
+        self._body_sent = False  # some request body bytes went to an upstream
+        # copies of the upstream-encoded body pieces, for retries and mirrors (None: off or
+        # over Settings.retry_buffer_bytes)
+        self._replay: list[bytes] | None = None
+        self._replay_size = 0
+        self._mirrors: list[Cluster] | None = None
+        self._route_timer: asyncio.TimerHandle | None = None  # route `timeout`
+        self._try_timer: asyncio.TimerHandle | None = None  # perTryTimeout / pending deadline
+        self._timer: asyncio.TimerHandle | None = None  # backoff / fault delay
+        self._waiter: Callable[[UpstreamConnection | None], None] | None = None
 
     # ------------------------------------------------------------------ start: decide
 
@@ -410,8 +470,7 @@ class Exchange:
             self._local(local_reply(Failure.NO_CLUSTER))
             return
         self.cluster = cluster
-        cs = ctx.pools.cluster_state(cluster)
-        self.cs = cs
+        self.cs = ctx.pools.cluster_state(cluster)
         if cluster.lb.hash is not None:
             if req is None:
                 if path is None:
@@ -419,14 +478,7 @@ class Exchange:
                 req = RequestInfo(
                     head.method, path, d.host, d.port, scheme or conn.scheme, head.map, authority
                 )
-            ep = cs.pick(ctx.random(), hash_key_for(cluster.lb.hash, req, conn.peer_ip))
-        else:
-            ep = cs.single or cs.pick(ctx.random())
-        if ep is None:
-            self._local(local_reply(Failure.NO_HEALTHY_UPSTREAM))
-            return
-        self.ep = ep
-        ep.active += 1
+            self._hash_key = hash_key_for(cluster.lb.hash, req, conn.peer_ip)
 
         # the upstream request head
         if plain:
@@ -447,9 +499,16 @@ class Exchange:
             self.req_head = self._general_head(route, wc, match, authority, scheme, path)
         if head.framing is _NONE:
             self.request_complete = True  # llhttp may not have called on_message_complete yet
+        elif (route.retries is not None and route.retries.attempts > 0) or route.mirrors:
+            self._replay = []
+        if route.mirrors:
+            self._pick_mirrors(route, snap)
+        fault = route.fault
+        if fault is not None and self._inject_fault(fault):
+            return
         if head.expect_continue and head.http11 and not self.request_complete:
             conn.write(CONTINUE_100)
-        self._attempt()
+        self._route()
 
     def _general_head(
         self,
@@ -494,19 +553,188 @@ class Exchange:
             headers = pairs_to_bytes(pairs)
         return request_head(head.method, path, headers, head.framing, head.content_length)
 
-    # ------------------------------------------------------------------ the attempt
+    # ------------------------------------------------------------------ fault, mirrors
 
-    def _attempt(self) -> None:
-        """One upstream attempt: a pooled connection now, or a connect in the background."""
-        ep = self.ep
-        assert self.cs is not None and ep is not None
+    def _inject_fault(self, fault: FaultPolicy) -> bool:
+        """Istio's fault filter, before the router: a delay (``DI``) then an abort (``FI``).
+        Returns whether the fault took the request over (delayed or answered)."""
+        rand = self.ctx.random
+        abort = fault.abort_status is not None and rand() < fault.abort_fraction
+        if fault.delay is not None and rand() < fault.delay_fraction:
+            self._flag("DI")
+            self._timer = self.ctx.loop.call_later(fault.delay, self._after_delay, abort)
+            return True
+        if abort:
+            self._fault_abort()
+            return True
+        return False
+
+    def _after_delay(self, abort: bool) -> None:
+        self._timer = None
+        if self.done:
+            return
+        if abort:
+            self._fault_abort()
+            return
+        head = self.head
+        if head.expect_continue and head.http11 and not self.request_complete:
+            self.conn.write(CONTINUE_100)
+        self._route()
+
+    def _fault_abort(self) -> None:
+        fault = self.route.fault if self.route is not None else None
+        assert fault is not None and fault.abort_status is not None
+        self._local(LocalReply(fault.abort_status, "FI", _FAULT_BODY))
+
+    def _pick_mirrors(self, route: Route, snap: Snapshot) -> None:
+        """Decide which mirrors get a copy of this request (each by its own percentage)."""
+        rand = self.ctx.random
+        for m in route.mirrors:
+            if m.fraction >= 1.0 or rand() < m.fraction:
+                cluster = snap.clusters.get(m.cluster)
+                if cluster is not None:
+                    if self._mirrors is None:
+                        self._mirrors = []
+                    self._mirrors.append(cluster)
+
+    def _send_mirrors(self) -> None:
+        """The whole request is here: hand the copies to the mirrorer (fire and forget)."""
+        mirrors = self._mirrors
+        self._mirrors = None
+        if not mirrors:
+            return
+        mirrorer = self.ctx.mirrorer
+        replay = self._replay
+        if replay is None and self.head.framing is not _NONE:
+            mirrorer.dropped += len(mirrors)  # body over the buffer: no faithful copy
+            return
+        body = b"".join(replay) if replay else b""
+        head = shadow_request_head(self._head_for(1))
+        route = self.route
+        timeout = route.timeout if route is not None and route.timeout else 10.0
+        for cluster in mirrors:
+            mirrorer.send(cluster, head, body, timeout)
+
+    # ------------------------------------------------------------------ the router
+
+    def _route(self) -> None:
+        """The router starts: timers that start with it, mirrors, the first attempt."""
+        self._routed = True
+        if self.request_complete:
+            self._request_done_routed()
+        self._attempt()
+
+    def _request_done_routed(self) -> None:
+        """The request is complete and the router runs: Envoy's global timeout starts now
+        (and the mirrors have the whole body)."""
+        route = self.route
+        if route is not None and route.timeout and self._route_timer is None:
+            self._route_timer = self.ctx.loop.call_later(route.timeout, self._on_route_timeout)
+        if self._mirrors is not None:
+            self._send_mirrors()
+
+    def _head_for(self, attempt: int) -> bytes:
+        """The upstream request head with ``x-envoy-attempt-count: attempt``."""
+        if attempt == 1:
+            return self.req_head
+        return self.req_head.replace(_ATTEMPT_1, b"\r\nx-envoy-attempt-count: %d\r\n" % attempt, 1)
+
+    def _attempt(self, same_ep: bool = False) -> None:
+        """One upstream attempt: pick an endpoint (avoiding those a retry already tried),
+        then a pooled connection now, a connect in the background, or a place in the
+        endpoint's queue when ``max_connections`` is reached."""
+        cs = self.cs
+        assert cs is not None
+        counters = cs.counters
+        pool = cs.cluster.pool
+        if counters.rq_active >= pool.max_requests:
+            self._overflow()
+            return
+        ctx = self.ctx
+        if same_ep and self.ep is not None:
+            ep = self.ep
+        elif self._tried is not None:  # a retry: Envoy's previous_hosts predicate
+            ep = cs.pick(ctx.random(), self._hash_key, self._tried)
+        else:
+            ep = cs.single or cs.pick(ctx.random(), self._hash_key)
+        if ep is None:
+            self._local(local_reply(Failure.NO_HEALTHY_UPSTREAM))
+            return
+        tried = self._tried
+        if tried is not None and ep not in tried:
+            tried.append(ep)
+        self.ep = ep
+        if not same_ep:
+            self.attempts += 1
+        ep.active += 1
+        counters.rq_active += 1
+        self._in_attempt = True
         idle = ep.idle  # Pools.take_idle, inlined: the most recent live keep-alive connection
         while idle:
             up = idle.pop()
             if not up.closed:
                 self._send_on(up)
                 return
-        self._connect_task = self.ctx.loop.create_task(self._connect(self.cs, ep))
+        if cs.can_connect(ep):
+            self._connect_task = ctx.loop.create_task(self._connect(cs, ep))
+            return
+        if counters.rq_pending >= pool.max_pending_requests:
+            self._end_attempt()
+            self._overflow()
+            return
+        counters.rq_pending += 1
+        self._waiter = waiter = self._on_connection_ready
+        ep.waiters.append(waiter)
+        # a pending attempt waits at most the connect timeout for a connection
+        self._try_timer = ctx.loop.call_later(pool.connect_timeout, self._on_pending_timeout)
+
+    def _on_connection_ready(self, up: UpstreamConnection | None) -> None:
+        """The pool's answer to a waiting attempt: a released connection, or None (a
+        connection slot is free: connect)."""
+        self._waiter = None
+        if self._try_timer is not None:
+            self._try_timer.cancel()
+            self._try_timer = None
+        cs = self.cs
+        if self.done or cs is None:
+            if up is not None and cs is not None:
+                self.ctx.pools.release(up, True, cs)
+            return
+        if up is not None:
+            self._send_on(up)
+            return
+        assert self.ep is not None
+        self._connect_task = self.ctx.loop.create_task(self._connect(cs, self.ep))
+
+    def _forget_waiter(self) -> None:
+        w = self._waiter
+        if w is None:
+            return
+        self._waiter = None
+        ep = self.ep
+        if ep is not None:
+            try:
+                ep.waiters.remove(w)
+            except ValueError:
+                return
+            if ep.counters is not None:
+                ep.counters.rq_pending -= 1
+
+    def _on_pending_timeout(self) -> None:
+        self._try_timer = None
+        if self.done:
+            return
+        self._forget_waiter()
+        self._end_attempt()
+        self._overflow()
+
+    def _overflow(self) -> None:
+        """A connection-pool limit refused the attempt: 503 ``UO`` with
+        ``x-envoy-overloaded`` at once (never retried)."""
+        cs = self.cs
+        if cs is not None:
+            self.ctx.metrics.upstream_overflow(cs.name)
+        self._local(_OVERFLOW, extra=_OVERLOADED)
 
     async def _connect(self, cs: ClusterState, ep: EndpointState) -> None:
         try:
@@ -527,22 +755,182 @@ class Exchange:
         up.bind(self, self._head_req)
         if self.conn.write_paused:  # the client is still behind on an earlier response
             self.downstream_pause_writing()
+        head = self.req_head if self.attempts == 1 else self._head_for(self.attempts)
+        replay = self._replay
         buf = self._buf
-        if buf:
+        if replay:
+            # everything received so far (what _buf holds is in the replay buffer too)
             self._buf = None
             self._buf_size = 0
-            up.write(b"".join([self.req_head, *buf]))
+            self._body_sent = True
+            up.write(b"".join([head, *replay]))
+        elif buf:
+            self._buf = None
+            self._buf_size = 0
+            self._body_sent = True
+            up.write(b"".join([head, *buf]))
+        else:
+            up.write(head)
+        if buf or replay:
             while self._holds_down_pause:
                 self._holds_down_pause -= 1
                 self.conn.resume_reading()
-        else:
-            up.write(self.req_head)
         if self.request_complete:
             self.request_sent = True
+            self._arm_try_timer()
+
+    def _arm_try_timer(self) -> None:
+        """perTryTimeout: from the moment the whole request is on its way upstream until
+        the response head arrives."""
+        route = self.route
+        rp = route.retries if route is not None else None
+        if rp is not None and rp.per_try_timeout and self._try_timer is None:
+            self._try_timer = self.ctx.loop.call_later(rp.per_try_timeout, self._on_try_timeout)
+
+    def _cancel_try_timer(self) -> None:
+        t = self._try_timer
+        if t is not None:
+            self._try_timer = None
+            t.cancel()
+
+    def _end_attempt(self) -> None:
+        """The current attempt (or the retry waiting for its backoff) is over: release its
+        counts. A retry stays in ``retries_active`` from its scheduling to its end."""
+        cs = self.cs
+        if self._retrying:
+            self._retrying = False
+            if cs is not None:
+                cs.counters.retries_active -= 1
+        if not self._in_attempt:
+            return
+        self._in_attempt = False
+        self._cancel_try_timer()
+        self._forget_waiter()
+        ep = self.ep
+        if ep is not None:
+            ep.active -= 1
+        if cs is not None:
+            cs.counters.rq_active -= 1
+
+    def _on_try_timeout(self) -> None:
+        self._try_timer = None
+        if self.done or self.response_started:
+            return
+        self._drop_upstream()
+        self._attempt_failed(Failure.UPSTREAM_TIMEOUT)
+
+    def _on_route_timeout(self) -> None:
+        """Route ``timeout``: it covers every attempt and backoff. 504 ``UT`` when nothing
+        was sent to the client yet, else the client connection is reset (flag ``UT``)."""
+        self._route_timer = None
+        if self.done:
+            return
+        if not self.response_started and self._in_attempt and self._waiter is None:
+            self._report_local(Failure.UPSTREAM_TIMEOUT)
+        self._drop_upstream()
+        self._end_attempt()
+        if self.response_started:
+            self._finish(self.status, "UT")
+            self.conn.abort()
+            return
+        self._local(local_reply(Failure.UPSTREAM_TIMEOUT))
+
+    def _report_local(self, failure: Failure) -> None:
+        """Tell outlier detection about a local-origin failure of the current endpoint."""
+        cs = self.cs
+        ep = self.ep
+        if cs is None or ep is None or cs.detector is None or ep.removed:
+            return
+        if ep.index >= len(cs.endpoints) or cs.endpoints[ep.index] is not ep:
+            return  # the cluster was redefined meanwhile: this state's indexes are stale
+        ej = cs.detector.on_local_failure(ep.index, _LOST[failure], _monotonic())
+        if ej is not None:
+            self.ctx.pools.ejected(cs, ep, ej.reason, ej.duration)
 
     def _attempt_failed(self, failure: Failure) -> None:
-        """Every failed attempt lands here (retry / outlier decisions go here)."""
-        self._local(local_reply(failure))
+        """Every failed attempt lands here (no response byte went to the client): outlier
+        accounting, then a retry if the policy, the attempts left, the body and the retry
+        budget allow it, else the local reply for ``failure``."""
+        self._report_local(failure)
+        self._end_attempt()
+        if failure is Failure.CONNECT_FAILURE:
+            outcome = Outcome.CONNECT_FAILURE
+        elif failure is Failure.UPSTREAM_TIMEOUT:
+            outcome = Outcome.PER_TRY_TIMEOUT
+        elif self.request_sent:
+            outcome = Outcome.RESET
+        else:
+            outcome = Outcome.RESET_BEFORE_REQUEST
+        if self._should_retry(outcome):
+            self._schedule_retry()
+            return
+        self._local(local_reply(failure, self.attempts > 1))
+
+    def _should_retry(self, outcome: Outcome, status: int = 0, overloaded: bool = False) -> bool:
+        """Envoy's order: the policy's conditions, then the attempts left (``URX`` when
+        none), then the circuit breaker / retry budget (``UO`` when it refuses)."""
+        route = self.route
+        rp = route.retries if route is not None else None
+        if rp is None or rp.attempts <= 0 or self.done or self.response_started:
+            return False
+        if not retriable(rp, outcome, status, overloaded=overloaded) and not (
+            status == 503
+            and not overloaded
+            and self.ctx.settings.default_retry_503
+            and self.head.method_b in _IDEMPOTENT
+            and outcome is Outcome.RESPONSE
+            and rp == DEFAULT_RETRY
+        ):
+            return False
+        if self.attempts > rp.attempts:
+            self._flag("URX")
+            return False
+        if self._replay is None and self._body_sent:
+            return False  # the body went out and was too large to keep: not replayable
+        cs = self.cs
+        assert cs is not None
+        c = cs.counters
+        cluster = cs.cluster
+        if not retry_allowed(
+            c.retries_active,
+            c.rq_active,
+            c.rq_pending,
+            cluster.retry_budget,
+            self.ctx.default_budget,
+            cluster.pool.max_retries,
+        ):
+            self.ctx.metrics.upstream_retry_overflow(cs.name)
+            self._flag("UO")
+            return False
+        return True
+
+    def _schedule_retry(self) -> None:
+        """Count the retry against the budget now and start it after a full-jitter backoff."""
+        cs = self.cs
+        assert cs is not None
+        if self._tried is None and self.ep is not None:
+            self._tried = [self.ep]
+        cs.counters.retries_active += 1
+        self._retrying = True
+        self.ctx.metrics.upstream_retry(cs.name)
+        st = self.ctx.settings
+        delay = backoff(
+            self.attempts, self.ctx.random(), st.retry_backoff_base, st.retry_backoff_max
+        )
+        self.status = 0
+        self._timer = self.ctx.loop.call_later(delay, self._retry)
+
+    def _retry(self) -> None:
+        self._timer = None
+        if not self.done:
+            self._attempt()
+
+    def _flag(self, flag: str) -> None:
+        flags = self._flags
+        if flags is None:
+            self._flags = [flag]
+        elif flag not in flags:
+            flags.append(flag)
 
     # ------------------------------------------------------------------ request body
 
@@ -553,8 +941,16 @@ class Exchange:
             return  # answered already: the rest of the body is read and dropped
         if self.head.framing is _CHUNKED:
             data = encode_chunk(data)
+        replay = self._replay
+        if replay is not None:
+            self._replay_size += len(data)
+            if self._replay_size > self.ctx.settings.retry_buffer_bytes:
+                self._replay = None  # too large to replay: no retry once it is sent
+            else:
+                replay.append(data)
         up = self.up
         if up is not None:
+            self._body_sent = True
             up.write(data)
             return
         buf = self._buf
@@ -574,6 +970,8 @@ class Exchange:
         if self.done:
             return
         if self.head.framing is _CHUNKED:
+            if self._replay is not None:
+                self._replay.append(LAST_CHUNK)
             up = self.up
             if up is not None:
                 up.write(LAST_CHUNK)
@@ -581,8 +979,11 @@ class Exchange:
                 if self._buf is None:
                     self._buf = []
                 self._buf.append(LAST_CHUNK)
+        if self._routed:
+            self._request_done_routed()
         if self.up is not None:
             self.request_sent = True
+            self._arm_try_timer()
 
     def on_request_error(self, status: int) -> bool:
         """The request's framing broke: reset the upstream so it never sees a complete
@@ -603,7 +1004,15 @@ class Exchange:
 
     def on_response_head(self, status: int, rh: ResponseHead) -> None:
         """Called by the upstream connection with the final response head (already filtered):
-        decides the framing towards the client and starts the response bytes."""
+        decides the framing towards the client and starts the response bytes -- unless the
+        status is one the retry policy retries, then the attempt is abandoned instead."""
+        if self._try_timer is not None:
+            self._cancel_try_timer()
+        cs = self.cs
+        if cs is not None and cs.detector is not None:
+            self._report_status(cs, status)
+        if status >= 409 and self._retry_response(status, rh):
+            return
         head = self.head
         cl = rh.content_length
         # upstream_body_framing(), inlined: RFC 9112 6.3
@@ -660,6 +1069,33 @@ class Exchange:
             out.append(b"\r\n")
         self._out = out
 
+    def _report_status(self, cs: ClusterState, status: int) -> None:
+        det = cs.detector
+        ep = self.ep
+        if det is None or ep is None or ep.removed:
+            return
+        i = ep.index
+        if i >= len(cs.endpoints) or cs.endpoints[i] is not ep:
+            return  # the cluster was redefined meanwhile: this state's indexes are stale
+        ej = det.on_status(i, status, _monotonic())
+        if ej is not None:
+            self.ctx.pools.ejected(cs, ep, ej.reason, ej.duration)
+
+    def _retry_response(self, status: int, rh: ResponseHead) -> bool:
+        """A retriable response status: abandon this attempt (its connection is reset, as
+        Envoy does) and retry. Never for a response carrying ``x-envoy-overloaded``."""
+        overloaded = any(line.startswith(b"x-envoy-overloaded:") for line in rh.lines)
+        if not self._should_retry(Outcome.RESPONSE, status, overloaded):
+            return False
+        up = self.up
+        self.up = None
+        if up is not None:
+            self._holds_up_pause = False
+            up.abort()
+        self._end_attempt()
+        self._schedule_retry()
+        return True
+
     def on_response_body(self, data: bytes) -> None:
         self.resp_bytes += len(data)
         if self._down_framing is _CHUNKED:
@@ -712,6 +1148,23 @@ class Exchange:
         if self.done:
             return
         if not self.response_started:
+            if (
+                up is not None
+                and up.requests > 1
+                and up.clean_eof
+                and failure is Failure.UPSTREAM_RESET
+                and not self._stale_retried
+                and self.head.method_b in _IDEMPOTENT
+                and (self._replay is not None or not self._body_sent)
+            ):
+                # A reused keep-alive connection the upstream closed as we sent on it (FIN,
+                # no response byte): the request was not processed. Send it again at once on
+                # a new connection to the same endpoint (RFC 9112 9.3.1 allows this for
+                # idempotent requests; it is not counted as a retry).
+                self._stale_retried = True
+                self._end_attempt()
+                self._attempt(same_ep=True)
+                return
             self._attempt_failed(failure)
             return
         self.flush_response()
@@ -798,13 +1251,21 @@ class Exchange:
         ctx = self.ctx
         if self.started:
             ctx.active_requests -= 1
-        ep = self.ep
-        if ep is not None:
-            ep.active -= 1
+        if self._in_attempt or self._retrying:
+            self._end_attempt()
+        if self._route_timer is not None:
+            self._route_timer.cancel()
+            self._route_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._flags is not None:
+            flags = join_flags(self._flags, flags)
         while self._holds_down_pause:
             self._holds_down_pause -= 1
             self.conn.resume_reading()
         self._buf = None
+        self._replay = None
         ctx.metrics.record_request(
             self.cluster, code, flags, _monotonic() - self.head.t0, self.req_bytes, self.resp_bytes
         )

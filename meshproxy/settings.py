@@ -25,6 +25,9 @@ class Settings:
     retry_backoff_base: float = 0.025  # Envoy's default base interval (full jitter)
     retry_backoff_max: float = 0.250  # Envoy's default: 10 x base
     max_repicks: int = 5  # re-picks a retry makes to avoid hosts already tried
+    # beyond Istio: a route without a `retries` block also retries a 503 answer to an
+    # idempotent request (GET HEAD OPTIONS TRACE PUT DELETE), never a POST or PATCH
+    default_retry_503: bool = True
     # the retry budget of clusters whose DestinationRule sets none (Istio has no default
     # budget; 0 percent = only the minimum concurrency); None = no default budget
     retry_budget_percent: float | None = 20.0

@@ -188,10 +188,13 @@ class DirectResponse:
 class RetryPolicy:
     """Istio ``HTTPRetry``. ``attempts`` counts retries (1 + attempts tries at most).
 
-    The defaults are Istio's ``DefaultPolicy()`` (pilot/pkg/networking/core/route/retry):
-    2 retries on connect-failure, refused-stream, unavailable, cancelled and
-    retriable-status-codes with the code 503. A ``retries`` block without ``retryOn`` keeps
-    these conditions and codes; a ``retryOn`` replaces both (its bare numbers are the codes).
+    The defaults are Istio's ``DefaultPolicy()`` (pilot/pkg/networking/core/route/retry) since
+    1.24: 2 retries on connect-failure, refused-stream, unavailable, cancelled and
+    retriable-status-codes with no codes (503 was removed by istio/istio#52111 because it
+    replayed non-idempotent requests). A ``retries`` block without ``retryOn`` keeps these
+    conditions and codes; a ``retryOn`` replaces both (its bare numbers are the codes). The
+    data plane adds one thing to the default policy only (``Settings.default_retry_503``): a
+    503 is retried for idempotent methods.
     """
 
     attempts: int = 2
@@ -199,7 +202,7 @@ class RetryPolicy:
     retry_on: frozenset[str] = frozenset(
         {"connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"}
     )
-    retriable_status_codes: frozenset[int] = frozenset({503})
+    retriable_status_codes: frozenset[int] = frozenset()
     retry_remote_localities: bool = False
 
 

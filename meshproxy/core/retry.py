@@ -53,8 +53,9 @@ token                        connect  reset before    reset  per-try      respon
 * Bare status codes in Istio's ``retryOn`` become ``retriable_status_codes`` and add the
   ``retriable-status-codes`` token (translation does this); as in Envoy, the codes act only
   when that token is present.  Istio's default policy (:data:`DEFAULT_RETRY`, no ``retries``
-  block) therefore retries a 503, a connect failure and gRPC unavailable / cancelled, and not a
-  500, a reset or a per-try timeout.
+  block; no codes since Istio 1.24) therefore retries a connect failure and gRPC unavailable /
+  cancelled, and not a 503, a 500, a reset or a per-try timeout. (The data plane adds a 503
+  retry for idempotent methods on that default policy, ``Settings.default_retry_503``.)
 * gRPC tokens read ``grpc-status`` from the response head (a trailers-only gRPC response);
   a status in trailers comes after the response started streaming and cannot be retried.
 * ``reset-before-request``: Envoy retries when no byte of the request reached the upstream

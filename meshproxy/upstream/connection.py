@@ -81,6 +81,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_timer",
         "clean_eof",
         "closed",
+        "counted",
         "endpoint",
         "expect_no_body",
         "idle_since",
@@ -95,6 +96,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink: ResponseSink | None = None
         self.requests = 0  # requests sent on this connection
         self.closed = False
+        self.counted = False  # counted in the endpoint's open connections (set by the pool)
         self.idle_since = 0.0
         self.expect_no_body = False  # the current request is HEAD
         self._timer: asyncio.TimerHandle | None = None
@@ -213,6 +215,9 @@ class UpstreamConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.endpoint.discard(self)
+        if self.counted:
+            self.counted = False
+            self.endpoint.connection_closed()
         sink = self.sink
         if sink is not None:
             self.sink = None

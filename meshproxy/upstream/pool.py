@@ -17,6 +17,21 @@ definition changed gets a new picker, while endpoint states (and their pooled co
 endpoints that still exist are carried over; endpoints and clusters that are gone have their
 idle connections closed, and their busy ones are closed when released.
 
+Circuit breaking (Envoy's cluster resource manager, per cluster name, carried across
+redefinitions in :class:`ClusterCounters`): ``rq_active`` (attempts in flight, limited by
+``max_requests``), ``rq_pending`` (attempts waiting for a connection, limited by
+``max_pending_requests``), ``retries_active`` (limited by the retry budget / ``max_retries``) and
+``cx_active`` (open connections, limited by ``max_connections``). As in Envoy's HTTP/1 pool, an
+endpoint without any connection may always open one (no deadlock under a small limit); over the
+limit an attempt waits in the endpoint's ``waiters`` queue (a callable per waiter) until a
+connection of that endpoint is released (handed over directly) or closes (the waiter may then
+connect). The waits themselves have deadlines, kept by their owner (the exchange).
+
+Outlier detection: a cluster with ``outlier`` gets an
+:class:`~meshproxy.core.outlier.OutlierDetector` over the endpoints' :class:`HostHealth` (which
+live on the endpoint states, so counters and ejections survive a redefinition); its
+``available`` mask is what the picker reads, and :meth:`Pools.sweep` runs every ``interval``.
+
 A connection goes back to the idle stack only when its last response was complete and
 keep-alive, the request was fully sent, ``max_requests_per_connection`` is not reached, the
 endpoint still exists and the stack is below ``Settings.max_idle_per_endpoint``.
@@ -25,20 +40,48 @@ endpoint still exists and the stack is below ``Settings.max_idle_per_endpoint``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from meshproxy.config.model import Cluster, Endpoint, Snapshot
+from meshproxy.config.model import Cluster, ConnectionPool, Endpoint, Snapshot
 from meshproxy.core.balance import Picker, make_picker
+from meshproxy.core.outlier import HostHealth, OutlierDetector
 from meshproxy.settings import Settings
 from meshproxy.upstream.connection import UpstreamConnection
 
 if TYPE_CHECKING:
     from meshproxy.metrics import Metrics
 
+log = logging.getLogger(__name__)
+_UNLIMITED = ConnectionPool().max_connections
+Waiter = Callable[["UpstreamConnection | None"], None]
+"""A pending attempt: called with a released connection, or None when it may connect."""
+
 
 class ConnectFailure(Exception):
     """The TCP connect to an endpoint failed (refused, unreachable, timed out)."""
+
+
+class ClusterCounters:
+    """Envoy's per-cluster resource counts (circuit breakers), shared by every generation of a
+    cluster's state."""
+
+    __slots__ = ("cx_active", "retries_active", "rq_active", "rq_pending")
+
+    def __init__(self) -> None:
+        self.rq_active = 0  # attempts in flight (max_requests)
+        self.rq_pending = 0  # attempts waiting for a connection (max_pending_requests)
+        self.retries_active = 0  # retries scheduled or in flight (budget / max_retries)
+        self.cx_active = 0  # open upstream connections (max_connections)
+
+    def __repr__(self) -> str:
+        return (
+            f"ClusterCounters(rq={self.rq_active}, pending={self.rq_pending},"
+            f" retries={self.retries_active}, cx={self.cx_active})"
+        )
 
 
 class EndpointState:
@@ -47,15 +90,17 @@ class EndpointState:
     __slots__ = (
         "active",
         "address",
-        "ejected",
-        "ejections",
+        "conns",
+        "counters",
         "endpoint",
-        "healthy",
+        "health",
         "idle",
+        "index",
         "key",
         "opened",
         "port",
         "removed",
+        "waiters",
     )
 
     def __init__(self, endpoint: Endpoint) -> None:
@@ -67,9 +112,35 @@ class EndpointState:
         self.idle: list[UpstreamConnection] = []  # keep-alive connections, most recent last
         self.opened = 0  # connections opened over the endpoint's life
         self.removed = False  # no longer in the cluster: do not pool its connections
-        self.healthy = True
-        self.ejected = False
-        self.ejections = 0
+        self.conns = 0  # open connections (busy and idle)
+        self.index = 0  # position in the current ClusterState's endpoints
+        self.counters: ClusterCounters | None = None
+        self.health = HostHealth()
+        self.waiters: deque[Waiter] = deque()
+
+    @property
+    def ejected(self) -> bool:
+        return self.health.ejected
+
+    def connection_closed(self) -> None:
+        """Called by a connection of this endpoint when it closes (counted once)."""
+        self.conns -= 1
+        c = self.counters
+        if c is not None:
+            c.cx_active -= 1
+        if self.waiters:
+            w = self.waiters.popleft()
+            if c is not None:
+                c.rq_pending -= 1
+            w(None)  # a connection slot is free: the waiter may connect
+
+    def fail_waiters(self) -> None:
+        """The endpoint left its cluster: let every waiter connect (or fail) on its own."""
+        while self.waiters:
+            w = self.waiters.popleft()
+            if self.counters is not None:
+                self.counters.rq_pending -= 1
+            w(None)
 
     def discard(self, conn: UpstreamConnection) -> None:
         """Forget ``conn`` (closed, or about to be): it is never handed out again."""
@@ -116,31 +187,101 @@ class _ActiveView(Sequence[int]):
 class ClusterState:
     """One cluster's endpoints and picker, for one definition of the cluster."""
 
-    __slots__ = ("active", "cluster", "endpoints", "idle_timeout", "name", "picker", "single")
+    __slots__ = (
+        "active",
+        "cluster",
+        "counters",
+        "detector",
+        "endpoints",
+        "idle_timeout",
+        "limit_connections",
+        "name",
+        "picker",
+        "single",
+        "sweep_timer",
+    )
 
     def __init__(
-        self, cluster: Cluster, endpoints: list[EndpointState], settings: Settings
+        self,
+        cluster: Cluster,
+        endpoints: list[EndpointState],
+        settings: Settings,
+        counters: ClusterCounters | None = None,
     ) -> None:
         self.cluster = cluster
         self.name = cluster.name
         self.endpoints = endpoints
+        self.counters = counters if counters is not None else ClusterCounters()
+        for i, st in enumerate(endpoints):
+            st.index = i
+            st.counters = self.counters
+            if cluster.outlier is None and st.health.ejected:
+                st.health = HostHealth()  # outlier detection was removed: nothing is ejected
         self.picker: Picker = make_picker(cluster)
         self.active = _ActiveView(endpoints)
         self.idle_timeout = min(settings.upstream_idle_timeout, cluster.pool.idle_timeout)
-        # One endpoint of non-zero weight: no picker call needed (callers may test it first).
-        self.single = endpoints[0] if len(endpoints) == 1 and endpoints[0].endpoint.weight else None
+        self.limit_connections = cluster.pool.max_connections != _UNLIMITED
+        self.detector: OutlierDetector | None = None
+        self.sweep_timer: asyncio.TimerHandle | None = None
+        if cluster.outlier is not None and endpoints:
+            self.detector = OutlierDetector(
+                cluster.outlier,
+                [st.health for st in endpoints],
+                min_ejectable=settings.outlier_min_ejectable,
+            )
+        # One endpoint of non-zero weight and no outlier detection: no picker call needed
+        # (callers may test it first).
+        self.single = (
+            endpoints[0]
+            if len(endpoints) == 1 and endpoints[0].endpoint.weight and self.detector is None
+            else None
+        )
 
-    def pick(self, rand: float, hash_key: bytes | None = None) -> EndpointState | None:
-        """The endpoint for the next request, or None (no endpoint available: 503 UH)."""
+    def pick(
+        self,
+        rand: float,
+        hash_key: bytes | None = None,
+        avoid: Sequence[EndpointState] = (),
+    ) -> EndpointState | None:
+        """The endpoint for the next request, or None (no endpoint available: 503 UH).
+
+        Ejected endpoints are skipped (unless the detector is in panic). ``avoid`` lists
+        endpoints a retry already tried (Envoy's ``previous_hosts`` predicate): they are
+        skipped too while another endpoint is available, else the pick ignores ``avoid``.
+        """
         if self.single is not None:
             return self.single
         eps = self.endpoints
         if not eps:
             return None
-        i = self.picker.pick(rand, self.active, None, hash_key)
+        det = self.detector
+        available = det.available if det is not None else None
+        if avoid:
+            mask = list(available) if available is not None else [True] * len(eps)
+            for st in avoid:
+                i = st.index
+                if i < len(eps) and eps[i] is st:
+                    mask[i] = False
+            if any(mask):
+                i = self.picker.pick(rand, self.active, mask, hash_key)
+                if i is not None:
+                    return eps[i]
+        i = self.picker.pick(rand, self.active, available, hash_key)
         if i is None:
             return None
         return eps[i]
+
+    def stop_sweeps(self) -> None:
+        if self.sweep_timer is not None:
+            self.sweep_timer.cancel()
+            self.sweep_timer = None
+
+    def can_connect(self, ep: EndpointState) -> bool:
+        """Whether ``ep`` may open another connection under ``max_connections`` (an
+        endpoint without connections always may, as in Envoy's pool)."""
+        if not self.limit_connections or ep.conns == 0:
+            return True
+        return self.counters.cx_active < self.cluster.pool.max_connections
 
     def __repr__(self) -> str:
         return f"ClusterState({self.name}, endpoints={self.endpoints!r})"
@@ -153,6 +294,7 @@ class Pools:
         self._metrics = metrics
         self._settings = settings
         self._clusters: dict[str, ClusterState] = {}
+        self._counters: dict[str, ClusterCounters] = {}
         self._closed = False
         # set on first connect: asyncio.get_running_loop() costs a getpid() syscall
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -185,12 +327,59 @@ class Pools:
         for gone in previous.values():
             gone.removed = True
             gone.close_idle()
+            gone.fail_waiters()
         if tls_changed:
             for st in eps:
                 st.close_idle()
-        cs = ClusterState(cluster, eps, self._settings)
+        if old is not None:
+            old.stop_sweeps()
+        counters = self._counters.get(cluster.name)
+        if counters is None:
+            counters = self._counters[cluster.name] = ClusterCounters()
+        cs = ClusterState(cluster, eps, self._settings, counters)
         self._clusters[cluster.name] = cs
+        if cs.detector is not None:
+            self._schedule_sweep(cs)
         return cs
+
+    # ------------------------------------------------------------------ outlier detection
+
+    def _schedule_sweep(self, cs: ClusterState) -> None:
+        loop = self._loop
+        if loop is None:
+            try:
+                loop = self._loop = asyncio.get_running_loop()
+            except RuntimeError:  # built outside an event loop (unit tests): no timer
+                return
+        assert cs.cluster.outlier is not None
+        cs.sweep_timer = loop.call_later(cs.cluster.outlier.interval, self.sweep, cs)
+
+    def sweep(self, cs: ClusterState) -> None:
+        """The outlier detector's interval: un-eject endpoints whose time is up, then
+        re-arm (only while ``cs`` is the cluster's current state)."""
+        cs.sweep_timer = None
+        det = cs.detector
+        if det is None or self._clusters.get(cs.name) is not cs or self._closed:
+            return
+        for i in det.sweep(time.monotonic()):
+            log.info(
+                "outlier detection: %s endpoint %s returned to the load balancer",
+                cs.name,
+                cs.endpoints[i].key,
+            )
+        self._schedule_sweep(cs)
+
+    def ejected(self, cs: ClusterState, ep: EndpointState, reason: str, duration: float) -> None:
+        """An attempt's report made the detector eject ``ep``: count it and say so."""
+        self._metrics.outlier_ejection(cs.name)
+        log.warning(
+            "outlier detection: %s endpoint %s ejected for %.1f s (%s, ejection #%d)",
+            cs.name,
+            ep.key,
+            duration,
+            reason,
+            ep.health.ejections_total,
+        )
 
     def on_snapshot(self, old: Snapshot, new: Snapshot) -> None:
         """``State.subscribe`` listener: re-pick changed clusters, drop vanished ones."""
@@ -198,9 +387,12 @@ class Pools:
             cluster = new.clusters.get(name)
             if cluster is None:
                 cs = self._clusters.pop(name)
+                self._counters.pop(name, None)
+                cs.stop_sweeps()
                 for st in cs.endpoints:
                     st.removed = True
                     st.close_idle()
+                    st.fail_waiters()
             else:
                 self._update(cluster, self._clusters[name])
 
@@ -232,14 +424,29 @@ class Pools:
         except (OSError, TimeoutError) as e:
             raise ConnectFailure(f"{ep.key}: {e or type(e).__name__}") from None
         ep.opened += 1
+        ep.conns += 1
+        ep.counters = cs.counters
+        cs.counters.cx_active += 1
         self._metrics.upstream_connection_opened(cs.name)
         assert isinstance(proto, UpstreamConnection)
+        proto.counted = True
+        if proto.closed:  # lost before we got here: connection_lost did not count it
+            proto.counted = False
+            ep.conns -= 1
+            cs.counters.cx_active -= 1
         return proto
 
     def release(self, conn: UpstreamConnection, reusable: bool, cs: ClusterState) -> None:
         """Return ``conn`` after a request: back to the idle stack or closed."""
         conn.sink = None  # conn.unbind(), without the call
         ep = conn.endpoint
+        if ep.waiters and reusable and not conn.closed and not ep.removed and not self._closed:
+            limit = cs.cluster.pool.max_requests_per_connection
+            if not limit or conn.requests < limit:
+                w = ep.waiters.popleft()
+                cs.counters.rq_pending -= 1
+                w(conn)  # straight to the attempt waiting for a connection
+                return
         if (
             not reusable
             or conn.closed
@@ -266,6 +473,7 @@ class Pools:
         """Close every pooled connection; later releases close theirs."""
         self._closed = True
         for cs in self._clusters.values():
+            cs.stop_sweeps()
             for st in cs.endpoints:
                 st.close_idle()
 

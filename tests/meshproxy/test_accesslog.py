@@ -119,6 +119,7 @@ def _fake_exchange(**kw: Any) -> Any:
         "head": head,
         "ep": None,
         "cluster": None,
+        "attempts": 0,
         "request_id": b"",
         "req_bytes": 0,
         "resp_bytes": 9,
@@ -144,6 +145,7 @@ def test_exchange_line_routed() -> None:
     ex = _fake_exchange(
         ep=SimpleNamespace(key="10.0.0.1:8080"),
         cluster=SimpleNamespace(name="reviews|v1"),
+        attempts=1,
         request_id=b"rid-1",
         req_bytes=5,
     )

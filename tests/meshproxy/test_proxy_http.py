@@ -360,15 +360,17 @@ async def test_connect_failure_503_uf() -> None:
         writer.write(get())
         r = await read_response(reader)
         assert r.status == 503
+        # Istio's default policy retries a connect failure twice; then Envoy's body and flags
         assert r.body == (
             b"upstream connect error or disconnect/reset before headers. "
-            b"reset reason: connection failure"
+            b"retried and the latest reset reason: connection failure"
         )
         writer.write(get())  # the client connection survives a local reply
         r = await read_response(reader)
         assert r.status == 503
         writer.close()
-        assert [m.flags for m in p.metrics.requests] == ["UF", "UF"]
+        assert [m.flags for m in p.metrics.requests] == ["UF,URX", "UF,URX"]
+        assert p.metrics.count("retries") == 4
 
 
 async def test_upstream_reset_before_headers_503_uc() -> None:
@@ -818,8 +820,9 @@ async def test_connect_timeout_503_uf() -> None:
             t0 = loop.time()
             r = await request(p.host, p.port, get(), timeout=5)
             elapsed = loop.time() - t0
-            assert r.status == 503 and p.metrics.requests[0].flags == "UF"
-            assert 0.25 <= elapsed < 3.0  # the connect deadline, not a refusal
+            # Istio's default policy: 1 + 2 retries, each bounded by the connect deadline
+            assert r.status == 503 and p.metrics.requests[0].flags == "UF,URX"
+            assert 0.85 <= elapsed < 4.0  # three connect deadlines, not a refusal
     finally:
         for s in fillers:
             s.close()

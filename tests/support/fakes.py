@@ -40,6 +40,7 @@ class FakeMetrics:
     opened: dict[str, int] = field(default_factory=dict)
     downstream: int = 0
     downstream_total: int = 0
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def record_request(
         self,
@@ -63,6 +64,26 @@ class FakeMetrics:
 
     def upstream_connection_opened(self, cluster_name: str) -> None:
         self.opened[cluster_name] = self.opened.get(cluster_name, 0) + 1
+
+    def _count(self, what: str, cluster_name: str) -> None:
+        d = self.counts.setdefault(what, {})
+        d[cluster_name] = d.get(cluster_name, 0) + 1
+
+    def upstream_retry(self, cluster_name: str) -> None:
+        self._count("retries", cluster_name)
+
+    def upstream_overflow(self, cluster_name: str) -> None:
+        self._count("overflows", cluster_name)
+
+    def upstream_retry_overflow(self, cluster_name: str) -> None:
+        self._count("retry_overflows", cluster_name)
+
+    def outlier_ejection(self, cluster_name: str) -> None:
+        self._count("ejections", cluster_name)
+
+    def count(self, what: str) -> int:
+        """Total of one counter (retries, overflows, retry_overflows, ejections)."""
+        return sum(self.counts.get(what, {}).values())
 
     def downstream_connections(self, delta: int) -> None:
         self.downstream += delta
