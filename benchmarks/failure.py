@@ -48,6 +48,8 @@ b. meshproxy, Istio style: ``retries: {attempts: 3, retryOn: 5xx,reset,connect-f
 c. meshproxy, our defaults: no ``retries`` block (Istio's default retry policy), no
    DestinationRule (so our default retry budget applies).
 d. Envoy equivalent to (b); e. Envoy equivalent to (c) (see :func:`envoy_config`).
+f. (e) plus meshproxy's default retry budget as an Envoy ``retry_budget`` (Istio generates
+   none): what the budget itself costs, told apart from how meshproxy implements it.
 """
 
 from __future__ import annotations
@@ -145,6 +147,13 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario("d", "Envoy = (b)", "envoy", "as (b)", "as (b)"),
     Scenario("e", "Envoy = (c)", "envoy", "Istio default (no budget)", "none"),
+    Scenario(
+        "f",
+        "Envoy = (c) + our budget",
+        "envoy",
+        "Istio default + retry_budget 20 %, min 3 (meshproxy's default; Istio sets none)",
+        "none",
+    ),
 )
 
 
@@ -234,13 +243,21 @@ _ENVOY_RETRY = {
           num_retries: 3
           per_try_timeout: 1s
 {_PREVIOUS_HOSTS}""",
-    # no retries block: Istio's route.DefaultPolicy()
+    # no retries block: Istio's route.DefaultPolicy() ("f" adds meshproxy's default budget)
     "e": f"""        retry_policy:
           retry_on: connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes
           num_retries: 2
           retriable_status_codes: [503]
 {_PREVIOUS_HOSTS}""",
 }
+_ENVOY_RETRY["f"] = _ENVOY_RETRY["e"]
+
+# meshproxy's default retry budget (Settings.retry_budget_percent / _min) as Envoy's
+# RetryBudget; Envoy then ignores max_retries, as meshproxy ignores maxRetries under a budget
+_ENVOY_BUDGET = """        retry_budget:
+          budget_percent: {value: 20}
+          min_retry_concurrency: 3
+"""
 
 # DestinationRule outlierDetection as Istio's applyOutlierDetection emits it: consecutive_5xx
 # enforced at 100%, success-rate ejection off, no gateway-failure ejection, and the panic
@@ -260,7 +277,9 @@ _ENVOY_OUTLIER = """    outlier_detection:
 def envoy_config(key: str, ports: list[int], listen_port: int, admin_port: int) -> str:
     """A static Envoy bootstrap equivalent to what Istio generates for scenario (b) / (c).
 
-    ``d`` mirrors (b), ``e`` mirrors (c). Common to both, as Istio sets them: route
+    ``d`` mirrors (b), ``e`` mirrors (c), ``f`` is ``e`` plus meshproxy's default retry
+    budget (20 %, at least 3 concurrent retries), to tell the budget's cost from the
+    implementation's. Common to both, as Istio sets them: route
     ``timeout: 0s`` (no route timeout), ``include_request_attempt_count`` on the virtual
     host, cluster ``LEAST_REQUEST`` balancing, ``connect_timeout: 10s`` and the circuit
     breaker thresholds at 2^32-1 (Istio's defaults, not Envoy's 1024 / 3 retries).
@@ -314,7 +333,7 @@ static_resources:
         max_requests: 4294967295
         max_retries: 4294967295
         track_remaining: true
-{outlier}    load_assignment:
+{_ENVOY_BUDGET if key == "f" else ""}{outlier}    load_assignment:
       cluster_name: "{ENVOY_CLUSTER}"
       endpoints:
       - lb_endpoints:
@@ -1063,6 +1082,13 @@ def run_load(ctx: Ctx, d: Path, port: int, control: int) -> dict[str, Any]:
         raise BenchError(f"the load generator printed no JSON\n{proc.tail()}") from exc
 
 
+def _busy() -> float:
+    try:
+        return procstat.machine_busy_seconds()
+    except OSError:
+        return 0.0
+
+
 def run_scenario(sc: Scenario, ctx: Ctx) -> dict[str, Any]:
     """Start upstream + proxy, load through the three phases, read counters, stop both."""
     d = ctx.workdir / sc.key
@@ -1071,7 +1097,7 @@ def run_scenario(sc: Scenario, ctx: Ctx) -> dict[str, Any]:
     out.update(retries=sc.retries, outlier=sc.outlier)
     mark = len(ctx.live)  # the processes this scenario starts are stopped at its end
     try:
-        _, ports, control = start_upstream(ctx, d)
+        up, ports, control = start_upstream(ctx, d)
         if sc.peer == "envoy":
             proxy, port, admin = start_envoy_peer(ctx, sc.key, d, ports)
         else:
@@ -1089,8 +1115,14 @@ def run_scenario(sc: Scenario, ctx: Ctx) -> dict[str, Any]:
         )
         before = read_counters(sc.peer, admin)
         cpu0 = procstat.tree_cpu_seconds(proxy.pid)
+        ours0, busy0, t0 = procstat.load_side_cpu_seconds(up.pid), _busy(), time.monotonic()
         load = run_load(ctx, d, port, control)
+        busy1, t1 = _busy(), time.monotonic()
         cpu1 = procstat.tree_cpu_seconds(proxy.pid)
+        ours1 = procstat.load_side_cpu_seconds(up.pid)
+        # what the rest of the machine used meanwhile (steal included): a noisy neighbour
+        other = (busy1 - busy0) - (cpu1 - cpu0) - (ours1 - ours0)
+        out["other_cpu_share"] = round(max(0.0, other) / (t1 - t0), 2)
         if not proxy.alive():
             raise BenchError(f"{sc.peer} died during the run\n{proxy.tail()}")
         after = read_counters(sc.peer, admin)
@@ -1184,8 +1216,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "`-` = the proxy has no such counter) and what the upstream endpoints saw:",
         "",
         "| scenario | retries | retry overflow | ejections | CB overflow | upstream conns "
-        "| proxy CPU s | upstream requests #1 / #2 / #3 | #3: 503s / reset at death |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| proxy CPU s | noise | upstream requests #1 / #2 / #3 | #3: 503s / reset at death |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in ok:
         f = r["figures"]
@@ -1194,7 +1226,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         lines.append(
             f"| ({r['key']}) {r['name']} | {_n(f['retries'])} | {_n(f['retry overflow'])} | "
             f"{_n(f['ejections'])} | {_n(f['CB overflow'])} | {_n(f['upstream conns'])} | "
-            f"{r['proxy_cpu_seconds']:.2f} | "
+            f"{r['proxy_cpu_seconds']:.2f} | {r['other_cpu_share']:.2f} CPU | "
             + " / ".join(f"{e['requests']:,}" for e in eps)
             + f" | {victim['unavailable_503']:,} / {victim['connections_reset_on_death']} |"
         )

