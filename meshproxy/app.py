@@ -52,7 +52,14 @@ PARENT_CHECK_INTERVAL = 0.5  # seconds between "is my supervisor still alive?" c
 
 
 def settings_for(opts: RunOptions) -> Settings:
-    return Settings(drain_seconds=opts.drain_seconds)
+    budget = opts.retry_budget
+    return Settings(
+        drain_seconds=opts.drain_seconds,
+        retry_budget_percent=None if budget is None else budget[0],
+        retry_budget_min=3 if budget is None else budget[1],
+        outlier_min_ejectable=opts.outlier_min_ejectable,
+        default_retry_503=opts.idempotent_503_retry,
+    )
 
 
 def identity_for(opts: RunOptions) -> ProxyIdentity:

@@ -2,26 +2,23 @@
 
 Theory of operation: the translation (``control.istio``) is complete for every field the
 validator accepts, but the data plane implements Istio's traffic policies in stages. Rather
-than let a user believe a fault, retry policy or circuit breaker is in force when it is not,
-:func:`unsupported` scans an applied snapshot once (off the event loop, with the build) and
-returns one warning per unimplemented feature: how many routes / clusters use it and the first
-resource that does. Istio's *default* retry policy (present on every route without a
-``retries`` block) is not reported: only settings the user wrote.
+than let a user believe a policy is in force when it is not, :func:`unsupported` scans an
+applied snapshot once (off the event loop, with the build) and returns one warning per
+unimplemented feature: how many routes / clusters use it and the first resource that does.
+
+Applied today, so never reported: timeouts, retries (every ``retryOn`` token HTTP/1.1 can
+produce), retry budgets, fault injection, mirroring, outlier detection and every
+connection-pool limit. Still reported: upstream TLS (the mTLS work) and
+``retryRemoteLocalities`` (endpoints carry no locality priorities here).
 """
 
 from __future__ import annotations
 
 from meshproxy.config.model import (
-    DEFAULT_RETRY,
-    ConnectionPool,
     Meta,
     Snapshot,
     TlsMode,
 )
-
-_POOL = ConnectionPool()
-# connect_timeout, idle_timeout and max_requests_per_connection are honoured today
-_BREAKER_FIELDS = ("max_connections", "max_pending_requests", "max_requests", "max_retries")
 
 
 def _where(meta: Meta | None) -> str:
@@ -52,21 +49,10 @@ def unsupported(snapshot: Snapshot) -> list[str]:
             continue
         seen_vh.add(id(vh))
         for route in vh.routes:
-            if route.fault is not None:
-                note("route fault injection (`fault`)", route.meta)
-            if route.timeout is not None:
-                note("route `timeout`", route.meta)
-            if route.retries is not None and route.retries != DEFAULT_RETRY:
-                note("route `retries`", route.meta)
-            if route.mirrors:
-                note("request mirroring (`mirror` / `mirrors`)", route.meta)
+            if route.retries is not None and route.retries.retry_remote_localities:
+                note("`retries.retryRemoteLocalities`", route.meta)
     for cluster in snapshot.clusters.values():
         meta = cluster.policy_meta or cluster.meta
-        if cluster.outlier is not None:
-            note("outlier detection (`outlierDetection`)", meta)
-        pool = cluster.pool
-        if any(getattr(pool, f) != getattr(_POOL, f) for f in _BREAKER_FIELDS):
-            note("connection-pool circuit breaking (`connectionPool` limits)", meta)
         if cluster.tls is not None and cluster.tls.mode is not TlsMode.DISABLE:
             note(f"upstream TLS (`tls.mode: {cluster.tls.mode.value}`)", meta)
     return [

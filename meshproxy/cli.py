@@ -106,6 +106,38 @@ def _seconds(text: str) -> float:
     return s
 
 
+def parse_retry_budget(text: str) -> tuple[float, int] | None:
+    """``PERCENT[:MIN]`` (e.g. ``20:3``) or ``off`` -> (percent, min concurrency) or None."""
+    text = text.strip()
+    if text == "off":
+        return None
+    pct_s, _, min_s = text.partition(":")
+    try:
+        pct = float(pct_s)
+        minimum = int(min_s) if min_s else 3
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected PERCENT[:MIN] (e.g. 20:3) or off"
+        ) from None
+    if not 0 <= pct <= 100 or minimum < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: percent must be 0..100 and MIN >= 0")
+    return pct, minimum
+
+
+def format_retry_budget(budget: tuple[float, int] | None) -> str:
+    return "off" if budget is None else f"{budget[0]:g}:{budget[1]}"
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 0")
+    return n
+
+
 def _access_log_target(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a file path, - (stdout) or off")
@@ -128,6 +160,11 @@ class RunOptions:
     drain_seconds: float = 5.0
     log_level: str = "info"
     access_log: str = "off"  # PATH, "-" (stdout) or "off"
+    # beyond Istio's defaults (see Settings): the retry budget of clusters without one, the
+    # outlier ejections a small pool may make, the idempotent-only 503 retry
+    retry_budget: tuple[float, int] | None = (20.0, 3)
+    outlier_min_ejectable: int = 1
+    idempotent_503_retry: bool = True
     reuse_port: bool = False  # set by the supervisor for its workers
     parent_pid: int | None = None  # a worker exits when its supervisor is gone
 
@@ -202,6 +239,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH|-|off",
         help="one JSON object per request, appended to PATH, or on stdout with - [off]",
     )
+    run.add_argument(
+        "--retry-budget",
+        type=parse_retry_budget,
+        default=(20.0, 3),
+        metavar="PCT[:MIN]|off",
+        help="retry budget for clusters whose DestinationRule sets no retryBudget: at most "
+        "PCT %% of active requests may be retries, never fewer than MIN; off = Istio's "
+        "behaviour (no budget) [20:3]",
+    )
+    run.add_argument(
+        "--outlier-min-ejectable",
+        type=_non_negative_int,
+        default=1,
+        metavar="N",
+        help="with outlierDetection, a pool too small for maxEjectionPercent may still eject "
+        "up to N endpoints (one always stays); 0 = Envoy's behaviour [1]",
+    )
+    run.add_argument(
+        "--no-idempotent-503-retry",
+        dest="idempotent_503_retry",
+        action="store_false",
+        help="routes without a retries block retry exactly as Istio's default policy "
+        "(by default meshproxy also retries a 503 to GET/HEAD/OPTIONS/TRACE/PUT/DELETE)",
+    )
     run.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="[info]")
     run.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
@@ -254,6 +315,9 @@ def _run(ns: argparse.Namespace) -> int:
         drain_seconds=ns.drain_seconds,
         log_level=ns.log_level,
         access_log=ns.access_log,
+        retry_budget=ns.retry_budget,
+        outlier_min_ejectable=ns.outlier_min_ejectable,
+        idempotent_503_retry=ns.idempotent_503_retry,
         reuse_port=ns.reuse_port,
         parent_pid=ns.parent_pid,
     )

@@ -65,6 +65,14 @@ class DataPlane:
             self._server_ctx = ServerContext(
                 self._settings, self._metrics, self._proxy.make_exchange
             )
+            mirrorer = self._proxy.mirrorer
+            if hasattr(self._metrics, "mirror_stats"):  # test fakes have no such hook
+                self._metrics.mirror_stats = lambda: {
+                    "sent": mirrorer.sent,
+                    "completed": mirrorer.completed,
+                    "failed": mirrorer.failed,
+                    "dropped": mirrorer.dropped,
+                }
         return self._server_ctx
 
     async def start_outbound(
@@ -158,6 +166,8 @@ class DataPlane:
             ctx.draining = True
             for conn in list(ctx.connections):
                 conn.abort()
+        if self._proxy is not None:
+            await self._proxy.mirrorer.close()
         self._pools.close()
         gc_stats = getattr(self._metrics, "gc", None)
         if gc_stats is not None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import gc
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from meshproxy.config.model import Cluster, ProxyIdentity, Snapshot
@@ -260,6 +260,7 @@ class Metrics:
         "counters",
         "downstream_active",
         "gc",
+        "mirror_stats",
         "reloads",
         "requests",
     )
@@ -274,6 +275,8 @@ class Metrics:
         self.config_version: str | None = None
         self.reloads: dict[str, int] = {"success": 0, "rejected": 0}
         self.gc = GcStats()  # counts only while installed (DataPlane does, while it runs)
+        # set by the data plane: the mirrorer's counters (sent/completed/failed/dropped)
+        self.mirror_stats: Callable[[], dict[str, int]] | None = None
 
     # ------------------------------------------------------------------ hot path
 
@@ -371,6 +374,7 @@ class Metrics:
             "config_versions": [] if self.config_version is None else [self.config_version],
             "reloads": dict(self.reloads),
             "gc": self.gc.export(),
+            "mirror": self.mirror_stats() if self.mirror_stats is not None else {},
         }
 
     def render(self) -> str:
@@ -387,6 +391,7 @@ def merge_exports(exports: Iterable[Export]) -> Export:
         "config_versions": [],
         "reloads": {},
         "gc": _empty_gc(),
+        "mirror": {},
     }
     requests: dict[tuple[str, int, str], list[float]] = {}
     for ex in exports:
@@ -409,6 +414,8 @@ def merge_exports(exports: Iterable[Export]) -> Export:
                 out["config_versions"].append(v)
         for result, n in ex["reloads"].items():
             out["reloads"][result] = out["reloads"].get(result, 0) + n
+        for result, n in ex.get("mirror", {}).items():
+            out["mirror"][result] = out["mirror"].get(result, 0) + n
         g = ex.get("gc")
         if g:
             acc_g = out["gc"]
@@ -506,6 +513,17 @@ def render(ex: Export) -> str:
     for result in sorted(ex["reloads"]):
         n = ex["reloads"][result]
         lines.append(f'meshproxy_config_reloads_total{{result="{escape_label(result)}"}} {n}')
+
+    lines.append(
+        "# HELP meshproxy_mirror_requests_total Mirrored (shadow) request copies by outcome:"
+        " sent = completed + failed + in flight; dropped copies were never sent."
+    )
+    lines.append("# TYPE meshproxy_mirror_requests_total counter")
+    mirror = ex.get("mirror") or {}
+    for result in ("sent", "completed", "failed", "dropped"):
+        lines.append(
+            f'meshproxy_mirror_requests_total{{result="{result}"}} {mirror.get(result, 0)}'
+        )
 
     g = ex.get("gc") or _empty_gc()
     for family, kind, key, help_ in (

@@ -44,7 +44,14 @@ from urllib.parse import urlencode
 
 from meshproxy.accesslog import OFF, STDOUT, AccessLogError, check_target
 from meshproxy.admin import Admin, AdminRequest, AdminResponse, FetchError, fetch
-from meshproxy.cli import Addr, RunOptions, UsageError, format_addr, parse_addr
+from meshproxy.cli import (
+    Addr,
+    RunOptions,
+    UsageError,
+    format_addr,
+    format_retry_budget,
+    parse_addr,
+)
 from meshproxy.metrics import Export, merge_exports
 from meshproxy.sources.file import FileSource
 from meshproxy.state import State
@@ -157,10 +164,16 @@ class Supervisor:
             o.log_level,
             "--access-log",
             o.access_log if o.access_log in (OFF, STDOUT) else os.path.abspath(o.access_log),
+            "--retry-budget",
+            format_retry_budget(o.retry_budget),
+            "--outlier-min-ejectable",
+            str(o.outlier_min_ejectable),
             "--reuse-port",
             "--parent-pid",
             str(os.getpid()),
         ]
+        if not o.idempotent_503_retry:
+            argv.append("--no-idempotent-503-retry")
         return argv
 
     async def spawn(self, w: Worker) -> None:

@@ -43,7 +43,7 @@ def test_defaults_are_not_reported() -> None:
     assert unsupported(snap((route(),), (pooled,))) == []
 
 
-def test_each_unapplied_feature_is_named_once_with_count_and_first_resource() -> None:
+def test_applied_resilience_features_are_not_reported() -> None:
     routes = (
         route(fault=FaultPolicy(abort_status=500, abort_fraction=1.0)),
         route(fault=FaultPolicy(delay=1.0, delay_fraction=0.5), timeout=2.0),
@@ -52,17 +52,26 @@ def test_each_unapplied_feature_is_named_once_with_count_and_first_resource() ->
     clusters = (
         Cluster("a", "a", 80, outlier=OutlierPolicy(), policy_meta=DR),
         Cluster("b", "b", 80, pool=ConnectionPool(max_connections=1), policy_meta=DR),
+    )
+    assert unsupported(snap(routes, clusters)) == []
+
+
+def test_each_unapplied_feature_is_named_once_with_count_and_first_resource() -> None:
+    routes = (
+        route(retries=RetryPolicy(attempts=5, retry_remote_localities=True)),
+        route(retries=RetryPolicy(attempts=1, retry_remote_localities=True)),
+    )
+    clusters = (
         Cluster("c", "c", 80, tls=TlsPolicy(mode=TlsMode.ISTIO_MUTUAL), policy_meta=DR),
+        Cluster("d", "d", 80, tls=TlsPolicy(mode=TlsMode.DISABLE), policy_meta=DR),
     )
     lines = unsupported(snap(routes, clusters))
-    assert len(lines) == 6
+    assert len(lines) == 2
     by_feature = {ln.split(": ", 1)[1].split(", set on")[0]: ln for ln in lines}
     assert (
         "set on 2 entries, first in VirtualService/default/reviews spec.http[0] (vs.yaml)"
-        in (by_feature["route fault injection (`fault`)"])
+        in by_feature["`retries.retryRemoteLocalities`"]
     )
-    assert "set on 1 entry" in by_feature["route `timeout`"]
-    assert "route `retries`" in by_feature
-    assert "DestinationRule/default/reviews" in by_feature["outlier detection (`outlierDetection`)"]
-    assert "connection-pool circuit breaking (`connectionPool` limits)" in by_feature
-    assert "upstream TLS (`tls.mode: ISTIO_MUTUAL`)" in by_feature
+    assert (
+        "DestinationRule/default/reviews" in by_feature["upstream TLS (`tls.mode: ISTIO_MUTUAL`)"]
+    )

@@ -8,7 +8,15 @@ import sys
 
 import pytest
 
-from meshproxy.cli import build_parser, format_addr, listening_line, main, parse_addr, parse_labels
+from meshproxy.cli import (
+    RunOptions,
+    build_parser,
+    format_addr,
+    listening_line,
+    main,
+    parse_addr,
+    parse_labels,
+)
 
 
 @pytest.mark.parametrize(
@@ -112,3 +120,43 @@ def test_help(argv: list[str]) -> None:
     )
     assert proc.returncode == 0
     assert "usage: meshproxy" in proc.stdout
+
+
+def test_resilience_default_flags_parse_and_reach_settings() -> None:
+    from meshproxy.app import settings_for
+    from meshproxy.cli import format_retry_budget, parse_retry_budget
+
+    assert parse_retry_budget("20:3") == (20.0, 3)
+    assert parse_retry_budget("12.5") == (12.5, 3)
+    assert parse_retry_budget("off") is None
+    for bad in ("x", "101", "-1:2", "20:-1", "20:x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_retry_budget(bad)
+    assert format_retry_budget((12.5, 4)) == "12.5:4"
+    assert parse_retry_budget(format_retry_budget((12.5, 4))) == (12.5, 4)
+    ns = build_parser().parse_args(["run", "--config", "x"])
+    assert ns.retry_budget == (20.0, 3) and ns.outlier_min_ejectable == 1
+    assert ns.idempotent_503_retry is True
+    ns = build_parser().parse_args(
+        [
+            "run",
+            "--config",
+            "x",
+            "--retry-budget",
+            "off",
+            "--outlier-min-ejectable",
+            "0",
+            "--no-idempotent-503-retry",
+        ]
+    )
+    opts = RunOptions(
+        config=("x",),
+        retry_budget=ns.retry_budget,
+        outlier_min_ejectable=ns.outlier_min_ejectable,
+        idempotent_503_retry=ns.idempotent_503_retry,
+    )
+    st = settings_for(opts)
+    assert st.retry_budget_percent is None
+    assert st.outlier_min_ejectable == 0 and st.default_retry_503 is False
+    st = settings_for(RunOptions(config=("x",), retry_budget=(5.0, 1)))
+    assert st.retry_budget_percent == 5.0 and st.retry_budget_min == 1
