@@ -500,7 +500,14 @@ class Exchange:
         if head.framing is _NONE:
             self.request_complete = True  # llhttp may not have called on_message_complete yet
         elif (route.retries is not None and route.retries.attempts > 0) or route.mirrors:
-            self._replay = []
+            # body pieces that arrived with the head (before start) are only in _buf: the
+            # replay buffer starts with them, or is off if they already exceed its cap
+            buf = self._buf
+            if buf is None:
+                self._replay = []
+            elif self._buf_size <= ctx.settings.retry_buffer_bytes:
+                self._replay = list(buf)
+                self._replay_size = self._buf_size
         if route.mirrors:
             self._pick_mirrors(route, snap)
         fault = route.fault
@@ -1011,7 +1018,7 @@ class Exchange:
         cs = self.cs
         if cs is not None and cs.detector is not None:
             self._report_status(cs, status)
-        if status >= 409 and self._retry_response(status, rh):
+        if (status >= 409 or self._retriable_code(status)) and self._retry_response(status, rh):
             return
         head = self.head
         cl = rh.content_length
@@ -1080,6 +1087,12 @@ class Exchange:
         ej = det.on_status(i, status, _monotonic())
         if ej is not None:
             self.ctx.pools.ejected(cs, ep, ej.reason, ej.duration)
+
+    def _retriable_code(self, status: int) -> bool:
+        """``status`` is one of the route's bare ``retryOn`` codes (any value, e.g. 404)."""
+        route = self.route
+        rp = route.retries if route is not None else None
+        return rp is not None and status in rp.retriable_status_codes
 
     def _retry_response(self, status: int, rh: ResponseHead) -> bool:
         """A retriable response status: abandon this attempt (its connection is reset, as
