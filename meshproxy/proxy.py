@@ -268,6 +268,7 @@ class Exchange:
         "_buf",
         "_buf_size",
         "_connect_task",
+        "_connecting",
         "_down_framing",
         "_flags",
         "_hash_key",
@@ -338,6 +339,8 @@ class Exchange:
         self._holds_down_pause = 0  # pause_reading calls on the client we must undo
         self._holds_up_pause = False
         self._connect_task: asyncio.Task[None] | None = None
+        # endpoint whose reserved connection slot the connect task has not taken over yet
+        self._connecting: EndpointState | None = None
         self._up_framing = _NONE
         self._down_framing = _NONE
         self._out: list[bytes] | None = None  # response bytes produced during one upstream read
@@ -381,6 +384,10 @@ class Exchange:
         if self._connect_task is not None:
             self._connect_task.cancel()
             self._connect_task = None
+        connecting = self._connecting
+        if connecting is not None:  # cancelled before it ran: give the slot back
+            self._connecting = None
+            connecting.connection_closed()
 
     def _internal_error(self) -> None:
         if self.done:
@@ -683,7 +690,7 @@ class Exchange:
                 self._send_on(up)
                 return
         if cs.can_connect(ep):
-            self._connect_task = ctx.loop.create_task(self._connect(cs, ep))
+            self._start_connect(cs, ep)
             return
         if counters.rq_pending >= pool.max_pending_requests:
             self._end_attempt()
@@ -711,7 +718,7 @@ class Exchange:
             self._send_on(up)
             return
         assert self.ep is not None
-        self._connect_task = self.ctx.loop.create_task(self._connect(cs, self.ep))
+        self._start_connect(cs, self.ep)
 
     def _forget_waiter(self) -> None:
         w = self._waiter
@@ -743,9 +750,17 @@ class Exchange:
             self.ctx.metrics.upstream_overflow(cs.name)
         self._local(_OVERFLOW, extra=_OVERLOADED)
 
+    def _start_connect(self, cs: ClusterState, ep: EndpointState) -> None:
+        """Connect in the background; the connection's slot is counted now (``reserve``), not
+        when the task first runs, so attempts decided in the same loop turn see it."""
+        self.ctx.pools.reserve(cs, ep)
+        self._connecting = ep
+        self._connect_task = self.ctx.loop.create_task(self._connect(cs, ep))
+
     async def _connect(self, cs: ClusterState, ep: EndpointState) -> None:
+        self._connecting = None  # the reservation is Pools.connect's from here on
         try:
-            up = await self.ctx.pools.connect(cs, ep)
+            up = await self.ctx.pools.connect(cs, ep, reserved=True)
         except ConnectFailure:
             self._connect_task = None
             if not self.done:

@@ -21,7 +21,8 @@ Circuit breaking (Envoy's cluster resource manager, per cluster name, carried ac
 redefinitions in :class:`ClusterCounters`): ``rq_active`` (attempts in flight, limited by
 ``max_requests``), ``rq_pending`` (attempts waiting for a connection, limited by
 ``max_pending_requests``), ``retries_active`` (limited by the retry budget / ``max_retries``) and
-``cx_active`` (open connections, limited by ``max_connections``). As in Envoy's HTTP/1 pool, an
+``cx_active`` (open connections and connects in progress, limited by ``max_connections``;
+a connect is counted when it is decided, :meth:`Pools.reserve`). As in Envoy's HTTP/1 pool, an
 endpoint without any connection may always open one (no deadlock under a small limit); over the
 limit an attempt waits in the endpoint's ``waiters`` queue (a callable per waiter) until a
 connection of that endpoint is released (handed over directly) or closes (the waiter may then
@@ -410,10 +411,26 @@ class Pools:
                 return conn
         return None
 
-    async def connect(self, cs: ClusterState, ep: EndpointState) -> UpstreamConnection:
-        """Open a new connection to ``ep`` within the cluster's connect timeout."""
+    def reserve(self, cs: ClusterState, ep: EndpointState) -> None:
+        """Count a connection to ``ep`` that is about to be opened, synchronously, when the
+        decision to connect is made: a connection holds its ``max_connections`` slot from then
+        on (Envoy counts connecting clients too), so a burst on a cold endpoint queues behind
+        the first connect instead of opening one connection per request. Every ``reserve``
+        is followed by ``connect(cs, ep, reserved=True)`` or by ``ep.connection_closed()``."""
+        ep.counters = cs.counters
+        ep.conns += 1
+        cs.counters.cx_active += 1
+
+    async def connect(
+        self, cs: ClusterState, ep: EndpointState, *, reserved: bool = False
+    ) -> UpstreamConnection:
+        """Open a new connection to ``ep`` within the cluster's connect timeout (counted from
+        the start; ``reserved``: :meth:`reserve` counted it already). A failed or cancelled
+        connect gives its slot back (a waiter of ``ep`` may then connect)."""
         loop = self._loop = asyncio.get_running_loop()
         s = self._settings
+        if not reserved:
+            self.reserve(cs, ep)
         try:
             async with asyncio.timeout(cs.cluster.pool.connect_timeout):
                 _, proto = await loop.create_connection(
@@ -422,18 +439,18 @@ class Pools:
                     ep.port,
                 )
         except (OSError, TimeoutError) as e:
+            ep.connection_closed()  # the slot is free again (a waiter may connect)
             raise ConnectFailure(f"{ep.key}: {e or type(e).__name__}") from None
+        except BaseException:  # cancelled: the attempt was abandoned
+            ep.connection_closed()
+            raise
         ep.opened += 1
-        ep.conns += 1
-        ep.counters = cs.counters
-        cs.counters.cx_active += 1
         self._metrics.upstream_connection_opened(cs.name)
         assert isinstance(proto, UpstreamConnection)
         proto.counted = True
         if proto.closed:  # lost before we got here: connection_lost did not count it
             proto.counted = False
-            ep.conns -= 1
-            cs.counters.cx_active -= 1
+            ep.connection_closed()
         return proto
 
     def release(self, conn: UpstreamConnection, reusable: bool, cs: ClusterState) -> None:
