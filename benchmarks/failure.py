@@ -141,17 +141,30 @@ SCENARIOS: tuple[Scenario, ...] = (
         "c",
         "meshproxy, defaults",
         "meshproxy",
-        "Istio default (2 on connect-failure,refused-stream,unavailable,cancelled,503) "
-        "+ default budget",
+        "Istio >= 1.24 default (2 on connect-failure,refused-stream,unavailable,cancelled) "
+        "+ meshproxy's 503 retry for idempotent methods + default budget 20 %/3",
         "none",
     ),
     Scenario("d", "Envoy = (b)", "envoy", "as (b)", "as (b)"),
-    Scenario("e", "Envoy = (c)", "envoy", "Istio default (no budget)", "none"),
+    Scenario(
+        "e",
+        "Envoy, Istio >= 1.24 default",
+        "envoy",
+        "2 on connect-failure,refused-stream,unavailable,cancelled (no status codes)",
+        "none",
+    ),
     Scenario(
         "f",
-        "Envoy = (c) + our budget",
+        "Envoy ~ (c): 503 retried, our budget",
         "envoy",
-        "Istio default + retry_budget 20 %, min 3 (meshproxy's default; Istio sets none)",
+        "Istio < 1.24 default (+ retriable 503, every method) + retry_budget 20 %, min 3",
+        "none",
+    ),
+    Scenario(
+        "g",
+        "Envoy, Istio < 1.24 default",
+        "envoy",
+        "2 on connect-failure,refused-stream,unavailable,cancelled,503 (no budget)",
         "none",
     ),
 )
@@ -243,14 +256,20 @@ _ENVOY_RETRY = {
           num_retries: 3
           per_try_timeout: 1s
 {_PREVIOUS_HOSTS}""",
-    # no retries block: Istio's route.DefaultPolicy() ("f" adds meshproxy's default budget)
+    # no retries block: Istio's route.DefaultPolicy() since 1.24 (istio/istio#52111 removed
+    # the retriable status code 503)
     "e": f"""        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes
+          num_retries: 2
+{_PREVIOUS_HOSTS}""",
+    # Istio's DefaultPolicy() before 1.24: also 503 ("f" adds meshproxy's default budget)
+    "g": f"""        retry_policy:
           retry_on: connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes
           num_retries: 2
           retriable_status_codes: [503]
 {_PREVIOUS_HOSTS}""",
 }
-_ENVOY_RETRY["f"] = _ENVOY_RETRY["e"]
+_ENVOY_RETRY["f"] = _ENVOY_RETRY["g"]
 
 # meshproxy's default retry budget (Settings.retry_budget_percent / _min) as Envoy's
 # RetryBudget; Envoy then ignores max_retries, as meshproxy ignores maxRetries under a budget
