@@ -5,7 +5,7 @@ Theory of operation
 -------------------
 Each test takes one Istio YAML fixture from ``tests/data/resilience/`` (valid as it stands:
 the last test runs ``meshproxy validate`` on each), replaces its placeholder endpoint ports
-(590NN) with the ports of upstreams it starts on 127.0.0.1 (a :class:`Script` answering per
+(59001..59199) with the ports of upstreams it starts on 127.0.0.1 (a :class:`Script` answering per
 request: status sequences, delays before the head, resets before / after the head, slow
 bodies) or with a closed port, starts the proxy on OS-chosen ports, waits for ``/ready`` and
 then checks only the public surface: HTTP answers, the access-log JSON lines (``attempts``,
@@ -17,6 +17,7 @@ fail if the feature it names were missing.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import signal
@@ -48,10 +49,10 @@ from tests.support.misbehaving_upstream import (
     status,
 )
 from tests.support.rawhttp import Response, get, read_response
-from tests.support.upstream import UpstreamServer
+from tests.support.upstream import Recorded, Reply, UpstreamServer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "resilience"
-PLACEHOLDER = re.compile(r"\b590\d\d\b")
+PLACEHOLDER = re.compile(r"\b59[01]\d\d\b")
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=15)
 
 
@@ -290,6 +291,12 @@ async def test_fault_abort_418_fi_and_delay_di(tmp_path: Path) -> None:
             assert elapsed >= 0.3, elapsed
             e = await m.entry_for("/delay")
             assert e["response_code"] == 200 and "DI" in flags(e), e
+
+            # an abort without percentage affects no request (Istio's rule)
+            code, _, body = await m.request("spared", "/spared")
+            assert (code, body) == (200, b"reached")
+            e = await m.entry_for("/spared")
+            assert e["response_flags"] == "-", e
     finally:
         await up.close()
 
@@ -418,13 +425,8 @@ async def test_connection_pool_overflow_is_503_uo_at_once(tmp_path: Path) -> Non
     await _pool_burst(tmp_path, warm=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: connections still connecting are not counted against maxConnections "
-    "(Pools.connect counts ep.conns / cx_active only after the await; ClusterState.can_connect "
-    "lets every attempt connect while ep.conns == 0), so a cold burst opens one connection "
-    "per request and never overflows",
-)
+# (a regression guard: connections still connecting must count against maxConnections, as
+# in Envoy; fixed in 1766ec0 "pool: a connect holds its maxConnections slot ...")
 async def test_connection_pool_overflow_on_a_cold_burst(tmp_path: Path) -> None:
     await _pool_burst(tmp_path, warm=False)
 
@@ -433,15 +435,29 @@ async def test_connection_pool_overflow_on_a_cold_burst(tmp_path: Path) -> None:
 
 
 async def test_retry_budget_overflows_under_concurrent_503s(tmp_path: Path) -> None:
-    up = await start(status(503, delay=0.2))
+    # every attempt is answered 503 after 0.2 s; the upstream notes when each retry arrives
+    retry_arrivals: list[float] = []
+
+    def handler(req: Recorded) -> Reply:
+        if req.header("x-envoy-attempt-count") != "1":
+            retry_arrivals.append(time.monotonic())
+        return status(503, delay=0.2)
+
+    up = await start(handler)
     try:
         async with meshproxy(tmp_path, "retry-budget.yaml", {59081: up.port}) as m:
             async with asyncio.timeout(20):
                 results = await asyncio.gather(*(m.request("broken", f"/b{i}") for i in range(20)))
             assert [r[0] for r in results] == [503] * 20
             assert await m.metric("meshproxy_upstream_retry_overflows_total") > 0
-            # without the budget: 20 x (1 + 3) attempts
+            # without any budget: 20 x (1 + 3) attempts
             assert 20 <= len(up.requests) < 80, len(up.requests)
+            assert await m.metric("meshproxy_upstream_retries_total") == len(retry_arrivals)
+            # percent 0 / minRetryConcurrency 1: one retry at a time, so retries reach the
+            # upstream at least one 0.2 s answer apart (meshproxy's default budget, 20 % of
+            # 20 active requests, would let 4 go at once)
+            gaps = [b - a for a, b in itertools.pairwise(retry_arrivals)]
+            assert retry_arrivals and all(g > 0.1 for g in gaps), gaps
     finally:
         await up.close()
 
@@ -475,6 +491,8 @@ async def test_reset_after_head_is_not_retried(tmp_path: Path) -> None:
             assert not complete
             await asyncio.sleep(0.3)  # a (wrong) retry would reach the upstream by now
             assert len([r for r in up.requests if r.target == "/late"]) == 1
+            e = await m.entry_for("/late")  # as in Envoy: the status already sent, flag UC
+            assert e["response_code"] == 200 and "UC" in flags(e) and e["attempts"] == 1, e
     finally:
         await up.close()
 
@@ -489,6 +507,73 @@ async def test_slow_body_outlives_per_try_timeout(tmp_path: Path) -> None:
             assert attempt_counts(up, "/trickle") == ["1"]
             e = await m.entry_for("/trickle")
             assert e["attempts"] == 1 and e["response_flags"] == "-", e
+    finally:
+        await up.close()
+
+
+# --------------------------------------------------------------------------- retry edges
+
+
+def _edges(up: int, dead: int | None = None) -> dict[int, int]:
+    return {59101: up, 59102: dead if dead is not None else closed_port()}
+
+
+async def test_route_timeout_covers_every_retry_and_backoff(tmp_path: Path) -> None:
+    up = await start(status(503, delay=0.2))
+    try:
+        async with meshproxy(tmp_path, "retry-edges.yaml", _edges(up.port)) as m:
+            code, elapsed = await m.timed("deadline", "/d")
+            assert code == 504
+            assert 0.4 <= elapsed < 1.5, elapsed  # 6 tries of 0.2 s would take 1.2 s or more
+            e = await m.entry_for("/d")
+            assert "UT" in flags(e) and e["attempts"] >= 2, e
+    finally:
+        await up.close()
+
+
+async def test_retries_replay_a_small_body_but_not_one_over_1_mib(tmp_path: Path) -> None:
+    up = await start(Script([status(503), status(200, body=b"replayed")]))
+    try:
+        async with meshproxy(tmp_path, "retry-edges.yaml", _edges(up.port)) as m:
+            small = b"s" * 1000
+            code, _, body = await m.request("replay", "/small", method="POST", data=small)
+            assert (code, body) == (200, b"replayed")
+            assert [r.body for r in up.requests if r.target == "/small"] == [small, small]
+
+            big = b"b" * (1024 * 1024 + 512 * 1024)
+            code, _, _ = await m.request("replay", "/big", method="POST", data=big)
+            assert code == 503
+            bigs = [r for r in up.requests if r.target == "/big"]
+            assert len(bigs) == 1 and bigs[0].body == big
+            e = await m.entry_for("/big")
+            assert e["attempts"] == 1 and e["bytes_received"] == len(big), e
+    finally:
+        await up.close()
+
+
+async def test_503_with_x_envoy_overloaded_is_never_retried(tmp_path: Path) -> None:
+    overloaded = Reply(status=503, reason="X", headers=[("x-envoy-overloaded", "true")])
+    up = await start(Script([overloaded, status(200)]))
+    try:
+        async with meshproxy(tmp_path, "retry-edges.yaml", _edges(up.port)) as m:
+            code, _, _ = await m.request("overloaded", "/o")
+            assert code == 503
+            assert attempt_counts(up, "/o") == ["1"]
+            e = await m.entry_for("/o")
+            assert e["attempts"] == 1, e
+    finally:
+        await up.close()
+
+
+async def test_connect_failures_exhausting_retries_are_503_urx(tmp_path: Path) -> None:
+    up = await start(status(200))
+    try:
+        async with meshproxy(tmp_path, "retry-edges.yaml", _edges(up.port)) as m:
+            code, _, _ = await m.request("nowhere", "/n")
+            assert code == 503
+            e = await m.entry_for("/n")
+            assert "URX" in flags(e) and e["attempts"] == 3, e
+            assert await m.metric("meshproxy_upstream_retries_total") == 2
     finally:
         await up.close()
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Sequence
 
-from tests.support.upstream import Recorded, Reply, UpstreamServer
+from tests.support.upstream import Handler, Recorded, Reply, UpstreamServer
 
 
 class Script:
@@ -72,6 +72,6 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def start(handler: Script | Reply) -> UpstreamServer:
+async def start(handler: Handler | Reply) -> UpstreamServer:
     """A started upstream answering per ``handler``."""
     return await UpstreamServer(handler).start()
