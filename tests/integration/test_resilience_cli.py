@@ -23,7 +23,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,10 +141,14 @@ class Running:
 
 
 @asynccontextmanager
-async def meshproxy(tmp_path: Path, fixture: str, ports: dict[int, int]) -> AsyncIterator[Running]:
+async def meshproxy(
+    tmp_path: Path, fixture: str, ports: dict[int, int], extra: Sequence[str] = ()
+) -> AsyncIterator[Running]:
     cfg = render(fixture, ports, tmp_path)
     log = tmp_path / "access.log"
-    p = MeshProxy([cfg], extra=["--access-log", str(log)], log_path=tmp_path / "meshproxy.log")
+    p = MeshProxy(
+        [cfg], extra=["--access-log", str(log), *extra], log_path=tmp_path / "meshproxy.log"
+    )
     try:
         await p.start()
 
@@ -171,10 +175,12 @@ def attempt_counts(up: UpstreamServer, path: str) -> list[str | None]:
 # --------------------------------------------------------------------------- 1. retries
 
 
-async def test_retry_on_5xx_turns_503_then_200_into_200(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_retry_on_5xx_turns_503_then_200_into_200(tmp_path: Path, workers: int) -> None:
     up = await start(Script([status(503), status(200, body=b"second")]))
     try:
-        async with meshproxy(tmp_path, "retry-5xx.yaml", {59001: up.port}) as m:
+        extra = ["--workers", str(workers)]  # with 2, /stats/prometheus sums the workers
+        async with meshproxy(tmp_path, "retry-5xx.yaml", {59001: up.port}, extra) as m:
             code, _, body = await m.request("flaky", "/once")
             assert (code, body) == (200, b"second")
             assert attempt_counts(up, "/once") == ["1", "2"]
@@ -352,6 +358,8 @@ async def test_outlier_detection_ejects_the_503_endpoint_of_three(tmp_path: Path
             for g in goods:
                 assert (await m.endpoint(g.port))["ejected"] is False
             assert await m.metric("meshproxy_outlier_ejections_total") >= 1
+            log_lines = m.proxy.stderr().splitlines()
+            assert any("eject" in ln and f"127.0.0.1:{bad.port}" in ln for ln in log_lines)
             bad_hits = len(bad.requests)
             assert bad_hits >= 3  # consecutive5xxErrors: 3
             codes = [(await m.request("trio", f"/after{i}"))[0] for i in range(30)]
@@ -574,6 +582,38 @@ async def test_connect_failures_exhausting_retries_are_503_urx(tmp_path: Path) -
             e = await m.entry_for("/n")
             assert "URX" in flags(e) and e["attempts"] == 3, e
             assert await m.metric("meshproxy_upstream_retries_total") == 2
+    finally:
+        await up.close()
+
+
+# --------------------------------------------------------------------------- retryOn tokens
+
+
+async def test_retry_on_tokens(tmp_path: Path) -> None:
+    # the first request to each path gets the status under test, a retry gets 200
+    first = {"/teapot": 418, "/conflict": 409, "/other4xx": 404, "/502": 502, "/500": 500}
+    seen: dict[str, int] = {}
+
+    def handler(req: Recorded) -> Reply:
+        seen[req.target] = seen.get(req.target, 0) + 1
+        return status(first[req.target]) if seen[req.target] == 1 else status(200, body=b"ok")
+
+    up = await start(handler)
+    try:
+        async with meshproxy(tmp_path, "retry-on.yaml", {59111: up.port}) as m:
+            cases = [
+                ("codes", "/teapot", 200, 2),  # a bare status code in retryOn
+                ("conflict", "/conflict", 200, 2),  # retriable-4xx: 409
+                ("conflict", "/other4xx", 404, 1),  # retriable-4xx: not 404
+                ("gateway", "/502", 200, 2),  # gateway-error: 502
+                ("gateway", "/500", 500, 1),  # gateway-error: not 500
+            ]
+            for host, path, code, attempts in cases:
+                got, _, _ = await m.request(host, path)
+                assert got == code, (host, path, got)
+                assert len(attempt_counts(up, path)) == attempts, (host, path)
+                e = await m.entry_for(path)
+                assert e["attempts"] == attempts, e
     finally:
         await up.close()
 
