@@ -684,7 +684,10 @@ class Exchange:
         counters.rq_active += 1
         self._in_attempt = True
         idle = ep.idle  # Pools.take_idle, inlined: the most recent live keep-alive connection
-        while idle:
+        # The stale keep-alive replay opens a new connection when the pool limit allows:
+        # connections pooled together may have gone stale together (an upstream restart).
+        fresh = same_ep and cs.can_connect(ep)
+        while idle and not fresh:
             up = idle.pop()
             if not up.closed:
                 self._send_on(up)
