@@ -216,3 +216,44 @@ async def test_counters_back_to_zero_after_mixed_failures() -> None:
             assert mc.peak["cx_active"] <= 2
             await wait_quiescent(p, "svc")
             assert mc.cx_active == up.open_connections
+
+
+async def test_route_timeout_while_pending_frees_the_pending_slot() -> None:
+    async with UpstreamServer(Reply(body=b"slow", delay=0.8)) as up:
+        pool = ConnectionPool(max_connections=1, max_pending_requests=1, connect_timeout=5.0)
+        snap = route_snapshot(
+            "svc",
+            to_cluster("svc", retries=FIVE_XX, timeout=0.3),
+            [cluster("svc", [up.port], pool=pool)],
+        )
+        async with running_dataplane(snap, fast_settings()) as p:
+            mc = track_counters(p, "svc")
+            first = asyncio.ensure_future(request(p.host, p.port, get("/1"), timeout=5))
+            await asyncio.sleep(0.1)
+            r = await request(p.host, p.port, get("/2"), timeout=5)
+            assert r.status == 504  # the route timeout ended the wait, not the overflow
+            assert mc.rq_pending == 0 and mc.peak["rq_pending"] == 1
+            # the freed pending slot is usable again at once
+            r3 = asyncio.ensure_future(request(p.host, p.port, get("/3"), timeout=5))
+            assert (await first).status == 504
+            assert (await r3).status in (200, 504)
+            await wait_quiescent(p, "svc")
+
+
+async def test_failed_connect_wakes_the_requests_waiting_for_its_slot() -> None:
+    """maxConnections=1 on a dead endpoint: the waiting request does not sit out its
+    connect-timeout deadline; it is woken when the connect fails and fails (or retries) too."""
+    from tests.support.resilience import closed_port
+
+    pool = ConnectionPool(max_connections=1, connect_timeout=3.0)
+    no_retries = RetryPolicy(attempts=0)
+    async with running_dataplane(
+        snap_for([closed_port()], retries=no_retries, pool=pool), fast_settings()
+    ) as p:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        rs = await wave(p, 4)
+        assert [r.status for r in rs] == [503] * 4
+        assert loop.time() - t0 < 1.5
+        assert {m.flags for m in p.metrics.requests} == {"UF"}
+        await wait_quiescent(p, "svc")

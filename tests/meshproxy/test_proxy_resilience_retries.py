@@ -377,3 +377,39 @@ async def test_nothing_is_retried_after_response_bytes_reached_the_client() -> N
             await wait_quiescent(p, "svc")
             assert p.metrics.requests[-1].flags == "UC"
             assert p.metrics.count("retries") == 0
+
+
+async def test_attempt_count_and_body_replay_with_header_operations_and_rewrite() -> None:
+    """The general (non one-pass) request head: rewrite + header operations."""
+    from meshproxy.config.model import HeaderOps, HeaderPolicy, Rewrite
+
+    async with UpstreamServer(sequence(Reply(503), Reply(503), Reply(200, body=b"ok"))) as up:
+        route = to_cluster(
+            "svc",
+            retries=policy("5xx", attempts=2),
+            rewrite=Rewrite(authority="backend"),
+            headers=HeaderPolicy(request=HeaderOps(set=(("x-added", "1"),))),
+        )
+        snap = route_snapshot("svc", route, [cluster("svc", [up.port])])
+        async with running_dataplane(snap, fast_settings()) as p:
+            r = await request(p.host, p.port, post(b"payload"))
+            assert (r.status, r.body) == (200, b"ok")
+            assert attempt_counts(up) == ["1", "2", "3"]
+            for rec in up.requests:
+                assert rec.body == b"payload"
+                assert rec.header("host") == "backend" and rec.header("x-added") == "1"
+                assert rec.header_all("x-envoy-attempt-count") == [
+                    rec.header("x-envoy-attempt-count")
+                ]
+
+
+async def test_client_attempt_count_header_is_replaced() -> None:
+    async with UpstreamServer(sequence(Reply(503), Reply(200))) as up:
+        snap = one_route([up.port], policy("5xx", attempts=1))
+        async with running_dataplane(snap, fast_settings()) as p:
+            r = await request(p.host, p.port, get(extra="x-envoy-attempt-count: 7\r\n"))
+            assert r.status == 200
+            assert [rec.header_all("x-envoy-attempt-count") for rec in up.requests] == [
+                ["1"],
+                ["2"],
+            ]
