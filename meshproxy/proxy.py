@@ -123,6 +123,10 @@ _OVERFLOW = local_reply(Failure.OVERFLOW)
 _OVERLOADED = (("x-envoy-overloaded", "true"),)
 _ATTEMPT_1 = b"\r\nx-envoy-attempt-count: 1\r\n"
 _FAULT_BODY = b"fault filter abort"
+# Envoy's answer when the body outgrows the retry buffer while a retry waits (router.cc)
+_RETRY_BUFFER_EXCEEDED = LocalReply(
+    507, "-", b"exceeded request buffer limit while retrying upstream"
+)
 # methods a stale keep-alive connection is retried for at once (RFC 9110 9.2.2)
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 # attempt failure -> what outlier detection is told (a local-origin failure of this kind)
@@ -971,6 +975,12 @@ class Exchange:
             self._replay_size += len(data)
             if self._replay_size > self.ctx.settings.retry_buffer_bytes:
                 self._replay = None  # too large to replay: no retry once it is sent
+                if self.up is None and self._body_sent:
+                    # between a failed attempt that sent part of the body and its retry: the
+                    # retry could only send the tail, so the request ends here (as Envoy)
+                    self._drop_upstream()
+                    self._local(_RETRY_BUFFER_EXCEEDED)
+                    return
             else:
                 replay.append(data)
         up = self.up
