@@ -413,3 +413,37 @@ async def test_client_attempt_count_header_is_replaced() -> None:
                 ["1"],
                 ["2"],
             ]
+
+
+async def test_body_outgrowing_the_replay_buffer_during_backoff_is_507_never_truncated() -> None:
+    """A retry is pending (backoff) when the body still arriving outgrows the replay buffer:
+    the retry can no longer send the whole body, so the request ends with Envoy's 507
+    "exceeded request buffer limit while retrying upstream" -- it never sends the upstream
+    the tail of the body as if it were the whole body."""
+    from meshproxy.config.model import LbKind, LoadBalancer
+
+    settings = fast_settings(retry_buffer_bytes=4096, retry_backoff_base=0.3, retry_backoff_max=0.3)
+    rr = LoadBalancer(kind=LbKind.ROUND_ROBIN)
+    async with ResetServer(after_bytes=1) as broken, UpstreamServer(Reply(body=b"ok")) as good:
+        snap = one_route([good.port, broken.port], policy("reset", attempts=2), lb=rr)
+        async with running_dataplane(snap, settings) as p:
+            p.dp._proxy.random = lambda: 0.99  # first pick: index 1 (broken); backoff 0.297 s
+            reader, writer = await asyncio.open_connection(p.host, p.port)
+            writer.write(
+                b"POST /up HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + b"3e8\r\n"
+                + b"A" * 1000
+                + b"\r\n"
+            )
+            await asyncio.sleep(0.1)  # attempt 1 was reset; the retry waits for its backoff
+            assert broken.connections == 1
+            try:
+                writer.write(b"1f40\r\n" + b"B" * 8000 + b"\r\n0\r\n\r\n")
+                r = await read_response(reader)
+            finally:
+                writer.close()
+            assert r.status == 507
+            assert r.body == b"exceeded request buffer limit while retrying upstream"
+            await asyncio.sleep(0.4)
+            assert good.requests == [] and good.raw_bytes == 0
+            await wait_quiescent(p, "svc")
