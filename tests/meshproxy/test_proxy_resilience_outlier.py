@@ -10,7 +10,10 @@ arrives on it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
+
+import pytest
 
 from meshproxy.config.model import OutlierPolicy
 from tests.support.dataplane import RunningPlane, running_dataplane
@@ -46,7 +49,10 @@ async def send_until(p: RunningPlane, pred, limit: int = 200) -> int:  # type: i
     return limit
 
 
-async def test_consecutive_5xx_ejects_small_pool_endpoint_and_it_returns() -> None:
+async def test_consecutive_5xx_ejects_small_pool_endpoint_and_it_returns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="meshproxy.upstream.pool")
     async with (
         UpstreamServer(Reply(503, body=b"bad")) as bad,
         UpstreamServer(Reply(body=b"good")) as g1,
@@ -59,6 +65,9 @@ async def test_consecutive_5xx_ejects_small_pool_endpoint_and_it_returns() -> No
             assert view["ejected"] is True and view["healthy"] is False
             assert view["ejections"] == 1
             assert p.metrics.count("ejections") == 1
+            ejected_logs = [r for r in caplog.records if "ejected" in r.getMessage()]
+            assert len(ejected_logs) == 1 and f"127.0.0.1:{bad.port}" in ejected_logs[0].message
+            assert "consecutive_5xx" in ejected_logs[0].message
             # ejected: no traffic goes there for its ejection time (0.5 s)
             for _ in range(20):
                 r = await request(p.host, p.port, get())
@@ -70,6 +79,7 @@ async def test_consecutive_5xx_ejects_small_pool_endpoint_and_it_returns() -> No
             view = endpoint_view(p, bad.port)
             assert view["ejected"] is False and view["healthy"] is True
             assert view["ejections"] == 1
+            assert any("returned to the load balancer" in r.getMessage() for r in caplog.records)
             await send_until(p, lambda: len(bad.requests) >= 4)
             await wait_quiescent(p, "svc")
 
