@@ -277,9 +277,13 @@ class Exchange:
         "_flags",
         "_hash_key",
         "_head_req",
+        "_held",
+        "_held_body",
+        "_held_done",
         "_holds_down_pause",
         "_holds_up_pause",
         "_in_attempt",
+        "_last_failure",
         "_mirrors",
         "_out",
         "_replay",
@@ -351,8 +355,15 @@ class Exchange:
         self.attempts = 0  # upstream attempts started (1 + retries)
         self._flags: list[str] | None = None  # response flags gathered on the way (DI, URX..)
         self._hash_key: bytes | None = None
+        # a retriable response held (upstream reading paused) until its retry is admitted by
+        # the budget at the end of the backoff; sent to the client if the budget refuses
+        self._held: tuple[int, ResponseHead] | None = None
+        self._held_body: list[bytes] = []
+        self._held_done: bool | None = None  # the held response is complete (keep-alive?)
+        self._last_failure: Failure | None = None  # of the last failed attempt, for a reply
         self._in_attempt = False  # counted in the endpoint's / cluster's active requests
-        self._retrying = False  # a retry is scheduled or running (counted in retries_active)
+        # the next / current attempt is a retry (counted in retries_active while in flight)
+        self._retrying = False
         self._tried: list[EndpointState] | None = None  # endpoints tried, once retrying
         self._routed = False  # the router started (after any fault delay)
         self._stale_retried = False
@@ -682,10 +693,14 @@ class Exchange:
         if tried is not None and ep not in tried:
             tried.append(ep)
         self.ep = ep
+        if not self.attempts:
+            counters.rq_routed += 1  # until _finish
         if not same_ep:
             self.attempts += 1
         ep.active += 1
         counters.rq_active += 1
+        if self._retrying:
+            counters.retries_active += 1
         self._in_attempt = True
         idle = ep.idle  # Pools.take_idle, inlined: the most recent live keep-alive connection
         # The stale keep-alive replay opens a new connection when the pool limit allows:
@@ -824,12 +839,11 @@ class Exchange:
 
     def _end_attempt(self) -> None:
         """The current attempt (or the retry waiting for its backoff) is over: release its
-        counts. A retry stays in ``retries_active`` from its scheduling to its end."""
+        counts. A retry is in ``retries_active`` while its attempt is in flight: the load it
+        adds to the upstream (Envoy counts a retry only while it waits out its backoff)."""
         cs = self.cs
-        if self._retrying:
-            self._retrying = False
-            if cs is not None:
-                cs.counters.retries_active -= 1
+        retrying = self._retrying
+        self._retrying = False
         if not self._in_attempt:
             return
         self._in_attempt = False
@@ -840,6 +854,8 @@ class Exchange:
             ep.active -= 1
         if cs is not None:
             cs.counters.rq_active -= 1
+            if retrying:
+                cs.counters.retries_active -= 1
 
     def _on_try_timeout(self) -> None:
         self._try_timer = None
@@ -891,13 +907,15 @@ class Exchange:
         else:
             outcome = Outcome.RESET_BEFORE_REQUEST
         if self._should_retry(outcome):
+            self._last_failure = failure
             self._schedule_retry()
             return
         self._local(local_reply(failure, self.attempts > 1))
 
     def _should_retry(self, outcome: Outcome, status: int = 0, overloaded: bool = False) -> bool:
         """Envoy's order: the policy's conditions, then the attempts left (``URX`` when
-        none), then the circuit breaker / retry budget (``UO`` when it refuses)."""
+        none); the retry budget / ``maxRetries`` is asked when the backoff ends
+        (:meth:`_retry`)."""
         route = self.route
         rp = route.retries if route is not None else None
         if rp is None or rp.attempts <= 0 or self.done or self.response_started:
@@ -916,32 +934,15 @@ class Exchange:
             return False
         if self._replay is None and self._body_sent:
             return False  # the body went out and was too large to keep: not replayable
-        cs = self.cs
-        assert cs is not None
-        c = cs.counters
-        cluster = cs.cluster
-        if not retry_allowed(
-            c.retries_active,
-            c.rq_active,
-            c.rq_pending,
-            cluster.retry_budget,
-            self.ctx.default_budget,
-            cluster.pool.max_retries,
-        ):
-            self.ctx.metrics.upstream_retry_overflow(cs.name)
-            self._flag("UO")
-            return False
         return True
 
     def _schedule_retry(self) -> None:
-        """Count the retry against the budget now and start it after a full-jitter backoff."""
+        """Start the retry after a full-jitter backoff, if the budget admits it then."""
         cs = self.cs
         assert cs is not None
         if self._tried is None and self.ep is not None:
             self._tried = [self.ep]
-        cs.counters.retries_active += 1
         self._retrying = True
-        self.ctx.metrics.upstream_retry(cs.name)
         st = self.ctx.settings
         delay = backoff(
             self.attempts, self.ctx.random(), st.retry_backoff_base, st.retry_backoff_max
@@ -950,9 +951,78 @@ class Exchange:
         self._timer = self.ctx.loop.call_later(delay, self._retry)
 
     def _retry(self) -> None:
+        """The backoff is over. The retry budget (or ``maxRetries``) admits the retry only if
+        the retries *in flight* stay within it: retries count while their attempt loads the
+        upstream, not while they wait (Envoy counts the wait instead, which makes a 3-retry
+        minimum bite at a few hundred failures a second). Refused: the failure goes to the
+        client -- the held response, or the local reply -- flagged ``UO``."""
         self._timer = None
-        if not self.done:
-            self._attempt()
+        if self.done:
+            return
+        cs = self.cs
+        assert cs is not None
+        c = cs.counters
+        cluster = cs.cluster
+        if not retry_allowed(
+            c.retries_active,
+            c.rq_routed,
+            0,  # rq_routed counts the requests waiting for a connection already
+            cluster.retry_budget,
+            self.ctx.default_budget,
+            cluster.pool.max_retries,
+        ):
+            self.ctx.metrics.upstream_retry_overflow(cs.name)
+            self._flag("UO")
+            self._retrying = False
+            if self._held is not None:
+                self._release_held()
+            else:
+                failure = self._last_failure or Failure.UPSTREAM_RESET
+                self._local(local_reply(failure, self.attempts > 1))
+            return
+        if self._held is not None:
+            self._drop_held()
+        self.ctx.metrics.upstream_retry(cs.name)
+        self._attempt()
+
+    def _drop_held(self) -> None:
+        """The held response is not wanted (its retry goes ahead, or the request ended): a
+        complete keep-alive one gives its connection back to the pool, else it is reset."""
+        done = self._held_done
+        self._held = None
+        self._held_body = []
+        self._held_done = None
+        up = self.up
+        self.up = None
+        if up is None:
+            return
+        if self._holds_up_pause:
+            self._holds_up_pause = False
+            up.resume_reading()
+        if done is not None and self.cs is not None and not self.done:
+            self.ctx.pools.release(up, done and self.request_sent, self.cs)
+        else:
+            up.abort()
+
+    def _release_held(self) -> None:
+        """The budget refused the retry: the held response goes to the client after all."""
+        held = self._held
+        assert held is not None
+        body, done = self._held_body, self._held_done
+        self._held = None
+        self._held_body = []
+        self._held_done = None
+        self._begin_response(*held)
+        for piece in body:
+            self.on_response_body(piece)
+        if done is not None:
+            self.on_response_complete(done)  # resumes reading and releases the connection
+            return
+        self.flush_response()
+        up = self.up
+        if up is not None and self._holds_up_pause and not self.conn.write_paused:
+            self._holds_up_pause = False
+            up.resume_reading()
 
     def _flag(self, flag: str) -> None:
         flags = self._flags
@@ -1048,6 +1118,10 @@ class Exchange:
             self._report_status(cs, status)
         if (status >= 409 or self._retriable_code(status)) and self._retry_response(status, rh):
             return
+        self._begin_response(status, rh)
+
+    def _begin_response(self, status: int, rh: ResponseHead) -> None:
+        """The response head goes to the client: framing, header operations, status line."""
         head = self.head
         cl = rh.content_length
         # upstream_body_framing(), inlined: RFC 9112 6.3
@@ -1123,21 +1197,28 @@ class Exchange:
         return rp is not None and status in rp.retriable_status_codes
 
     def _retry_response(self, status: int, rh: ResponseHead) -> bool:
-        """A retriable response status: abandon this attempt (its connection is reset, as
-        Envoy does) and retry. Never for a response carrying ``x-envoy-overloaded``."""
+        """A retriable response status: end this attempt and hold the response (reading its
+        connection paused) through the backoff; :meth:`_retry` then drops it for the retry,
+        or sends it if the budget refuses. Never for a response carrying
+        ``x-envoy-overloaded``."""
         overloaded = any(line.startswith(b"x-envoy-overloaded:") for line in rh.lines)
         if not self._should_retry(Outcome.RESPONSE, status, overloaded):
             return False
+        self._held = (status, rh)
+        self._held_body = []
+        self._held_done = None
         up = self.up
-        self.up = None
-        if up is not None:
-            self._holds_up_pause = False
-            up.abort()
+        if up is not None and not self._holds_up_pause:
+            self._holds_up_pause = True
+            up.pause_reading()
         self._end_attempt()
         self._schedule_retry()
         return True
 
     def on_response_body(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held_body.append(data)
+            return
         self.resp_bytes += len(data)
         if self._down_framing is _CHUNKED:
             if data:
@@ -1154,12 +1235,17 @@ class Exchange:
 
     def flush_response(self) -> None:
         """Called by the upstream connection after each read: write what it produced."""
+        if self._held is not None:
+            return
         out = self._out
         if out:
             self._out = None
             self.conn.write(b"".join(out))
 
     def on_response_complete(self, keep_alive: bool) -> None:
+        if self._held is not None:
+            self._held_done = keep_alive  # the connection stays ours until _retry decides
+            return
         if not self.response_started:  # a message end without a head: never a response
             up = self.up
             if up is not None:
@@ -1186,6 +1272,15 @@ class Exchange:
     def on_upstream_lost(self, failure: Failure) -> None:
         up = self.up
         self.up = None
+        if self._held is not None:
+            # the held response was cut short: its retry still decides, a refusal answers
+            # like a reset
+            self._held = None
+            self._held_body = []
+            self._held_done = None
+            self._holds_up_pause = False
+            self._last_failure = failure
+            return
         if self.done:
             return
         if not self.response_started:
@@ -1294,6 +1389,10 @@ class Exchange:
             ctx.active_requests -= 1
         if self._in_attempt or self._retrying:
             self._end_attempt()
+        if self._held is not None:
+            self._drop_held()
+        if self.attempts and self.cs is not None:
+            self.cs.counters.rq_routed -= 1
         if self._route_timer is not None:
             self._route_timer.cancel()
             self._route_timer = None

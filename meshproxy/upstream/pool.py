@@ -70,9 +70,12 @@ class ClusterCounters:
     """Envoy's per-cluster resource counts (circuit breakers), shared by every generation of a
     cluster's state."""
 
-    __slots__ = ("cx_active", "retries_active", "rq_active", "rq_pending")
+    __slots__ = ("cx_active", "retries_active", "rq_active", "rq_pending", "rq_routed")
 
     def __init__(self) -> None:
+        # requests routed to the cluster and not finished (in an attempt, waiting for a
+        # connection or in a retry's backoff): what the retry budget's percentage is of
+        self.rq_routed = 0
         self.rq_active = 0  # attempts in flight (max_requests)
         self.rq_pending = 0  # attempts waiting for a connection (max_pending_requests)
         self.retries_active = 0  # retries scheduled or in flight (budget / max_retries)

@@ -257,3 +257,22 @@ async def test_failed_connect_wakes_the_requests_waiting_for_its_slot() -> None:
         assert loop.time() - t0 < 1.5
         assert {m.flags for m in p.metrics.requests} == {"UF"}
         await wait_quiescent(p, "svc")
+
+
+async def test_refused_retry_sends_the_held_upstream_response() -> None:
+    """A retriable response is held through the backoff; when the budget then refuses the
+    retry, the client gets that upstream response itself (status, headers, body), flagged UO,
+    and its keep-alive connection goes back to the pool (not reset)."""
+    body = b"upstream says no" * 100
+    reply = Reply(503, headers=[("x-from", "upstream")], body=body, delay=0.15)
+    async with UpstreamServer(reply) as up:
+        snap = snap_for([up.port], retry_budget=RetryBudget(percent=0, min_concurrency=1))
+        async with running_dataplane(snap, fast_settings()) as p:
+            rs = await wave(p, 6)
+            assert all(r.status == 503 for r in rs)
+            assert all(r.body == body and r.header("x-from") == "upstream" for r in rs)
+            refused = [m for m in p.metrics.requests if "UO" in m.flags.split(",")]
+            assert len(refused) == p.metrics.count("retry_overflows") >= 3
+            await wait_quiescent(p, "svc")
+            # every connection that carried a complete keep-alive 503 was reusable
+            assert up.connections <= 6 + p.metrics.count("retries")
