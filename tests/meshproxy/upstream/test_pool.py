@@ -256,3 +256,85 @@ def test_close_before_response_reports_reset() -> None:
     conn.connection_lost(None)
     assert sink.events == [("lost", Failure.UPSTREAM_RESET)]
     assert "closed" in repr(conn)
+
+
+# --------------------------------------------------------------------------- circuit breakers
+
+
+def test_can_connect_under_max_connections_and_an_endpoint_without_any_may_always() -> None:
+    pools = Pools(FakeMetrics(), Settings())  # type: ignore[arg-type]
+    cs = pools.cluster_state(mk_cluster([1, 2], pool=ConnectionPool(max_connections=1)))
+    a, b = cs.endpoints
+    assert cs.can_connect(a)
+    pools.reserve(cs, a)
+    assert cs.counters.cx_active == 1 and a.conns == 1
+    assert not cs.can_connect(a)  # the cluster is at its limit
+    assert cs.can_connect(b)  # Envoy: a host with no connection may open one (no deadlock)
+    a.connection_closed()
+    assert cs.counters.cx_active == 0 and cs.can_connect(a)
+    unlimited = pools.cluster_state(replace(mk_cluster([1]), name="u"))
+    ep = unlimited.endpoints[0]
+    for _ in range(5):
+        pools.reserve(unlimited, ep)
+    assert unlimited.can_connect(ep)
+
+
+async def test_released_connection_goes_to_the_first_waiter_of_its_endpoint() -> None:
+    pools = Pools(FakeMetrics(), Settings())  # type: ignore[arg-type]
+    cs = pools.cluster_state(mk_cluster([1], pool=ConnectionPool(max_connections=1)))
+    ep = cs.endpoints[0]
+    got: list[object] = []
+    for name in ("first", "second"):
+        ep.waiters.append(lambda up, name=name: got.append((name, up)))
+        cs.counters.rq_pending += 1
+    conn, t = conn_for(ep)
+    conn.bind(Sink(), False)  # type: ignore[arg-type]
+    pools.release(conn, True, cs)
+    assert got == [("first", conn)] and ep.idle == [] and not t.closed
+    assert cs.counters.rq_pending == 1
+    # a connection that is not reusable is closed, not handed over
+    conn2, t2 = conn_for(ep)
+    conn2.bind(Sink(), False)  # type: ignore[arg-type]
+    pools.release(conn2, False, cs)
+    assert t2.closed and len(got) == 1
+
+
+def test_a_closed_connection_lets_one_waiter_connect() -> None:
+    pools = Pools(FakeMetrics(), Settings())  # type: ignore[arg-type]
+    cs = pools.cluster_state(mk_cluster([1], pool=ConnectionPool(max_connections=1)))
+    ep = cs.endpoints[0]
+    pools.reserve(cs, ep)
+    got: list[object] = []
+    ep.waiters.extend([got.append, got.append])
+    cs.counters.rq_pending += 2
+    ep.connection_closed()
+    assert got == [None]  # may connect now
+    assert cs.counters.cx_active == 0 and cs.counters.rq_pending == 1
+    ep.fail_waiters()  # the endpoint left the cluster: every waiter decides on its own
+    assert got == [None, None] and cs.counters.rq_pending == 0
+
+
+def test_pick_skips_ejected_and_already_tried_endpoints() -> None:
+    from meshproxy.config.model import OutlierPolicy
+
+    pools = Pools(FakeMetrics(), Settings())  # type: ignore[arg-type]
+    cs = pools.cluster_state(
+        mk_cluster(
+            [1, 2, 3],
+            lb=LoadBalancer(kind=LbKind.ROUND_ROBIN),
+            outlier=OutlierPolicy(consecutive_5xx=1, max_ejection_percent=100),
+        )
+    )
+    a, b, c = cs.endpoints
+    assert cs.detector is not None
+    ej = cs.detector.on_status(a.index, 503, 0.0)
+    assert ej is not None and a.ejected
+    picks = {cs.pick(0.5) for _ in range(30)}
+    assert picks == {b, c}
+    # a retry avoids the endpoints it tried while another one is available...
+    assert {cs.pick(0.5, avoid=[b]) for _ in range(10)} == {c}
+    # ...and falls back to a normal pick when every available one was tried
+    assert {cs.pick(0.5, avoid=[b, c]) for _ in range(10)} <= {b, c}
+    # removing outlier detection from the cluster forgets the ejection
+    cs2 = pools.cluster_state(mk_cluster([1, 2, 3], lb=LoadBalancer(kind=LbKind.ROUND_ROBIN)))
+    assert cs2.endpoints[0] is a and not a.ejected and cs2.detector is None
