@@ -1053,6 +1053,17 @@ def read_counters(peer: str, admin: int) -> dict[str, Any]:
     return parse_prometheus(reply.body.decode("utf-8", "replace"))
 
 
+def peak_retries(result: dict[str, Any]) -> float | None:
+    """meshproxy's high-water mark of retries in flight at once (``/clusters``
+    ``circuit_breakers.retries_peak`` after the run); None for Envoy (no such figure)."""
+    clusters = result.get("clusters_after")
+    if result.get("peer") != "meshproxy" or not isinstance(clusters, list):
+        return None
+    peaks = [c.get("circuit_breakers", {}).get("retries_peak") for c in clusters]
+    found = [p for p in peaks if isinstance(p, int | float)]
+    return max(found) if found else None
+
+
 def read_clusters(peer: str, admin: int) -> Any:
     """The proxy's view of the endpoints after the run (ejected or not)."""
     try:
@@ -1234,9 +1245,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "Proxy counters over the measured run (meshproxy `/stats/prometheus`, Envoy `/stats`; "
         "`-` = the proxy has no such counter) and what the upstream endpoints saw:",
         "",
-        "| scenario | retries | retry overflow | ejections | CB overflow | upstream conns "
+        "| scenario | retries | retry overflow | peak retries in flight | ejections "
+        "| CB overflow | upstream conns "
         "| proxy CPU s | noise | upstream requests #1 / #2 / #3 | #3: 503s / reset at death |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in ok:
         f = r["figures"]
@@ -1244,6 +1256,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         victim = eps[VICTIM - 1]
         lines.append(
             f"| ({r['key']}) {r['name']} | {_n(f['retries'])} | {_n(f['retry overflow'])} | "
+            f"{_n(peak_retries(r))} | "
             f"{_n(f['ejections'])} | {_n(f['CB overflow'])} | {_n(f['upstream conns'])} | "
             f"{r['proxy_cpu_seconds']:.2f} | {r['other_cpu_share']:.2f} CPU | "
             + " / ".join(f"{e['requests']:,}" for e in eps)

@@ -152,7 +152,10 @@ class DataPlane:
                     }
                     for ep in cluster.endpoints
                 ]
-            out.append({"name": name, "endpoints": endpoints})
+            entry_c: dict[str, Any] = {"name": name, "endpoints": endpoints}
+            if cs is not None:
+                entry_c["circuit_breakers"] = cs.counters.view()
+            out.append(entry_c)
         return {"clusters": out}
 
     async def close(self) -> None:

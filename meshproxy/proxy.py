@@ -700,7 +700,9 @@ class Exchange:
         ep.active += 1
         counters.rq_active += 1
         if self._retrying:
-            counters.retries_active += 1
+            n = counters.retries_active = counters.retries_active + 1
+            if n > counters.retries_peak:
+                counters.retries_peak = n
         self._in_attempt = True
         idle = ep.idle  # Pools.take_idle, inlined: the most recent live keep-alive connection
         # The stale keep-alive replay opens a new connection when the pool limit allows:

@@ -96,7 +96,19 @@ def merge_clusters(views: list[dict[str, Any]]) -> dict[str, Any]:
             acc = clusters.get(c["name"])
             if acc is None:
                 clusters[c["name"]] = {**c, "endpoints": [dict(e) for e in c["endpoints"]]}
+                if "circuit_breakers" in c:
+                    clusters[c["name"]]["circuit_breakers"] = dict(c["circuit_breakers"])
                 continue
+            cb = c.get("circuit_breakers")
+            if cb is not None:
+                # each worker has its own limits' counts: the sums are the process's load
+                # (a peak is per worker: the largest is shown)
+                acc_cb = acc.setdefault("circuit_breakers", {})
+                for k, v in cb.items():
+                    if k.endswith("_peak"):
+                        acc_cb[k] = max(acc_cb.get(k, 0), v)
+                    else:
+                        acc_cb[k] = acc_cb.get(k, 0) + v
             eps = {e["address"]: e for e in acc["endpoints"]}
             for e in c["endpoints"]:
                 a = eps.get(e["address"])

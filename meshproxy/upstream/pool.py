@@ -70,7 +70,14 @@ class ClusterCounters:
     """Envoy's per-cluster resource counts (circuit breakers), shared by every generation of a
     cluster's state."""
 
-    __slots__ = ("cx_active", "retries_active", "rq_active", "rq_pending", "rq_routed")
+    __slots__ = (
+        "cx_active",
+        "retries_active",
+        "retries_peak",
+        "rq_active",
+        "rq_pending",
+        "rq_routed",
+    )
 
     def __init__(self) -> None:
         # requests routed to the cluster and not finished (in an attempt, waiting for a
@@ -78,8 +85,20 @@ class ClusterCounters:
         self.rq_routed = 0
         self.rq_active = 0  # attempts in flight (max_requests)
         self.rq_pending = 0  # attempts waiting for a connection (max_pending_requests)
-        self.retries_active = 0  # retries scheduled or in flight (budget / max_retries)
+        self.retries_active = 0  # retries in flight (budget / max_retries)
+        self.retries_peak = 0  # the most retries ever in flight at once
         self.cx_active = 0  # open upstream connections (max_connections)
+
+    def view(self) -> dict[str, int]:
+        """For ``/clusters``: the live counts (and the retries' high-water mark)."""
+        return {
+            "rq_active": self.rq_active,
+            "rq_pending": self.rq_pending,
+            "rq_routed": self.rq_routed,
+            "retries_active": self.retries_active,
+            "retries_peak": self.retries_peak,
+            "cx_active": self.cx_active,
+        }
 
     def __repr__(self) -> str:
         return (

@@ -274,5 +274,9 @@ async def test_refused_retry_sends_the_held_upstream_response() -> None:
             refused = [m for m in p.metrics.requests if "UO" in m.flags.split(",")]
             assert len(refused) == p.metrics.count("retry_overflows") >= 3
             await wait_quiescent(p, "svc")
+            (view,) = [c for c in p.dp.clusters_view()["clusters"] if c["name"] == "svc"]
+            cb = view["circuit_breakers"]
+            assert cb["retries_peak"] == 1  # the budget's minimum, never more
+            assert cb["retries_active"] == cb["rq_active"] == cb["rq_routed"] == 0
             # every connection that carried a complete keep-alive 503 was reusable
             assert up.connections <= 6 + p.metrics.count("retries")
