@@ -138,6 +138,23 @@ _LOST = {
 }
 
 
+def _guarded(method: Callable[..., None]) -> Callable[..., None]:
+    """For the exchange's timer and pool callbacks (loop-driven, off the request path): a bug
+    in one is logged and answered like any internal error, never left to the loop (where the
+    exchange would hang) nor raised into another exchange's pool release."""
+
+    def call(self: Exchange, *args: object) -> None:
+        try:
+            method(self, *args)
+        except Exception:
+            log.exception("internal error in %s for %r", method.__name__, self)
+            self._internal_error()
+
+    call.__name__ = method.__name__
+    call.__doc__ = method.__doc__
+    return call
+
+
 def _ops(ops: HeaderOps) -> HeaderOps | None:
     """``ops`` if it does anything, else None (identity test first: the common case)."""
     if ops is NO_HEADER_OPS or ops.empty:
@@ -280,6 +297,7 @@ class Exchange:
         "_held",
         "_held_body",
         "_held_done",
+        "_held_up",
         "_holds_down_pause",
         "_holds_up_pause",
         "_in_attempt",
@@ -360,6 +378,9 @@ class Exchange:
         self._held: tuple[int, ResponseHead] | None = None
         self._held_body: list[bytes] = []
         self._held_done: bool | None = None  # the held response is complete (keep-alive?)
+        # the held response's connection (self.up is None meanwhile: request body pieces are
+        # buffered, not written to it; released to the pool once the response is complete)
+        self._held_up: UpstreamConnection | None = None
         self._last_failure: Failure | None = None  # of the last failed attempt, for a reply
         self._in_attempt = False  # counted in the endpoint's / cluster's active requests
         # the next / current attempt is a retry (counted in retries_active while in flight)
@@ -598,6 +619,7 @@ class Exchange:
             return True
         return False
 
+    @_guarded
     def _after_delay(self, abort: bool) -> None:
         self._timer = None
         if self.done:
@@ -640,9 +662,14 @@ class Exchange:
         body = b"".join(replay) if replay else b""
         head = shadow_request_head(self._head_for(1))
         route = self.route
-        timeout = route.timeout if route is not None and route.timeout else 10.0
+        st = self.ctx.settings
+        timeout = route.timeout if route is not None and route.timeout else st.mirror_timeout
+        clusters = self.ctx.state.snapshot.clusters
         for cluster in mirrors:
-            mirrorer.send(cluster, head, body, timeout)
+            # the definition in force now (a reload during a slow upload may have changed it)
+            current = clusters.get(cluster.name)
+            if current is not None:
+                mirrorer.send(current, head, body, timeout)
 
     # ------------------------------------------------------------------ the router
 
@@ -680,7 +707,13 @@ class Exchange:
             self._overflow()
             return
         ctx = self.ctx
-        if same_ep and self.ep is not None:
+        if self._tried is not None or same_ep:
+            # a retry (or a replay) picks from the cluster as it is now, not as it was when
+            # the request started: a reload may have changed its endpoints meanwhile
+            current = ctx.pools.states().get(cs.name)
+            if current is not None and current is not cs:
+                self.cs = cs = current
+        if same_ep and self.ep is not None and not self.ep.removed:
             ep = self.ep
         elif self._tried is not None:  # a retry: Envoy's previous_hosts predicate
             ep = cs.pick(ctx.random(), self._hash_key, self._tried)
@@ -726,6 +759,7 @@ class Exchange:
         # a pending attempt waits at most the connect timeout for a connection
         self._try_timer = ctx.loop.call_later(pool.connect_timeout, self._on_pending_timeout)
 
+    @_guarded
     def _on_connection_ready(self, up: UpstreamConnection | None) -> None:
         """The pool's answer to a waiting attempt: a released connection, or None (a
         connection slot is free: connect)."""
@@ -758,6 +792,7 @@ class Exchange:
             if ep.counters is not None:
                 ep.counters.rq_pending -= 1
 
+    @_guarded
     def _on_pending_timeout(self) -> None:
         self._try_timer = None
         if self.done:
@@ -799,6 +834,7 @@ class Exchange:
     def _send_on(self, up: UpstreamConnection) -> None:
         self.up = up
         up.bind(self, self._head_req)
+        self._holds_up_pause = False  # about an earlier attempt's connection, if any
         if self.conn.write_paused:  # the client is still behind on an earlier response
             self.downstream_pause_writing()
         head = self.req_head if self.attempts == 1 else self._head_for(self.attempts)
@@ -830,7 +866,13 @@ class Exchange:
         the response head arrives."""
         route = self.route
         rp = route.retries if route is not None else None
-        if rp is not None and rp.per_try_timeout and self._try_timer is None:
+        if (
+            rp is not None
+            and rp.per_try_timeout
+            and self._try_timer is None
+            and self._in_attempt
+            and self.up is not None
+        ):
             self._try_timer = self.ctx.loop.call_later(rp.per_try_timeout, self._on_try_timeout)
 
     def _cancel_try_timer(self) -> None:
@@ -859,6 +901,7 @@ class Exchange:
             if retrying:
                 cs.counters.retries_active -= 1
 
+    @_guarded
     def _on_try_timeout(self) -> None:
         self._try_timer = None
         if self.done or self.response_started:
@@ -866,6 +909,7 @@ class Exchange:
         self._drop_upstream()
         self._attempt_failed(Failure.UPSTREAM_TIMEOUT)
 
+    @_guarded
     def _on_route_timeout(self) -> None:
         """Route ``timeout``: it covers every attempt and backoff. 504 ``UT`` when nothing
         was sent to the client yet, else the client connection is reset (flag ``UT``)."""
@@ -904,10 +948,11 @@ class Exchange:
             outcome = Outcome.CONNECT_FAILURE
         elif failure is Failure.UPSTREAM_TIMEOUT:
             outcome = Outcome.PER_TRY_TIMEOUT
-        elif self.request_sent:
-            outcome = Outcome.RESET
         else:
-            outcome = Outcome.RESET_BEFORE_REQUEST
+            # on HTTP/1.1 the head went out when the attempt got its connection: bytes of the
+            # request reached the upstream, which is not "reset before request" in Envoy's sense
+            # (no byte sent: here, only a failed connect)
+            outcome = Outcome.RESET
         if self._should_retry(outcome):
             self._last_failure = failure
             self._schedule_retry()
@@ -950,8 +995,11 @@ class Exchange:
             self.attempts, self.ctx.random(), st.retry_backoff_base, st.retry_backoff_max
         )
         self.status = 0
+        if self._timer is not None:
+            self._timer.cancel()
         self._timer = self.ctx.loop.call_later(delay, self._retry)
 
+    @_guarded
     def _retry(self) -> None:
         """The backoff is over. The retry budget (or ``maxRetries``) admits the retry only if
         the retries *in flight* stay within it: retries count while their attempt loads the
@@ -988,22 +1036,14 @@ class Exchange:
         self._attempt()
 
     def _drop_held(self) -> None:
-        """The held response is not wanted (its retry goes ahead, or the request ended): a
-        complete keep-alive one gives its connection back to the pool, else it is reset."""
-        done = self._held_done
+        """The held response is not wanted (its retry goes ahead, or the request ended). A
+        complete one gave its connection back already; an incomplete one's is reset."""
         self._held = None
         self._held_body = []
         self._held_done = None
-        up = self.up
-        self.up = None
-        if up is None:
-            return
-        if self._holds_up_pause:
-            self._holds_up_pause = False
-            up.resume_reading()
-        if done is not None and self.cs is not None and not self.done:
-            self.ctx.pools.release(up, done and self.request_sent, self.cs)
-        else:
+        up = self._held_up
+        self._held_up = None
+        if up is not None:
             up.abort()
 
     def _release_held(self) -> None:
@@ -1011,18 +1051,35 @@ class Exchange:
         held = self._held
         assert held is not None
         body, done = self._held_body, self._held_done
+        up = self._held_up
         self._held = None
         self._held_body = []
         self._held_done = None
+        self._held_up = None
+        if up is not None:
+            # the response continues on its connection, which also gets the request body
+            # that arrived during the hold (the upstream may still be reading it)
+            self.up = up
+            self._holds_up_pause = True  # paused since the hold
+            buf = self._buf
+            if buf:
+                self._buf = None
+                self._buf_size = 0
+                self._body_sent = True
+                up.write(b"".join(buf))
+                while self._holds_down_pause:
+                    self._holds_down_pause -= 1
+                    self.conn.resume_reading()
+            if self.request_complete:
+                self.request_sent = True
         self._begin_response(*held)
         for piece in body:
             self.on_response_body(piece)
         if done is not None:
-            self.on_response_complete(done)  # resumes reading and releases the connection
+            self.on_response_complete(done)  # its connection went back to the pool already
             return
         self.flush_response()
-        up = self.up
-        if up is not None and self._holds_up_pause and not self.conn.write_paused:
+        if up is not None and not self.conn.write_paused:
             self._holds_up_pause = False
             up.resume_reading()
 
@@ -1209,10 +1266,11 @@ class Exchange:
         self._held = (status, rh)
         self._held_body = []
         self._held_done = None
-        up = self.up
+        up = self._held_up = self.up
+        self.up = None
         if up is not None and not self._holds_up_pause:
-            self._holds_up_pause = True
             up.pause_reading()
+        self._holds_up_pause = False
         self._end_attempt()
         self._schedule_retry()
         return True
@@ -1246,7 +1304,13 @@ class Exchange:
 
     def on_response_complete(self, keep_alive: bool) -> None:
         if self._held is not None:
-            self._held_done = keep_alive  # the connection stays ours until _retry decides
+            # the held response is all here: its connection goes back to the pool now
+            self._held_done = keep_alive
+            up = self._held_up
+            self._held_up = None
+            if up is not None and self.cs is not None:
+                up.resume_reading()
+                self.ctx.pools.release(up, keep_alive and self.request_sent, self.cs)
             return
         if not self.response_started:  # a message end without a head: never a response
             up = self.up
@@ -1272,17 +1336,17 @@ class Exchange:
         self.conn.exchange_done(self, self.close_after or self._down_framing is _CLOSE)
 
     def on_upstream_lost(self, failure: Failure) -> None:
-        up = self.up
-        self.up = None
         if self._held is not None:
             # the held response was cut short: its retry still decides, a refusal answers
             # like a reset
             self._held = None
             self._held_body = []
             self._held_done = None
-            self._holds_up_pause = False
+            self._held_up = None
             self._last_failure = failure
             return
+        up = self.up
+        self.up = None
         if self.done:
             return
         if not self.response_started:
@@ -1300,7 +1364,9 @@ class Exchange:
                 # a new connection to the same endpoint (RFC 9112 9.3.1 allows this for
                 # idempotent requests; it is not counted as a retry).
                 self._stale_retried = True
+                retrying = self._retrying
                 self._end_attempt()
+                self._retrying = retrying  # a retry stays a retry (and counted as one)
                 self._attempt(same_ep=True)
                 return
             self._attempt_failed(failure)
@@ -1393,6 +1459,9 @@ class Exchange:
             self._end_attempt()
         if self._held is not None:
             self._drop_held()
+        if self._try_timer is not None:
+            self._try_timer.cancel()
+            self._try_timer = None
         if self.attempts and self.cs is not None:
             self.cs.counters.rq_routed -= 1
         if self._route_timer is not None:

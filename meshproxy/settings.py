@@ -24,7 +24,6 @@ class Settings:
     retry_buffer_bytes: int = 1024 * 1024  # request bodies up to this are replayable
     retry_backoff_base: float = 0.025  # Envoy's default base interval (full jitter)
     retry_backoff_max: float = 0.250  # Envoy's default: 10 x base
-    max_repicks: int = 5  # re-picks a retry makes to avoid hosts already tried
     # beyond Istio: a route without a `retries` block also retries a 503 answer to an
     # idempotent request (GET HEAD OPTIONS TRACE PUT DELETE), never a POST or PATCH
     default_retry_503: bool = True
@@ -36,6 +35,7 @@ class Settings:
     # this many (Envoy ejects none there); 0 = Envoy's behaviour exactly
     outlier_min_ejectable: int = 1
     mirror_max_inflight: int = 1024  # concurrent mirror requests; more are dropped and counted
+    mirror_timeout: float = 10.0  # a mirror's deadline when its route has no `timeout`
     # lifecycle
     drain_seconds: float = 5.0
     reload_debounce: float = 0.1  # quiet time after a config file change before reloading

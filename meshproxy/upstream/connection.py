@@ -124,6 +124,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = None
 
     def write(self, data: bytes) -> None:
+        if self.closed:  # lost already: its owner hears of it through on_upstream_lost
+            return
         assert self.transport is not None
         self.transport.write(data)
 

@@ -221,6 +221,7 @@ class ClusterState:
         "name",
         "picker",
         "single",
+        "sweep_at",
         "sweep_timer",
     )
 
@@ -246,6 +247,7 @@ class ClusterState:
         self.limit_connections = cluster.pool.max_connections != _UNLIMITED
         self.detector: OutlierDetector | None = None
         self.sweep_timer: asyncio.TimerHandle | None = None
+        self.sweep_at = 0.0  # loop time of the next sweep (carried over by a redefinition)
         if cluster.outlier is not None and endpoints:
             self.detector = OutlierDetector(
                 cluster.outlier,
@@ -354,7 +356,10 @@ class Pools:
         if tls_changed:
             for st in eps:
                 st.close_idle()
+        next_sweep: float | None = None
         if old is not None:
+            if old.sweep_timer is not None:
+                next_sweep = old.sweep_at
             old.stop_sweeps()
         counters = self._counters.get(cluster.name)
         if counters is None:
@@ -362,12 +367,16 @@ class Pools:
         cs = ClusterState(cluster, eps, self._settings, counters)
         self._clusters[cluster.name] = cs
         if cs.detector is not None:
-            self._schedule_sweep(cs)
+            # a redefinition keeps the sweep's rhythm: redefined more often than `interval`
+            # (endpoint churn), the cluster would otherwise never un-eject anybody
+            self._schedule_sweep(cs, next_sweep)
         return cs
 
     # ------------------------------------------------------------------ outlier detection
 
-    def _schedule_sweep(self, cs: ClusterState) -> None:
+    def _schedule_sweep(self, cs: ClusterState, at: float | None = None) -> None:
+        """Arm ``cs``'s next sweep: at loop time ``at`` (carried over), else one interval
+        from now."""
         loop = self._loop
         if loop is None:
             try:
@@ -375,7 +384,11 @@ class Pools:
             except RuntimeError:  # built outside an event loop (unit tests): no timer
                 return
         assert cs.cluster.outlier is not None
-        cs.sweep_timer = loop.call_later(cs.cluster.outlier.interval, self.sweep, cs)
+        now = loop.time()
+        interval = cs.cluster.outlier.interval
+        when = now + interval if at is None else min(max(at, now), now + interval)
+        cs.sweep_at = when
+        cs.sweep_timer = loop.call_at(when, self.sweep, cs)
 
     def sweep(self, cs: ClusterState) -> None:
         """The outlier detector's interval: un-eject endpoints whose time is up, then
@@ -473,6 +486,7 @@ class Pools:
         if proto.closed:  # lost before we got here: connection_lost did not count it
             proto.counted = False
             ep.connection_closed()
+            raise ConnectFailure(f"{ep.key}: closed as soon as it was opened")
         return proto
 
     def release(self, conn: UpstreamConnection, reusable: bool, cs: ClusterState) -> None:

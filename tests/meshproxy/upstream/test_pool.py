@@ -338,3 +338,26 @@ def test_pick_skips_ejected_and_already_tried_endpoints() -> None:
     # removing outlier detection from the cluster forgets the ejection
     cs2 = pools.cluster_state(mk_cluster([1, 2, 3], lb=LoadBalancer(kind=LbKind.ROUND_ROBIN)))
     assert cs2.endpoints[0] is a and not a.ejected and cs2.detector is None
+
+
+async def test_outlier_sweeps_keep_their_rhythm_across_frequent_redefinitions() -> None:
+    """A cluster redefined more often than its `interval` (endpoint churn) still sweeps: the
+    next sweep's time is carried over, so an ejected endpoint returns."""
+    import asyncio
+
+    from meshproxy.config.model import OutlierPolicy
+
+    pools = Pools(FakeMetrics(), Settings())  # type: ignore[arg-type]
+    policy = OutlierPolicy(
+        consecutive_5xx=1, interval=0.2, base_ejection_time=0.1, max_ejection_percent=100
+    )
+    cs = pools.cluster_state(mk_cluster([1, 2], outlier=policy))
+    bad = cs.endpoints[0]
+    assert cs.detector is not None
+    assert cs.detector.on_status(bad.index, 503, asyncio.get_running_loop().time()) is not None
+    assert bad.ejected
+    for i in range(8):  # a new definition every 0.1 s for 0.8 s (a new port each time)
+        await asyncio.sleep(0.1)
+        cs = pools.cluster_state(mk_cluster([1, 2, 100 + i], outlier=policy))
+    assert not bad.ejected
+    pools.close()
