@@ -14,6 +14,10 @@ listener. Drain is three steps the composition root calls in order: :meth:`stop_
 An optional :class:`~meshproxy.accesslog.AccessLog` is handed to the ``ProxyContext`` (one line
 per finished request); its owner (the composition root) starts and closes it.
 
+One timer per data plane runs the stream idle check (Envoy's ``stream_idle_timeout``): every
+``Settings.stream_idle_timeout / 4`` each in-flight request compares its byte and attempt counts
+with the last look and ends itself once nothing moved for the timeout.
+
 While it exists the data plane also installs the metrics' cyclic-GC hook
 (``Metrics.gc``; removed by :meth:`close`), since a collection is a stall of every request.
 """
@@ -21,6 +25,7 @@ While it exists the data plane also installs the metrics' cyclic-GC hook
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +35,8 @@ from meshproxy.proxy import ProxyContext
 from meshproxy.settings import Settings
 from meshproxy.state import State
 from meshproxy.upstream.pool import Pools
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from meshproxy.accesslog import AccessLog
@@ -51,6 +58,7 @@ class DataPlane:
         self._pools = Pools(metrics, settings)
         state.subscribe(self._pools.on_snapshot)
         self._servers: list[asyncio.Server] = []
+        self._idle_timer: asyncio.TimerHandle | None = None
         self._proxy: ProxyContext | None = None
         self._server_ctx: ServerContext | None = None
         gc_stats = getattr(metrics, "gc", None)  # test fakes may have no GC hook
@@ -82,7 +90,30 @@ class DataPlane:
         ctx = self._contexts()
         server, addr = await listen(lambda: HttpConnection(ctx), host, port, reuse_port=reuse_port)
         self._servers.append(server)
+        if self._idle_timer is None:
+            self._arm_idle_sweep()
         return addr
+
+    def _arm_idle_sweep(self) -> None:
+        timeout = self._settings.stream_idle_timeout
+        every = min(max(timeout / 4, 0.05), 30.0)
+        self._idle_timer = asyncio.get_running_loop().call_later(every, self._idle_sweep)
+
+    def _idle_sweep(self) -> None:
+        """Every ``stream_idle_timeout / 4`` (at most 30 s): each in-flight request checks its
+        own progress (Exchange.idle_check) -- one timer per data plane, none per request."""
+        ctx = self._server_ctx
+        if ctx is not None:
+            now = time.monotonic()
+            timeout = self._settings.stream_idle_timeout
+            for conn in list(ctx.connections):
+                ex = conn.current
+                if ex is not None:
+                    try:
+                        ex.idle_check(now, timeout)
+                    except Exception:  # a bug: never stop the sweep for everybody else
+                        log.exception("internal error in the stream idle check of %r", ex)
+        self._arm_idle_sweep()
 
     def stop_accepting(self) -> None:
         """Close the listening sockets: new connections are refused."""
@@ -160,6 +191,9 @@ class DataPlane:
 
     async def close(self) -> None:
         """Close listeners, client connections and upstream pools."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self.stop_accepting()
         for server in self._servers:
             await server.wait_closed()

@@ -36,6 +36,7 @@ class Failure(enum.Enum):
     BAD_REQUEST = "DPE"  # downstream protocol error: malformed request
     HEADERS_TOO_LARGE = "DPE431"  # request head over the size / count limit
     HEAD_TIMEOUT = "DPE408"  # request head not received in time (slowloris)
+    STREAM_IDLE = "SI"  # no byte either way for Settings.stream_idle_timeout
     NOT_IMPLEMENTED = "DPE501"  # a request transfer-coding other than chunked
     INTERNAL = "INTERNAL"  # a bug in the proxy (logged with its traceback)
 
@@ -58,6 +59,7 @@ _FLAGS: dict[Failure, str] = {
     Failure.BAD_REQUEST: "DPE",
     Failure.HEADERS_TOO_LARGE: "DPE",
     Failure.HEAD_TIMEOUT: "DPE",
+    Failure.STREAM_IDLE: "SI",
     Failure.NOT_IMPLEMENTED: "DPE",
     Failure.INTERNAL: "-",
 }
@@ -117,6 +119,7 @@ _REPLIES: dict[Failure, LocalReply] = {
         431, "DPE", b"Request Header Fields Too Large", close=True
     ),
     Failure.HEAD_TIMEOUT: LocalReply(408, "DPE", b"request timeout", close=True),
+    Failure.STREAM_IDLE: LocalReply(408, "SI", b"stream timeout", close=True),
     Failure.NOT_IMPLEMENTED: LocalReply(501, "DPE", b"Not Implemented", close=True),
     Failure.INTERNAL: LocalReply(500, "-", b"internal error", close=True),
 }

@@ -304,6 +304,8 @@ class Exchange:
         "_last_failure",
         "_mirrors",
         "_out",
+        "_progress",
+        "_progress_at",
         "_replay",
         "_replay_size",
         "_retrying",
@@ -382,6 +384,8 @@ class Exchange:
         # buffered, not written to it; released to the pool once the response is complete)
         self._held_up: UpstreamConnection | None = None
         self._last_failure: Failure | None = None  # of the last failed attempt, for a reply
+        self._progress = -1  # stream idle check: bytes + attempts at the last look, and when
+        self._progress_at = 0.0
         self._in_attempt = False  # counted in the endpoint's / cluster's active requests
         # the next / current attempt is a retry (counted in retries_active while in flight)
         self._retrying = False
@@ -1483,6 +1487,28 @@ class Exchange:
         access_log = ctx.access_log
         if access_log is not None:
             access_log.record(self, code, flags)
+
+    def idle_check(self, now: float, timeout: float) -> None:
+        """Called every few seconds by the data plane's sweep (no per-request timer): a
+        request whose bytes and attempts did not move for ``timeout`` ends as Envoy's
+        ``stream_idle_timeout`` does -- 408 ``stream timeout`` (flag ``SI``) when nothing was
+        sent yet, else the client connection is reset."""
+        if self.done or not self.started:
+            return
+        mark = self.req_bytes + self.resp_bytes + self.attempts + (self.status << 32)
+        if mark != self._progress:
+            self._progress = mark
+            self._progress_at = now
+            return
+        if now - self._progress_at < timeout:
+            return
+        self._drop_upstream()
+        self._end_attempt()
+        if self.response_started:
+            self._finish(self.status, "SI")
+            self.conn.abort()
+            return
+        self._local(local_reply(Failure.STREAM_IDLE))
 
     def __repr__(self) -> str:
         return (

@@ -18,6 +18,10 @@ class Settings:
     max_headers: int = 100  # more header fields than this: 431 (Envoy's default)
     head_read_timeout: float = 10.0  # from first byte of a request to the end of its head
     downstream_idle_timeout: float = 60.0  # idle keep-alive client connection is closed
+    # a request with no byte moving either way for this long ends (Envoy's HCM
+    # stream_idle_timeout, 5 min): 408 "stream timeout" (flag SI), or a reset once the
+    # response started. The deadline of every wait the route's timeouts leave open.
+    stream_idle_timeout: float = 300.0
     # upstream (server side)
     upstream_idle_timeout: float = 60.0  # idle pooled upstream connection is closed
     max_idle_per_endpoint: int = 256  # idle connections kept per endpoint

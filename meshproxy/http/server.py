@@ -306,6 +306,12 @@ class HttpConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.abort()
 
+    @property
+    def current(self) -> Exchange | None:
+        """The exchange being answered (the front of the pipeline), if any."""
+        q = self._queue
+        return q[0] if q else None
+
     def exchange_done(self, ex: Exchange, close: bool) -> None:
         """Called by the active exchange once its response is completely written."""
         queue = self._queue

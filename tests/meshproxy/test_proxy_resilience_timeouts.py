@@ -150,3 +150,39 @@ async def test_connect_timeout_is_honoured_then_another_endpoint_tried() -> None
                 assert slow >= 2
                 assert p.metrics.count("retries") >= 2
                 await wait_quiescent(p, "svc")
+
+
+# --------------------------------------------------------------------------- stream idle
+
+
+async def test_stream_idle_timeout_ends_a_request_whose_upstream_never_answers() -> None:
+    """Istio's default route has no timeout: Envoy's stream_idle_timeout (here 0.3 s) is the
+    deadline of a response head that never comes: 408 "stream timeout", flag SI."""
+    from meshproxy.settings import Settings
+    from tests.support.fakes import service_snapshot
+    from tests.support.upstream import Reply, UpstreamServer
+
+    async with UpstreamServer(Reply(delay=30.0)) as up:
+        snap = service_snapshot("svc", [up.port])
+        async with running_dataplane(snap, Settings(stream_idle_timeout=0.3)) as p:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            r = await request(p.host, p.port, get(), timeout=10)
+            assert r.status == 408 and r.body == b"stream timeout"
+            assert 0.3 <= loop.time() - t0 < 5.0
+            assert p.metrics.requests[0].flags == "SI"
+            assert p.dp.active_requests == 0
+
+
+async def test_stream_idle_timeout_spares_a_slow_but_moving_response() -> None:
+    from meshproxy.settings import Settings
+    from tests.support.fakes import service_snapshot
+    from tests.support.upstream import Reply, UpstreamServer
+
+    chunks = [b"x" * 10] * 12
+    async with UpstreamServer(Reply(chunks=chunks, chunk_delay=0.1)) as up:
+        snap = service_snapshot("svc", [up.port])
+        async with running_dataplane(snap, Settings(stream_idle_timeout=0.4)) as p:
+            r = await request(p.host, p.port, get(), timeout=10)  # 1.2 s, never 0.4 s idle
+            assert r.status == 200 and r.body == b"".join(chunks)
+            assert p.metrics.requests[0].flags == "-"

@@ -294,6 +294,7 @@ def test_every_failure_is_mapped_and_protocol_errors_close() -> None:
             "HEADERS_TOO_LARGE",
             "HEAD_TIMEOUT",
             "INTERNAL",
+            "STREAM_IDLE",
             "NOT_IMPLEMENTED",
         }
         assert reply.close == (failure.name in closing)
