@@ -123,6 +123,7 @@ _OVERFLOW = local_reply(Failure.OVERFLOW)
 _OVERLOADED = (("x-envoy-overloaded", "true"),)
 _ATTEMPT_1 = b"\r\nx-envoy-attempt-count: 1\r\n"
 _FAULT_BODY = b"fault filter abort"
+_NO_CODES: frozenset[int] = frozenset()
 # Envoy's answer when the body outgrows the retry buffer while a retry waits (router.cc)
 _RETRY_BUFFER_EXCEEDED = LocalReply(
     507, "-", b"exceeded request buffer limit while retrying upstream"
@@ -288,6 +289,7 @@ class Exchange:
         "_body_sent",
         "_buf",
         "_buf_size",
+        "_codes",
         "_connect_task",
         "_connecting",
         "_down_framing",
@@ -373,6 +375,7 @@ class Exchange:
         self._down_framing = _NONE
         self._out: list[bytes] | None = None  # response bytes produced during one upstream read
         self.attempts = 0  # upstream attempts started (1 + retries)
+        self._codes: frozenset[int] = _NO_CODES  # the route's bare retryOn codes
         self._flags: list[str] | None = None  # response flags gathered on the way (DI, URX..)
         self._hash_key: bytes | None = None
         # a retriable response held (upstream reading paused) until its retry is admitted by
@@ -555,6 +558,9 @@ class Exchange:
             elif self._buf_size <= ctx.settings.retry_buffer_bytes:
                 self._replay = list(buf)
                 self._replay_size = self._buf_size
+        rp = route.retries
+        if rp is not None and rp.retriable_status_codes:
+            self._codes = rp.retriable_status_codes
         if route.mirrors:
             self._pick_mirrors(route, snap)
         fault = route.fault
@@ -1179,8 +1185,9 @@ class Exchange:
         cs = self.cs
         if cs is not None and cs.detector is not None:
             self._report_status(cs, status)
-        if (status >= 409 or self._retriable_code(status)) and self._retry_response(status, rh):
-            return
+        if status >= 409 or status in self._codes:
+            if self._retry_response(status, rh):
+                return
         self._begin_response(status, rh)
 
     def _begin_response(self, status: int, rh: ResponseHead) -> None:
@@ -1252,12 +1259,6 @@ class Exchange:
         ej = det.on_status(i, status, _monotonic())
         if ej is not None:
             self.ctx.pools.ejected(cs, ep, ej.reason, ej.duration)
-
-    def _retriable_code(self, status: int) -> bool:
-        """``status`` is one of the route's bare ``retryOn`` codes (any value, e.g. 404)."""
-        route = self.route
-        rp = route.retries if route is not None else None
-        return rp is not None and status in rp.retriable_status_codes
 
     def _retry_response(self, status: int, rh: ResponseHead) -> bool:
         """A retriable response status: end this attempt and hold the response (reading its
