@@ -17,7 +17,8 @@ holds its own transport's buffer), and every outcome is a counter:
 
 * ``sent``      copies accepted (``sent == completed + failed + inflight`` at every moment);
 * ``completed`` a whole response was read (whatever its status: Envoy does not judge it either);
-* ``failed``    no endpoint, connect failure, reset, protocol error, the deadline, or ``close()``;
+* ``failed``    no endpoint, the mirror cluster's ``maxConnections`` reached (no idle
+  connection), connect failure, reset, protocol error, the deadline, or ``close()``;
 * ``dropped``   not attempted: ``Settings.mirror_max_inflight`` copies already in flight, a body
   larger than the replay buffer, or the mirrorer closed.
 
@@ -117,6 +118,7 @@ class _Shadow:
         "ep",
         "head_request",
         "mirrorer",
+        "reserved",
         "status",
         "task",
         "timer",
@@ -138,6 +140,7 @@ class _Shadow:
         self.head_request = head_request
         self.conn: UpstreamConnection | None = None
         self.task: asyncio.Task[None] | None = None
+        self.reserved = False  # a connection slot counted for a connect not yet started
         self.timer: asyncio.TimerHandle | None = None
         self.status = 0  # the mirror's response status once its head arrived
         self.close_delimited = False
@@ -152,13 +155,17 @@ class _Shadow:
         if conn is not None:
             self._send_on(conn)
         else:
+            # the slot is counted now, so copies decided in the same loop turn see it
+            self.mirrorer.pools.reserve(self.cs, self.ep)
+            self.reserved = True
             self.task = loop.create_task(self._connect())
 
     async def _connect(self) -> None:
         """The connect task: the only await a copy makes (cancelled by the deadline or
         ``close()``, which settle the copy themselves; the cancellation propagates)."""
+        self.reserved = False  # Pools.connect owns the slot from here on
         try:
-            conn = await self.mirrorer.pools.connect(self.cs, self.ep)
+            conn = await self.mirrorer.pools.connect(self.cs, self.ep, reserved=True)
         except ConnectFailure as e:
             self.task = None
             self._fail(Failure.CONNECT_FAILURE, str(e))
@@ -226,6 +233,9 @@ class _Shadow:
             conn.abort()
         if task is not None:
             task.cancel()
+        if self.reserved:  # cancelled before it ran: give the slot back
+            self.reserved = False
+            self.ep.connection_closed()
         log.debug(
             "mirror request to %s (%s) failed: %s %s",
             self.cs.name,
@@ -334,6 +344,12 @@ class Mirrorer:
         if ep is None:
             self.failed += 1
             log.debug("mirror request to %s failed: no healthy upstream", cluster.name)
+            return
+        if not ep.idle and not cs.can_connect(ep):
+            # the mirror cluster's maxConnections is reached: a copy never takes a connection
+            # its primary traffic may need (Envoy's shadow obeys the pool's limits too)
+            self.failed += 1
+            log.debug("mirror request to %s failed: maxConnections reached", cluster.name)
             return
         shadow = _Shadow(self, cs, ep, head + body if body else head, head.startswith(b"HEAD "))
         ep.active += 1

@@ -319,7 +319,9 @@ async def test_connect_that_hangs_is_bounded_by_the_mirror_deadline() -> None:
     started = asyncio.Event()
 
     class HangingPools(Pools):
-        async def connect(self, cs: ClusterState, ep: EndpointState) -> UpstreamConnection:
+        async def connect(
+            self, cs: ClusterState, ep: EndpointState, *, reserved: bool = False
+        ) -> UpstreamConnection:
             started.set()
             await asyncio.sleep(3600)
             raise AssertionError("unreachable")
@@ -349,6 +351,26 @@ async def test_inflight_bound_drops_and_counts() -> None:
         m.send(c, head, b"body", 2.0)  # room again
         await settle(m)
         assert counters(m) == (3, 3, 0, 3, 0)
+        pools.close()
+
+
+async def test_mirror_cluster_max_connections_is_respected() -> None:
+    """A copy never opens a connection past the mirror cluster's maxConnections: with one
+    connection busy, the next copies fail at once (counted) instead of connecting."""
+    from dataclasses import replace
+
+    from meshproxy.config.model import ConnectionPool
+
+    async with serve(Reply(delay=0.3)) as [up]:
+        m, pools, c = make([up.port])
+        c = replace(c, pool=ConnectionPool(max_connections=1))
+        head = shadow_request_head(_head(b"svc"))
+        m.send(c, head, b"body", 2.0)
+        m.send(c, head, b"body", 2.0)
+        m.send(c, head, b"body", 2.0)
+        assert counters(m) == (3, 0, 2, 0, 1)
+        await settle(m)
+        assert counters(m) == (3, 1, 2, 0, 0) and len(up.requests) == 1
         pools.close()
 
 
