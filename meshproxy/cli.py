@@ -275,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
         "to stderr. Exit 0 when valid.",
     )
     val.add_argument("paths", nargs="+", metavar="PATH", help="files or directories")
+
+    from meshproxy.ca_cli import add_ca_parser
+
+    add_ca_parser(sub)
     return parser
 
 
@@ -339,6 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "validate":
             return _validate(ns.paths)
+        if ns.command == "ca":
+            from meshproxy.ca_cli import run_ca
+
+            return run_ca(ns)
         return _run(ns)
     except UsageError as e:
         print(f"meshproxy: error: {e}", file=sys.stderr)
