@@ -106,6 +106,7 @@ __all__ = [
     "load_ca",
     "make_csr",
     "sign_csr",
+    "sign_csr_for_token",
     "spiffe_ids_of",
     "write_issued",
 ]
@@ -632,3 +633,22 @@ def make_csr(key: PrivateKey, spiffe_id: str) -> bytes:
         .sign(key, _hash_for(key))
     )
     return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def sign_csr_for_token(
+    ca: CA,
+    csr_pem: bytes | str,
+    token: str,
+    ttl: timedelta = DEFAULT_WORKLOAD_TTL,
+    *,
+    now: datetime | None = None,
+) -> bytes:
+    """The control plane's whole signing decision: verify the bootstrap ``token`` with this
+    CA's ``token.key`` and trust domain, then :func:`sign_csr` for exactly the SPIFFE id it
+    entitles. Raises :class:`certs.token.TokenError` for a bad token and :class:`CAError` for a
+    CSR asking for anything else; in both cases nothing is signed (answer 403)."""
+    from certs.token import verify_token
+
+    t = _now(now)
+    ns, sa = verify_token(ca.directory, token, trust_domain=ca.trust_domain, now=t.timestamp())
+    return sign_csr(ca, csr_pem, SpiffeId(ca.trust_domain, ns, sa).uri, ttl, now=t)

@@ -33,10 +33,12 @@ from certs.ca import (
     load_ca,
     make_csr,
     sign_csr,
+    sign_csr_for_token,
     spiffe_ids_of,
     write_issued,
 )
 from certs.spiffe import CAError
+from certs.token import TokenError, load_token_key, make_token
 
 ID = "spiffe://cluster.local/ns/default/sa/reviews"
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -408,3 +410,25 @@ def test_sign_csr_bad_ttl_and_id(root_ca: CA) -> None:
         sign_csr(root_ca, make_csr(key, ID), ID, timedelta(0), now=NOW)
     with pytest.raises(CAError, match="not this CA's"):
         sign_csr(root_ca, make_csr(key, ID), "spiffe://x.local/ns/a/sa/b", now=NOW)
+
+
+def test_sign_csr_for_token(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path / "ca", now=NOW)
+    tkey = load_token_key(ca.directory)
+    token = make_token(tkey, "cluster.local", "default", "reviews", now=NOW.timestamp())
+    key = ec.generate_private_key(ec.SECP256R1())
+    chain = certs_of(sign_csr_for_token(ca, make_csr(key, ID), token, now=NOW))
+    assert verify(ca.root, chain, NOW) == [ID]
+    # the token entitles reviews only: a CSR for another account is refused
+    other = make_csr(key, "spiffe://cluster.local/ns/default/sa/ratings")
+    with pytest.raises(CAError, match="may only have"):
+        sign_csr_for_token(ca, other, token, now=NOW)
+    with pytest.raises(TokenError, match="expired"):
+        sign_csr_for_token(ca, make_csr(key, ID), token, now=NOW + timedelta(days=2))
+    foreign = make_token(tkey, "other.local", "default", "reviews", now=NOW.timestamp())
+    with pytest.raises(TokenError, match="trust domain"):
+        sign_csr_for_token(ca, make_csr(key, ID), foreign, now=NOW)
+    flipped = "B" if token[-10] == "A" else "A"  # a middle MAC character: full 6 bits
+    forged = token[:-10] + flipped + token[-9:]
+    with pytest.raises(TokenError, match="signature"):
+        sign_csr_for_token(ca, make_csr(key, ID), forged, now=NOW)
