@@ -99,7 +99,13 @@ from meshproxy.mirror import Mirrorer, shadow_request_head
 from meshproxy.settings import Settings
 from meshproxy.state import State
 from meshproxy.upstream.connection import UpstreamConnection
-from meshproxy.upstream.pool import ClusterState, ConnectFailure, EndpointState, Pools
+from meshproxy.upstream.pool import (
+    ClusterCounters,
+    ClusterState,
+    ConnectFailure,
+    EndpointState,
+    Pools,
+)
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +319,7 @@ class Exchange:
         "_retrying",
         "_route_timer",
         "_routed",
+        "_routed_in",
         "_stale_retried",
         "_timer",
         "_tried",
@@ -394,6 +401,7 @@ class Exchange:
         self._retrying = False
         self._tried: list[EndpointState] | None = None  # endpoints tried, once retrying
         self._routed = False  # the router started (after any fault delay)
+        self._routed_in: ClusterCounters | None = None  # counted in its rq_routed until _finish
         self._stale_retried = False
         self._body_sent = False  # some request body bytes went to an upstream
         # copies of the upstream-encoded body pieces, for retries and mirrors (None: off or
@@ -736,8 +744,9 @@ class Exchange:
         if tried is not None and ep not in tried:
             tried.append(ep)
         self.ep = ep
-        if not self.attempts:
+        if self._routed_in is None:
             counters.rq_routed += 1  # until _finish
+            self._routed_in = counters
         if not same_ep:
             self.attempts += 1
         ep.active += 1
@@ -1467,8 +1476,8 @@ class Exchange:
         if self._try_timer is not None:
             self._try_timer.cancel()
             self._try_timer = None
-        if self.attempts and self.cs is not None:
-            self.cs.counters.rq_routed -= 1
+        if self._routed_in is not None:
+            self._routed_in.rq_routed -= 1
         if self._route_timer is not None:
             self._route_timer.cancel()
             self._route_timer = None
