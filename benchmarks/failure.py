@@ -81,7 +81,16 @@ if str(HERE) not in sys.path:  # the siblings are imported by name, as run.py do
 import httptools  # noqa: E402
 import procstat  # noqa: E402
 import uvloop  # noqa: E402
-from harness import BODY, BenchError, Proc, free_port, http_get, start, wait_serving  # noqa: E402
+from harness import (  # noqa: E402
+    BODY,
+    BenchError,
+    Proc,
+    free_port,
+    git_head,
+    http_get,
+    start,
+    wait_serving,
+)
 from loadgen import percentile  # noqa: E402
 from peers import envoy_binary, start_meshproxy  # noqa: E402
 
@@ -1275,19 +1284,6 @@ def render_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _git_head() -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", "-C", str(HERE.parent), "log", "-1", "--format=%h %s"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip()[:100] or None
-
-
 # =========================================================================== command line
 
 
@@ -1393,7 +1389,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     doc = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "git": _git_head(),
+        "git": (git_head() or "")[:100] or None,
         "quick": args.quick,
         "cpus": os.cpu_count(),
         "pinning": {"proxy": ctx.proxy_cpus, "load_and_upstream": ctx.load_cpus},

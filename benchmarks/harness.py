@@ -333,3 +333,18 @@ def finish_loadgen(popen: subprocess.Popen[str], timeout: float) -> dict:
         popen.communicate()
         raise BenchError("loadgen did not finish in time") from exc
     return parse_loadgen(popen.returncode, out, err)
+
+
+def git_head() -> str | None:
+    """``<short hash> <subject>`` of the checkout the benchmark runs from (None outside git),
+    recorded with every run's figures."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(HERE.parent), "log", "-1", "--format=%h %s"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None

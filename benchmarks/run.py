@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import procstat
-from harness import HERE, BenchError, run_loadgen, run_wrk
+from harness import HERE, BenchError, git_head, run_loadgen, run_wrk
 from peers import (
     Running,
     Upstream,
@@ -266,7 +266,7 @@ def environment(plan: Plan, ctx: Context) -> dict:
             "load_and_upstream": ctx.load_cpus,
         },
         "plan": plan.__dict__,
-        "git": _git_head(),
+        "git": git_head(),
     }
 
 
@@ -278,21 +278,6 @@ def _cpu_model() -> str | None:
     except OSError:
         pass
     return None
-
-
-def _git_head() -> str | None:
-    import subprocess
-
-    try:
-        done = subprocess.run(
-            ["git", "-C", str(HERE.parent), "log", "-1", "--format=%h %s"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() or None
 
 
 def wait_quiet(limit: float, threshold: float = 0.3, window: float = 2.0) -> float | None:

@@ -18,10 +18,18 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from meshproxy import __version__
+from meshproxy.settings import DEFAULT_SETTINGS
+
+# meshproxy's default retry budget (Settings), as --retry-budget takes it
+DEFAULT_RETRY_BUDGET: tuple[float, int] | None = (
+    None
+    if DEFAULT_SETTINGS.retry_budget_percent is None
+    else (DEFAULT_SETTINGS.retry_budget_percent, DEFAULT_SETTINGS.retry_budget_min)
+)
 
 log = logging.getLogger("meshproxy")
 
@@ -86,14 +94,23 @@ def parse_labels(text: str) -> dict[str, str]:
     return labels
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
-    return n
+def _whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be at least {minimum}")
+        return n
+
+    return parse
+
+
+_positive_int = _whole_number(1)
+_non_negative_int = _whole_number(0)
 
 
 def _seconds(text: str) -> float:
@@ -114,7 +131,7 @@ def parse_retry_budget(text: str) -> tuple[float, int] | None:
     pct_s, _, min_s = text.partition(":")
     try:
         pct = float(pct_s)
-        minimum = int(min_s) if min_s else 3
+        minimum = int(min_s) if min_s else DEFAULT_SETTINGS.retry_budget_min
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected PERCENT[:MIN] (e.g. 20:3) or off"
@@ -126,16 +143,6 @@ def parse_retry_budget(text: str) -> tuple[float, int] | None:
 
 def format_retry_budget(budget: tuple[float, int] | None) -> str:
     return "off" if budget is None else f"{budget[0]:g}:{budget[1]}"
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 0")
-    return n
 
 
 def _access_log_target(text: str) -> str:
@@ -162,9 +169,9 @@ class RunOptions:
     access_log: str = "off"  # PATH, "-" (stdout) or "off"
     # beyond Istio's defaults (see Settings): the retry budget of clusters without one, the
     # outlier ejections a small pool may make, the idempotent-only 503 retry
-    retry_budget: tuple[float, int] | None = (20.0, 3)
-    outlier_min_ejectable: int = 1
-    idempotent_503_retry: bool = True
+    retry_budget: tuple[float, int] | None = DEFAULT_RETRY_BUDGET
+    outlier_min_ejectable: int = DEFAULT_SETTINGS.outlier_min_ejectable
+    idempotent_503_retry: bool = DEFAULT_SETTINGS.default_retry_503
     reuse_port: bool = False  # set by the supervisor for its workers
     parent_pid: int | None = None  # a worker exits when its supervisor is gone
 
@@ -242,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--retry-budget",
         type=parse_retry_budget,
-        default=(20.0, 3),
+        default=DEFAULT_RETRY_BUDGET,
         metavar="PCT[:MIN]|off",
         help="retry budget for clusters whose DestinationRule sets no retryBudget: at most "
         "PCT %% of active requests may be retries, never fewer than MIN; off = Istio's "
@@ -251,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--outlier-min-ejectable",
         type=_non_negative_int,
-        default=1,
+        default=DEFAULT_SETTINGS.outlier_min_ejectable,
         metavar="N",
         help="with outlierDetection, a pool too small for maxEjectionPercent may still eject "
         "up to N endpoints (one always stays); 0 = Envoy's behaviour [1]",

@@ -388,7 +388,7 @@ class Exchange:
         # a retriable response held (upstream reading paused) until its retry is admitted by
         # the budget at the end of the backoff; sent to the client if the budget refuses
         self._held: tuple[int, ResponseHead] | None = None
-        self._held_body: list[bytes] = []
+        self._held_body: list[bytes] | None = None  # allocated when a response is held
         self._held_done: bool | None = None  # the held response is complete (keep-alive?)
         # the held response's connection (self.up is None meanwhile: request body pieces are
         # buffered, not written to it; released to the pool once the response is complete)
@@ -1058,7 +1058,7 @@ class Exchange:
         """The held response is not wanted (its retry goes ahead, or the request ended). A
         complete one gave its connection back already; an incomplete one's is reset."""
         self._held = None
-        self._held_body = []
+        self._held_body = None
         self._held_done = None
         up = self._held_up
         self._held_up = None
@@ -1072,7 +1072,7 @@ class Exchange:
         body, done = self._held_body, self._held_done
         up = self._held_up
         self._held = None
-        self._held_body = []
+        self._held_body = None
         self._held_done = None
         self._held_up = None
         if up is not None:
@@ -1092,7 +1092,7 @@ class Exchange:
             if self.request_complete:
                 self.request_sent = True
         self._begin_response(*held)
-        for piece in body:
+        for piece in body or ():
             self.on_response_body(piece)
         if done is not None:
             self.on_response_complete(done)  # its connection went back to the pool already
@@ -1290,8 +1290,9 @@ class Exchange:
         return True
 
     def on_response_body(self, data: bytes) -> None:
-        if self._held is not None:
-            self._held_body.append(data)
+        held_body = self._held_body
+        if held_body is not None:  # a held response (the list exists only then)
+            held_body.append(data)
             return
         self.resp_bytes += len(data)
         if self._down_framing is _CHUNKED:
@@ -1354,7 +1355,7 @@ class Exchange:
             # the held response was cut short: its retry still decides, a refusal answers
             # like a reset
             self._held = None
-            self._held_body = []
+            self._held_body = None
             self._held_done = None
             self._held_up = None
             self._last_failure = failure
