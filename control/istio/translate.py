@@ -73,6 +73,7 @@ from control.istio.resources import (
 )
 from control.istio.resources import RetryBudget as IRetryBudget
 from control.istio.resources import StringMatch as IStringMatch
+from control.istio.security import translate_security
 from control.istio.validate import DestinationRuleIndex, ValidationReport, compile_re2, visible
 from meshproxy.config.model import (
     DEFAULT_RETRY,
@@ -1480,12 +1481,14 @@ def translate(
         routes, clusters = t.run()
         if t.cache is not None:
             t.cache.end()
+        sec = translate_security(resources)
     return Snapshot(
         version=version if version is not None else content_version(resources),
         routes=routes,
         clusters=clusters,
         proxy=proxy,
-        warnings=tuple(t.warnings),
+        warnings=tuple(t.warnings) + sec.warnings,
+        security=sec.config,
     )
 
 

@@ -30,6 +30,10 @@ import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meshproxy.config.security import SecurityConfig
 
 # --------------------------------------------------------------------------- provenance
 
@@ -438,6 +442,15 @@ class Snapshot:
     clusters: Mapping[str, Cluster] = field(default_factory=dict)
     proxy: ProxyIdentity = field(default_factory=ProxyIdentity)
     warnings: tuple[str, ...] = ()
+    # PeerAuthentication / AuthorizationPolicy for the inbound listener (the whole mesh's:
+    # the data plane selects what applies to its own workload once per snapshot)
+    security: SecurityConfig = field(default_factory=lambda: _empty_security())
+
+
+def _empty_security() -> SecurityConfig:
+    from meshproxy.config.security import EMPTY_SECURITY  # it imports Meta from here
+
+    return EMPTY_SECURITY
 
 
 EMPTY_SNAPSHOT = Snapshot(version="")
