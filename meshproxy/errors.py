@@ -28,6 +28,7 @@ class Failure(enum.Enum):
     NO_CLUSTER = "NC"  # the route names a cluster the snapshot does not have
     NO_HEALTHY_UPSTREAM = "UH"  # cluster without endpoints / none available
     CONNECT_FAILURE = "UF"  # TCP connect refused / timed out
+    TLS_FAILURE = "UFTLS"  # the upstream TLS handshake or the peer identity check failed
     UPSTREAM_RESET = "UC"  # upstream closed before the response head arrived
     UPSTREAM_PROTOCOL_ERROR = "UPE"  # upstream sent something that is not HTTP/1.x
     UPSTREAM_TIMEOUT = "UT"  # route timeout / per-try timeout
@@ -39,6 +40,7 @@ class Failure(enum.Enum):
     STREAM_IDLE = "SI"  # no byte either way for Settings.stream_idle_timeout
     NOT_IMPLEMENTED = "DPE501"  # a request transfer-coding other than chunked
     INTERNAL = "INTERNAL"  # a bug in the proxy (logged with its traceback)
+    RBAC_DENIED = "RBAC"  # an AuthorizationPolicy denied the request (inbound)
 
     @property
     def flag(self) -> str:
@@ -51,6 +53,7 @@ _FLAGS: dict[Failure, str] = {
     Failure.NO_CLUSTER: "NC",
     Failure.NO_HEALTHY_UPSTREAM: "UH",
     Failure.CONNECT_FAILURE: "UF",
+    Failure.TLS_FAILURE: "UF",
     Failure.UPSTREAM_RESET: "UC",
     Failure.UPSTREAM_PROTOCOL_ERROR: "UPE",
     Failure.UPSTREAM_TIMEOUT: "UT",
@@ -62,6 +65,7 @@ _FLAGS: dict[Failure, str] = {
     Failure.STREAM_IDLE: "SI",
     Failure.NOT_IMPLEMENTED: "DPE",
     Failure.INTERNAL: "-",
+    Failure.RBAC_DENIED: "-",  # Envoy's RBAC filter sets no flag, only response code details
 }
 
 
@@ -105,6 +109,9 @@ _REPLIES: dict[Failure, LocalReply] = {
     Failure.NO_CLUSTER: LocalReply(503, "NC"),
     Failure.NO_HEALTHY_UPSTREAM: LocalReply(503, "UH", b"no healthy upstream"),
     Failure.CONNECT_FAILURE: LocalReply(503, "UF", _RESET_PREFIX + b"connection failure"),
+    Failure.TLS_FAILURE: LocalReply(
+        503, "UF", _RESET_PREFIX + b"connection failure, transport failure reason: TLS error"
+    ),
     Failure.UPSTREAM_RESET: LocalReply(503, "UC", _RESET_PREFIX + b"connection termination"),
     Failure.UPSTREAM_PROTOCOL_ERROR: LocalReply(503, "UPE", _RESET_PREFIX + b"protocol error"),
     Failure.UPSTREAM_TIMEOUT: LocalReply(504, "UT", b"upstream request timeout"),
@@ -122,6 +129,7 @@ _REPLIES: dict[Failure, LocalReply] = {
     Failure.STREAM_IDLE: LocalReply(408, "SI", b"stream timeout", close=True),
     Failure.NOT_IMPLEMENTED: LocalReply(501, "DPE", b"Not Implemented", close=True),
     Failure.INTERNAL: LocalReply(500, "-", b"internal error", close=True),
+    Failure.RBAC_DENIED: LocalReply(403, "-", b"RBAC: access denied"),
 }
 
 

@@ -139,6 +139,7 @@ _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE
 # attempt failure -> what outlier detection is told (a local-origin failure of this kind)
 _LOST = {
     Failure.CONNECT_FAILURE: "connect",
+    Failure.TLS_FAILURE: "connect",
     Failure.UPSTREAM_RESET: "reset",
     Failure.UPSTREAM_PROTOCOL_ERROR: "reset",
     Failure.UPSTREAM_TIMEOUT: "timeout",
@@ -839,10 +840,10 @@ class Exchange:
         self._connecting = None  # the reservation is Pools.connect's from here on
         try:
             up = await self.ctx.pools.connect(cs, ep, reserved=True)
-        except ConnectFailure:
+        except ConnectFailure as e:
             self._connect_task = None
             if not self.done:
-                self._attempt_failed(Failure.CONNECT_FAILURE)
+                self._attempt_failed(Failure.TLS_FAILURE if e.tls else Failure.CONNECT_FAILURE)
             return
         self._connect_task = None
         if self.done:
@@ -963,7 +964,7 @@ class Exchange:
         budget allow it, else the local reply for ``failure``."""
         self._report_local(failure)
         self._end_attempt()
-        if failure is Failure.CONNECT_FAILURE:
+        if failure is Failure.CONNECT_FAILURE or failure is Failure.TLS_FAILURE:
             outcome = Outcome.CONNECT_FAILURE
         elif failure is Failure.UPSTREAM_TIMEOUT:
             outcome = Outcome.PER_TRY_TIMEOUT

@@ -63,7 +63,12 @@ Waiter = Callable[["UpstreamConnection | None"], None]
 
 
 class ConnectFailure(Exception):
-    """The TCP connect to an endpoint failed (refused, unreachable, timed out)."""
+    """The connect to an endpoint failed: TCP (refused, unreachable, timed out), or, with
+    ``tls`` set, the TLS handshake or the peer identity check (Envoy: a connect failure too)."""
+
+    def __init__(self, message: str, *, tls: bool = False) -> None:
+        super().__init__(message)
+        self.tls = tls
 
 
 class ClusterCounters:
