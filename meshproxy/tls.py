@@ -1,0 +1,535 @@
+"""Workload identity (``--cert-dir``), TLS contexts and the helpers of outbound TLS.
+
+Theory of operation
+-------------------
+A workload identity is three PEM files in one directory: ``cert.pem`` (the leaf first, then any
+intermediates), ``key.pem`` and ``ca.pem`` (the trust bundle, possibly several roots while a
+root rotates). :func:`load_identity` reads them once, checks everything a user can get wrong
+(missing or unreadable file, key not matching the leaf, no SPIFFE URI SAN, a leaf not yet valid
+or expired, a bundle without certificates, a leaf that does not chain to the bundle) and raises
+:class:`IdentityError` naming the file; on success it builds, from the very bytes it checked,
+the two ``ssl`` contexts the data plane needs and freezes everything into a
+:class:`WorkloadIdentity`:
+
+* ``server_context`` -- the inbound listener's: our chain, client certificates required and
+  verified against every root of ``ca.pem``; TLS >= 1.2; no hostname check (peers are SPIFFE
+  ids, read with :func:`peer_spiffe_id` after the handshake);
+* ``client_context`` -- ISTIO_MUTUAL upstreams': our chain, the server verified against
+  ``ca.pem``, no hostname check (the caller checks the peer's SPIFFE id after the handshake).
+
+It is blocking (file reads, parsing, signature checks): the data plane calls it at start-up or
+through ``asyncio.to_thread``. An :class:`IdentityStore` holds the live identity, polls the
+three files' ``(mtime_ns, size, inode)`` every ``poll_interval`` and reloads off the loop when
+one changes; a good set is swapped in one reference store (``current``, ``generation`` + 1,
+subscribers called), a bad one is logged once per distinct error and the previous identity
+stays live. Writers that replace files one at a time (cert first, key second) make a
+key/cert mismatch visible for a moment: that is "transient" and only retried at the next poll
+(logged at debug level, error level only when it persists for ``mismatch_grace`` polls).
+
+Outbound TLS session resumption: asyncio and uvloop take no ``session=`` argument, but both
+call ``self._sslcontext.wrap_bio(...)`` at the Python level when a TLS transport starts. Our
+client contexts are :class:`ResumingContext`, whose ``wrap_bio`` takes the session to offer
+from the :data:`RESUME_SESSION` context variable, set by the connecting task around
+``create_connection`` (the transport's callbacks run in a copy of that task's context, so
+concurrent connects never see each other's value). A session belongs to the context that
+made it (``ssl`` refuses others), so callers keep ``(context, session)`` pairs.
+
+Peer names: :func:`san_matches` implements the post-handshake check of configured
+``subjectAltNames`` (URI exact, DNS with a certificate wildcard in the leftmost label, IP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import hashlib
+import ipaddress
+import logging
+import os
+import ssl
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+log = logging.getLogger(__name__)
+
+CERT_FILE = "cert.pem"
+KEY_FILE = "key.pem"
+CA_FILE = "ca.pem"
+IDENTITY_FILES = (CERT_FILE, KEY_FILE, CA_FILE)
+
+RESUME_SESSION: contextvars.ContextVar[ssl.SSLSession | None] = contextvars.ContextVar(
+    "meshproxy_resume_session", default=None
+)
+"""The session a client handshake started in this context offers (see ResumingContext)."""
+
+
+class IdentityError(Exception):
+    """A workload identity that cannot be used; the message names the file and the problem.
+
+    ``transient`` marks the state a non-atomic writer leaves between two file writes (the
+    key does not match the certificate yet): a watcher retries it quietly."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+# --------------------------------------------------------------------------- contexts
+
+
+class ResumingContext(ssl.SSLContext):
+    """A client context whose TLS objects offer the session in :data:`RESUME_SESSION`.
+
+    Called by asyncio's and uvloop's SSL protocols when a connection starts; a session made
+    by another context is ignored (``ssl`` would raise), so a stale cache entry after a
+    rotation just means a full handshake."""
+
+    def wrap_bio(  # type: ignore[override]
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        if session is None and not server_side:
+            session = RESUME_SESSION.get()
+        try:
+            return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        except ValueError:  # "Session refers to a different SSLContext": no resumption
+            return super().wrap_bio(incoming, outgoing, server_side, server_hostname, None)
+
+
+def _harden(ctx: ssl.SSLContext) -> None:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    # OpenSSL 3's default groups (X25519, P-256, ...) and ECDHE suites are the fast ones
+    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
+
+
+def make_server_context(cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> ssl.SSLContext:
+    """A server context: our chain, client certificates required and verified against every
+    root of ``ca_pem``, TLS >= 1.2, session tickets on (OpenSSL's default)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(ctx)
+    _load_chain(ctx, cert_pem, key_pem)
+    ctx.load_verify_locations(cadata=ca_pem.decode("ascii", "replace"))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def make_client_context(
+    *,
+    cert_pem: bytes | None = None,
+    key_pem: bytes | None = None,
+    ca_pem: bytes | None = None,
+    verify: bool = True,
+    system_roots: bool = False,
+) -> ResumingContext:
+    """A client context (a :class:`ResumingContext`): our chain if given, the server verified
+    against ``ca_pem`` (or the system roots), never a hostname check (names are checked by
+    the caller after the handshake)."""
+    ctx = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+    _harden(ctx)
+    ctx.check_hostname = False
+    if verify:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        if ca_pem is not None:
+            ctx.load_verify_locations(cadata=ca_pem.decode("ascii", "replace"))
+        elif system_roots:
+            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    if cert_pem is not None and key_pem is not None:
+        _load_chain(ctx, cert_pem, key_pem)
+    return ctx
+
+
+def _load_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    """``load_cert_chain`` from bytes: through a private temporary directory (0700), so the
+    context holds exactly the bytes that were checked, whatever happens to the files now."""
+    with tempfile.TemporaryDirectory(prefix="meshproxy-tls-") as d:
+        cert_path = os.path.join(d, "cert.pem")
+        key_path = os.path.join(d, "key.pem")
+        for path, data in ((cert_path, cert_pem), (key_path, key_pem)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        ctx.load_cert_chain(cert_path, key_path)
+
+
+# --------------------------------------------------------------------------- identity
+
+
+@dataclass(frozen=True)
+class WorkloadIdentity:
+    """One loaded ``--cert-dir``: who we are and the contexts that present it."""
+
+    spiffe_id: str
+    trust_domain: str
+    not_before: datetime
+    not_after: datetime
+    serial: int
+    fingerprint: str  # sha256 of the leaf's DER, hex
+    server_context: ssl.SSLContext = field(repr=False)
+    client_context: ResumingContext = field(repr=False)
+    cert_dir: str = ""
+    roots: int = 1  # certificates in ca.pem
+    chain_length: int = 1  # certificates in cert.pem
+
+    def view(self) -> dict[str, Any]:
+        """For admin output: what identity is live."""
+        return {
+            "spiffe_id": self.spiffe_id,
+            "trust_domain": self.trust_domain,
+            "serial": format(self.serial, "x"),
+            "fingerprint_sha256": self.fingerprint,
+            "not_before": self.not_before.isoformat(),
+            "not_after": self.not_after.isoformat(),
+            "roots": self.roots,
+            "cert_dir": self.cert_dir,
+        }
+
+    def spiffe_id_for(self, namespace: str, service_account: str) -> str:
+        """``spiffe://<our trust domain>/ns/<namespace>/sa/<service account>``."""
+        return f"spiffe://{self.trust_domain}/ns/{namespace}/sa/{service_account}"
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise IdentityError(f"{path}: no such file") from None
+    except PermissionError:
+        raise IdentityError(f"{path}: permission denied") from None
+    except IsADirectoryError:
+        raise IdentityError(f"{path}: is a directory, expected a PEM file") from None
+    except OSError as e:
+        raise IdentityError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _certs(path: Path, data: bytes) -> list[x509.Certificate]:
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        return []
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise IdentityError(f"{path}: not valid PEM certificates") from None
+
+
+def _spki(key: Any) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _chains_to(
+    leaf: x509.Certificate, intermediates: list[x509.Certificate], roots: list[x509.Certificate]
+) -> bool:
+    """Whether ``leaf`` reaches a root through ``intermediates`` (signatures and names; the
+    TLS stack does the full path validation at every handshake)."""
+    current = leaf
+    for _ in range(len(intermediates) + 1):
+        if any(_issued_by(current, r) for r in roots):
+            return True
+        nxt = next((i for i in intermediates if i is not current and _issued_by(current, i)), None)
+        if nxt is None:
+            return False
+        current = nxt
+    return False
+
+
+def _uri_sans(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def load_identity(cert_dir: str, *, now: datetime | None = None) -> WorkloadIdentity:
+    """Read and check ``cert_dir`` (blocking). Raises :class:`IdentityError` for every
+    problem, with the file it is about."""
+    d = Path(cert_dir)
+    if not d.exists():
+        raise IdentityError(f"{d}: no such directory (--cert-dir)")
+    if not d.is_dir():
+        raise IdentityError(f"{d}: not a directory (--cert-dir)")
+    cert_path, key_path, ca_path = (d / n for n in IDENTITY_FILES)
+    cert_pem = _read(cert_path)
+    key_pem = _read(key_path)
+    ca_pem = _read(ca_path)
+    chain = _certs(cert_path, cert_pem)
+    if not chain:
+        raise IdentityError(f"{cert_path}: no certificate in it")
+    leaf = chain[0]
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise IdentityError(f"{key_path}: encrypted private keys are not supported") from None
+    except ValueError:
+        raise IdentityError(f"{key_path}: not a PEM private key") from None
+    if not isinstance(
+        key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    ):
+        raise IdentityError(f"{key_path}: unsupported key type (ECDSA, RSA or Ed25519)")
+    if _spki(key.public_key()) != _spki(leaf.public_key()):
+        raise IdentityError(
+            f"{key_path}: does not match the certificate in {cert_path}", transient=True
+        )
+    spiffe = [u for u in _uri_sans(leaf) if u.startswith("spiffe://")]
+    if not spiffe:
+        raise IdentityError(f"{cert_path}: the certificate has no SPIFFE URI SAN")
+    spiffe_id = spiffe[0]
+    trust_domain = spiffe_id[len("spiffe://") :].split("/", 1)[0]
+    if not trust_domain:
+        raise IdentityError(f"{cert_path}: SPIFFE id {spiffe_id!r} has no trust domain")
+    t = now if now is not None else datetime.now(UTC)
+    nb, na = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+    if t < nb:
+        raise IdentityError(f"{cert_path}: not valid before {nb.isoformat()} (clock skew?)")
+    if t >= na:
+        raise IdentityError(f"{cert_path}: expired at {na.isoformat()}")
+    roots = _certs(ca_path, ca_pem)
+    if not roots:
+        raise IdentityError(f"{ca_path}: no certificate in it (the trust bundle is empty)")
+    if not _chains_to(leaf, chain[1:], roots):
+        raise IdentityError(f"{cert_path}: the certificate does not chain to any root in {ca_path}")
+    try:
+        server = make_server_context(cert_pem, key_pem, ca_pem)
+        client = make_client_context(cert_pem=cert_pem, key_pem=key_pem, ca_pem=ca_pem)
+    except ssl.SSLError as e:
+        raise IdentityError(f"{d}: TLS library refused the files: {e.reason or e}") from None
+    return WorkloadIdentity(
+        spiffe_id=spiffe_id,
+        trust_domain=trust_domain,
+        not_before=nb,
+        not_after=na,
+        serial=leaf.serial_number,
+        fingerprint=hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest(),
+        server_context=server,
+        client_context=client,
+        cert_dir=str(d),
+        roots=len(roots),
+        chain_length=len(chain),
+    )
+
+
+# --------------------------------------------------------------------------- the store
+
+Signature = tuple[tuple[int, int, int] | None, ...]
+IdentityListener = Callable[[WorkloadIdentity | None, WorkloadIdentity], None]
+
+
+def _signature(cert_dir: str) -> Signature:
+    out: list[tuple[int, int, int] | None] = []
+    for name in IDENTITY_FILES:
+        try:
+            st = os.stat(os.path.join(cert_dir, name))
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(out)
+
+
+class IdentityStore:
+    """The live workload identity and its file watcher.
+
+    ``current`` is None without ``--cert-dir``. :meth:`watch` is the one task that reloads;
+    subscribers (``callback(old, new)``) are called on the loop after each swap."""
+
+    mismatch_grace = 3  # polls a key/cert mismatch may last before it is an error
+
+    def __init__(self, cert_dir: str | None, poll_interval: float = 1.0) -> None:
+        self.cert_dir = cert_dir
+        self.poll_interval = poll_interval
+        self.current: WorkloadIdentity | None = None
+        self.generation = 0
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+        self.last_error: str | None = None
+        self._listeners: list[IdentityListener] = []
+        self._signature: Signature | None = None
+        self._logged: str | None = None
+        self._mismatches = 0
+
+    def load_initial(self) -> WorkloadIdentity | None:
+        """Load at start-up (blocking; raises :class:`IdentityError`). None without a dir."""
+        if self.cert_dir is None:
+            return None
+        sig = _signature(self.cert_dir)
+        ident = load_identity(self.cert_dir)
+        self._signature = sig
+        self._swap(ident)
+        return ident
+
+    def subscribe(self, callback: IdentityListener) -> None:
+        self._listeners.append(callback)
+
+    def _swap(self, new: WorkloadIdentity) -> None:
+        old = self.current
+        self.current = new
+        self.generation += 1
+        self.last_error = None
+        self._logged = None
+        self._mismatches = 0
+        for fn in self._listeners:
+            try:
+                fn(old, new)
+            except Exception:  # a subscriber's bug must not stop rotation
+                log.exception("identity subscriber %r failed", fn)
+
+    async def poll_once(self) -> bool:
+        """Reload if a file changed; True when a new identity was swapped in."""
+        cert_dir = self.cert_dir
+        if cert_dir is None:
+            return False
+        sig = await asyncio.to_thread(_signature, cert_dir)
+        if sig == self._signature:
+            return False
+        try:
+            ident = await asyncio.to_thread(load_identity, cert_dir)
+        except IdentityError as e:
+            msg = str(e)
+            if e.transient:
+                self._mismatches += 1
+                if self._mismatches < self.mismatch_grace:
+                    # a writer between the cert and the key: try again next poll, quietly
+                    log.debug("workload identity: %s (retrying)", msg)
+                    return False
+            self.reloads_failed += 1
+            self._signature = sig  # until the files change again
+            self.last_error = msg
+            if msg != self._logged:
+                self._logged = msg
+                log.error("workload identity not reloaded, keeping the current one: %s", msg)
+            return False
+        self._signature = sig
+        old = self.current
+        self.reloads_ok += 1
+        self._swap(ident)
+        log.info(
+            "workload identity reloaded: %s serial %x, valid until %s%s",
+            ident.spiffe_id,
+            ident.serial,
+            ident.not_after.isoformat(),
+            "" if old is None else f" (was serial {old.serial:x})",
+        )
+        return True
+
+    async def watch(self) -> None:
+        """Poll forever (cancel to stop)."""
+        if self.cert_dir is None:
+            return
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                await self.poll_once()
+            except OSError as e:  # e.g. the temp dir for contexts cannot be made
+                self.reloads_failed += 1
+                msg = f"{self.cert_dir}: {e}"
+                if msg != self._logged:
+                    self._logged = msg
+                    log.error("workload identity not reloaded: %s", msg)
+
+    def __repr__(self) -> str:
+        who = self.current.spiffe_id if self.current is not None else None
+        return (
+            f"IdentityStore({self.cert_dir!r}, id={who!r}, generation={self.generation},"
+            f" ok={self.reloads_ok}, failed={self.reloads_failed})"
+        )
+
+
+# --------------------------------------------------------------------------- peers
+
+
+def peer_uris(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> list[str]:
+    """The peer certificate's URI SANs (empty when there is no verified peer certificate)."""
+    if ssl_object is None:
+        return []
+    try:
+        cert = ssl_object.getpeercert()
+    except (ValueError, ssl.SSLError):
+        return []
+    if not cert:
+        return []
+    return [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
+
+
+def peer_spiffe_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
+    """The peer's SPIFFE id (its first ``spiffe://`` URI SAN), or None."""
+    for uri in peer_uris(ssl_object):
+        if uri.startswith("spiffe://"):
+            return uri
+    return None
+
+
+def _dns_match(pattern: str, name: str) -> bool:
+    """A certificate DNS name (``pattern``, may start with ``*.``) against ``name``."""
+    pattern = pattern.lower().rstrip(".")
+    name = name.lower().rstrip(".")
+    if pattern == name:
+        return True
+    if pattern.startswith("*.") and "." in name:
+        return name.split(".", 1)[1] == pattern[2:] and bool(name.split(".", 1)[0])
+    return False
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return None
+
+
+def san_matches(peercert: dict[str, Any] | None, wanted: Iterable[str]) -> str | None:
+    """The first of ``wanted`` names the peer certificate carries, or None.
+
+    A wanted name with ``://`` is compared with the URI SANs exactly; an IP with the IP
+    SANs; anything else with the DNS SANs (a certificate wildcard covers one leftmost
+    label)."""
+    if not peercert:
+        return None
+    sans = peercert.get("subjectAltName", ())
+    uris = {v for k, v in sans if k == "URI"}
+    dns = [v for k, v in sans if k == "DNS"]
+    ips = {_ip(v) for k, v in sans if k == "IP Address"}
+    for w in wanted:
+        if "://" in w:
+            if w in uris:
+                return w
+        elif (ip := _ip(w)) is not None:
+            if ip in ips:
+                return w
+        elif any(_dns_match(p, w) for p in dns):
+            return w
+    return None
+
+
+def session_of(transport: asyncio.BaseTransport) -> ssl.SSLSession | None:
+    """The TLS session of a client transport (for resumption), if any."""
+    obj = transport.get_extra_info("ssl_object")
+    if obj is None:
+        return None
+    with contextlib.suppress(AttributeError, ValueError):
+        return obj.session
+    return None
