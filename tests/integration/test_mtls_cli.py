@@ -180,6 +180,7 @@ async def test_inbound_refuses_certificates_from_another_ca_or_expired(
             assert anonymous.refused, f"TLS without a client certificate got {anonymous}"
 
         assert [r.target for r in m.app.requests] == ["/good"]
+        await eventually_counted(m, 1)
         assert await destination_count(m) == 1
 
 
