@@ -169,6 +169,7 @@ class _Service:
     endpoints: list[tuple[WorkloadEntrySpec, Meta]]
     meta: Meta
     subject_alt_names: tuple[str, ...] = ()
+    mesh_internal: bool = False  # ServiceEntry `location: MESH_INTERNAL` (auto-mTLS)
     known: bool = True  # False: a destination host no ServiceEntry defines
     by_port: dict[int, ServicePort] = field(default_factory=dict)
     # the objects whose identity fixes this service's content (its ServiceEntry's spec and
@@ -373,9 +374,21 @@ def _retry_budget(rb: IRetryBudget | None) -> RetryBudget | None:
     )
 
 
-def _tls(t: ClientTLSSettings | None, service_sans: tuple[str, ...]) -> TlsPolicy | None:
+_AUTO_MTLS = TlsMode.ISTIO_MUTUAL
+
+
+def _tls(
+    t: ClientTLSSettings | None, service_sans: tuple[str, ...], mesh_internal: bool = False
+) -> TlsPolicy | None:
+    """The cluster's TLS policy. Without a DestinationRule ``tls``, a ``location:
+    MESH_INTERNAL`` service gets Istio's auto-mTLS (``auto``: ISTIO_MUTUAL when the proxy has
+    a workload identity); otherwise plaintext (None). ISTIO_MUTUAL checks the DR's
+    ``subjectAltNames``, else the ServiceEntry's (Istio: the service accounts); SIMPLE and
+    MUTUAL only the DR's."""
     if t is None:
-        return None
+        if not mesh_internal:
+            return None
+        return TlsPolicy(mode=_AUTO_MTLS, subject_alt_names=tuple(service_sans), auto=True)
     mode = TlsMode(t.mode or "DISABLE")
     sans = t.subject_alt_names
     if not sans and mode is TlsMode.ISTIO_MUTUAL:
@@ -599,6 +612,7 @@ class _Translator:
                 endpoints=eps,
                 meta=_meta(se, f"spec.hosts[{i}]"),
                 subject_alt_names=spec.subject_alt_names,
+                mesh_internal=spec.location == "MESH_INTERNAL",
                 by_port=by_port,
                 anchors=tuple(anchors),
                 cacheable=cacheable,
@@ -796,7 +810,7 @@ class _Translator:
             lb=lb,
             pool=_pool(groups["connection_pool"]),
             outlier=_outlier(groups["outlier_detection"]),
-            tls=_tls(groups["tls"], svc.subject_alt_names),
+            tls=_tls(groups["tls"], svc.subject_alt_names, svc.mesh_internal),
             retry_budget=_retry_budget(groups["retry_budget"]),
             protocol=(port.protocol or "HTTP").upper(),
             service_name=_service_name(svc.host),

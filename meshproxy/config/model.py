@@ -383,6 +383,11 @@ class TlsMode(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class TlsPolicy:
+    """Istio ``ClientTLSSettings`` of a cluster. ``subject_alt_names`` are the DestinationRule's,
+    else (ISTIO_MUTUAL) the ServiceEntry's. ``auto`` marks Istio's auto-mTLS: no DestinationRule
+    ``tls`` and a ``location: MESH_INTERNAL`` ServiceEntry; the data plane uses ISTIO_MUTUAL
+    then only when it has a workload identity, plaintext otherwise."""
+
     mode: TlsMode = TlsMode.DISABLE
     client_certificate: str | None = None
     private_key: str | None = None
@@ -390,6 +395,7 @@ class TlsPolicy:
     sni: str | None = None
     subject_alt_names: tuple[str, ...] = ()
     insecure_skip_verify: bool = False
+    auto: bool = False
 
 
 @dataclass(frozen=True, slots=True)
