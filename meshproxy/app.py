@@ -39,12 +39,13 @@ from typing import Any
 
 from meshproxy.accesslog import AccessLog, AccessLogError
 from meshproxy.admin import Admin, snapshot_dump
-from meshproxy.cli import Addr, RunOptions, UsageError, format_addr
+from meshproxy.cli import Addr, RunOptions, UsageError, format_addr, listening_line
 from meshproxy.config.model import ProxyIdentity
 from meshproxy.metrics import Export, Metrics
 from meshproxy.settings import Settings
 from meshproxy.sources.file import ConfigError, FileSource
 from meshproxy.state import State
+from meshproxy.tls import IdentityError, IdentityStore, WorkloadIdentity
 
 log = logging.getLogger("meshproxy.app")
 
@@ -83,9 +84,15 @@ class Proxy:
             self.access_log = AccessLog.open(opts.access_log)
         except AccessLogError as e:
             raise UsageError(str(e)) from None
-        self.dataplane = DataPlane(self.state, self.metrics, settings, self.access_log)
+        # the workload identity (--cert-dir): loaded in start(), then watched
+        self.certs = IdentityStore(opts.cert_dir, settings.cert_poll_interval)
+        self.certs.subscribe(self._on_identity)
+        self.dataplane = DataPlane(
+            self.state, self.metrics, settings, self.access_log, identity=self.certs
+        )
         self.admin = Admin(self)
         self.outbound: Addr | None = None
+        self.inbound: Addr | None = None
         self.admin_addr: Addr | None = None
         self.listening = False
         self.draining = False
@@ -110,6 +117,11 @@ class Proxy:
         except OSError as e:
             raise UsageError(f"cannot listen on admin {format_addr(self.opts.admin)}: {e}") from e
         try:
+            await asyncio.to_thread(self.certs.load_initial)
+        except IdentityError as e:
+            await self.admin.close()
+            raise UsageError(f"--cert-dir: {e}") from None
+        try:
             await self.source.load_initial_async()
         except ConfigError as e:
             await self.admin.close()
@@ -126,8 +138,22 @@ class Proxy:
             raise UsageError(
                 f"cannot listen on outbound {format_addr(self.opts.outbound)}: {e}"
             ) from e
+        if self.opts.inbound is not None and self.opts.app is not None:
+            host, port = self.opts.inbound
+            try:
+                self.inbound = await self.dataplane.start_inbound(
+                    host, port, self.opts.app, self.identity, reuse_port=self.opts.reuse_port
+                )
+            except OSError as e:
+                await self.dataplane.close()
+                await self.admin.close()
+                raise UsageError(
+                    f"cannot listen on inbound {format_addr(self.opts.inbound)}: {e}"
+                ) from e
         self.listening = True
         self._tasks.append(asyncio.create_task(self._watch_config(), name="config-watch"))
+        if self.opts.cert_dir is not None:
+            self._tasks.append(asyncio.create_task(self.certs.watch(), name="cert-watch"))
         if self.opts.parent_pid is not None:
             self._tasks.append(asyncio.create_task(self._watch_parent(), name="parent-watch"))
         loop = asyncio.get_running_loop()
@@ -136,9 +162,10 @@ class Proxy:
 
     def listening_line(self) -> str:
         assert self.outbound is not None and self.admin_addr is not None
-        return (
-            f"listening outbound={format_addr(self.outbound)} admin={format_addr(self.admin_addr)}"
-        )
+        return listening_line(self.outbound, self.admin_addr, self.inbound)
+
+    def _on_identity(self, old: WorkloadIdentity | None, new: WorkloadIdentity) -> None:
+        self.metrics.set_principal(new.spiffe_id)
 
     async def serve(self) -> int:
         """Wait for a stop request, then drain and close; returns the exit code."""
@@ -217,11 +244,29 @@ class Proxy:
             listeners.append(
                 {"name": "outbound", "address": format_addr(self.outbound), "protocol": "HTTP"}
             )
+        if self.inbound is not None and self.opts.app is not None:
+            entry: dict[str, Any] = {
+                "name": "inbound",
+                "address": format_addr(self.inbound),
+                "protocol": "HTTP",
+                "app": format_addr(self.opts.app),
+            }
+            view = self.dataplane.inbound_view()
+            if view is not None:
+                view.pop("app", None)
+                entry.update(view)
+            listeners.append(entry)
         snapshot, last_error = self.state.snapshot, self.state.last_error
         dump = await asyncio.to_thread(
             snapshot_dump, snapshot, last_error=last_error, listeners=listeners
         )
         dump["pid"] = os.getpid()
+        ident = self.certs.current
+        if ident is not None:
+            dump["identity"] = ident.view() | {
+                "reloads": {"ok": self.certs.reloads_ok, "failed": self.certs.reloads_failed},
+                "last_error": self.certs.last_error,
+            }
         return dump
 
     async def clusters(self) -> dict[str, Any]:

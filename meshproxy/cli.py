@@ -75,9 +75,11 @@ def format_addr(addr: Addr) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def listening_line(outbound: Addr, admin: Addr) -> str:
-    """The start-up line scripts wait for (printed on stdout once every listener is up)."""
-    return f"listening outbound={format_addr(outbound)} admin={format_addr(admin)}"
+def listening_line(outbound: Addr, admin: Addr, inbound: Addr | None = None) -> str:
+    """The start-up line scripts wait for (printed on stdout once every listener is up);
+    ``inbound=`` only when the inbound listener is on."""
+    middle = "" if inbound is None else f" inbound={format_addr(inbound)}"
+    return f"listening outbound={format_addr(outbound)}{middle} admin={format_addr(admin)}"
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -161,6 +163,9 @@ class RunOptions:
     config: tuple[str, ...]
     outbound: Addr = ("127.0.0.1", 15001)
     admin: Addr = ("127.0.0.1", 15000)
+    inbound: Addr | None = None  # the sidecar inbound listener (with ``app``)
+    app: Addr | None = None  # the local application the inbound listener fronts
+    cert_dir: str | None = None  # workload identity: cert.pem, key.pem, ca.pem
     workers: int = 1
     namespace: str = "default"
     labels: dict[str, str] = field(default_factory=dict)
@@ -211,6 +216,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ADMIN,
         metavar="ADDR",
         help=f"admin API HOST:PORT [{DEFAULT_ADMIN}]",
+    )
+    run.add_argument(
+        "--inbound",
+        type=parse_addr,
+        default=None,
+        metavar="ADDR",
+        help="the sidecar's inbound listener HOST:PORT, fronting --app: mTLS per "
+        "PeerAuthentication, AuthorizationPolicy, x-forwarded-client-cert [off]",
+    )
+    run.add_argument(
+        "--app",
+        type=parse_addr,
+        default=None,
+        metavar="ADDR",
+        help="the local application HOST:PORT the inbound listener forwards to",
+    )
+    run.add_argument(
+        "--cert-dir",
+        default=None,
+        metavar="DIR",
+        help="workload identity: DIR/cert.pem (leaf first, then intermediates), DIR/key.pem, "
+        "DIR/ca.pem (trusted roots); re-read when the files change",
     )
     run.add_argument(
         "--workers",
@@ -320,6 +347,9 @@ def _run(ns: argparse.Namespace) -> int:
         config=tuple(ns.config),
         outbound=ns.outbound,
         admin=ns.admin,
+        inbound=ns.inbound,
+        app=ns.app,
+        cert_dir=ns.cert_dir,
         workers=ns.workers,
         namespace=ns.namespace,
         labels=ns.labels,
@@ -333,6 +363,10 @@ def _run(ns: argparse.Namespace) -> int:
         parent_pid=ns.parent_pid,
     )
     _check_paths(opts.config)
+    if (opts.inbound is None) != (opts.app is None):
+        raise UsageError("--inbound and --app go together: the inbound listener fronts --app")
+    if opts.cert_dir is not None and not os.path.isdir(opts.cert_dir):
+        raise UsageError(f"--cert-dir {opts.cert_dir}: no such directory")
     setup_logging(opts.log_level)
     if opts.workers > 1:
         from meshproxy.workers import supervise

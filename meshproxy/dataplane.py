@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from meshproxy.accesslog import AccessLog
+    from meshproxy.config.model import ProxyIdentity
+    from meshproxy.inbound import InboundContext, InboundListener
     from meshproxy.metrics import Metrics
+    from meshproxy.tls import IdentityStore
 
 
 class DataPlane:
@@ -50,17 +53,25 @@ class DataPlane:
         metrics: Metrics,
         settings: Settings,
         access_log: AccessLog | None = None,
+        identity: IdentityStore | None = None,
     ) -> None:
         self._state = state
         self._access_log = access_log
         self._metrics = metrics
         self._settings = settings
+        self._identity = identity
         self._pools = Pools(metrics, settings)
+        self._pools.identity = identity
         state.subscribe(self._pools.on_snapshot)
         self._servers: list[asyncio.Server] = []
         self._idle_timer: asyncio.TimerHandle | None = None
         self._proxy: ProxyContext | None = None
         self._server_ctx: ServerContext | None = None
+        # the inbound side (--inbound): its own pool to the application, context, listener
+        self._inbound_pools: Pools | None = None
+        self._inbound: InboundContext | None = None
+        self._inbound_ctx: ServerContext | None = None
+        self.inbound_listener: InboundListener | None = None
         gc_stats = getattr(metrics, "gc", None)  # test fakes may have no GC hook
         if gc_stats is not None:
             gc_stats.install()
@@ -94,6 +105,53 @@ class DataPlane:
             self._arm_idle_sweep()
         return addr
 
+    async def start_inbound(
+        self,
+        host: str,
+        port: int,
+        app: tuple[str, int],
+        workload: ProxyIdentity,
+        *,
+        reuse_port: bool = False,
+    ) -> tuple[str, int]:
+        """Start the inbound listener fronting the application at ``app``; returns the bound
+        (host, port)."""
+        from meshproxy.inbound import InboundContext, InboundListener
+
+        self._inbound_pools = pools = Pools(self._metrics, self._settings)
+        self._inbound = inbound = InboundContext(
+            self._state,
+            workload,
+            app,
+            self._identity,
+            pools,
+            self._metrics,
+            self._settings,
+            self._access_log,
+        )
+        self._inbound_ctx = ctx = ServerContext(
+            self._settings, self._metrics, inbound.make_exchange
+        )
+        listener = InboundListener(inbound, ctx, self._settings)
+        addr = await listener.start(host, port, reuse_port=reuse_port)
+        self.inbound_listener = listener
+        if self._idle_timer is None:
+            self._arm_idle_sweep()
+        return addr
+
+    def inbound_view(self) -> dict[str, Any] | None:
+        """The inbound listener's policy under the current snapshot (``/config_dump``)."""
+        if self._inbound is None or self.inbound_listener is None:
+            return None
+        view = self._inbound.policy().describe()
+        view["app"] = self._inbound.app_port
+        view["refused_plaintext"] = self.inbound_listener.refused_plaintext
+        view["handshake_failures"] = self.inbound_listener.handshake_failures
+        return view
+
+    def _server_contexts(self) -> list[ServerContext]:
+        return [c for c in (self._server_ctx, self._inbound_ctx) if c is not None]
+
     def _arm_idle_sweep(self) -> None:
         timeout = self._settings.stream_idle_timeout
         every = min(max(timeout / 4, 0.05), 30.0)
@@ -102,10 +160,9 @@ class DataPlane:
     def _idle_sweep(self) -> None:
         """Every ``stream_idle_timeout / 4`` (at most 30 s): each in-flight request checks its
         own progress (Exchange.idle_check) -- one timer per data plane, none per request."""
-        ctx = self._server_ctx
-        if ctx is not None:
-            now = time.monotonic()
-            timeout = self._settings.stream_idle_timeout
+        now = time.monotonic()
+        timeout = self._settings.stream_idle_timeout
+        for ctx in self._server_contexts():
             for conn in list(ctx.connections):
                 ex = conn.current
                 if ex is not None:
@@ -119,31 +176,32 @@ class DataPlane:
         """Close the listening sockets: new connections are refused."""
         for server in self._servers:
             server.close()
+        if self.inbound_listener is not None:
+            self.inbound_listener.close()
 
     def close_idle(self) -> None:
         """Drain: idle client connections close now; busy ones after their current response."""
-        ctx = self._server_ctx
-        if ctx is None:
-            return
-        ctx.draining = True
-        for conn in list(ctx.connections):
-            conn.drain()
+        for ctx in self._server_contexts():
+            ctx.draining = True
+            for conn in list(ctx.connections):
+                conn.drain()
 
     async def wait_drained(self, timeout: float) -> bool:
         """True once no client connection is left (False if ``timeout`` passed first)."""
-        ctx = self._server_ctx
-        if ctx is None:
-            return True
-        return await ctx.wait_empty(timeout)
+        deadline = time.monotonic() + timeout
+        for ctx in self._server_contexts():
+            if not await ctx.wait_empty(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
 
     @property
     def active_connections(self) -> int:
-        ctx = self._server_ctx
-        return 0 if ctx is None else len(ctx.connections)
+        return sum(len(ctx.connections) for ctx in self._server_contexts())
 
     @property
     def active_requests(self) -> int:
-        return 0 if self._proxy is None else self._proxy.active_requests
+        n = 0 if self._proxy is None else self._proxy.active_requests
+        return n + (0 if self._inbound is None else self._inbound.active_requests)
 
     def clusters_view(self) -> dict[str, Any]:
         """``/clusters`` per INTERFACE.md, for every cluster of the current snapshot.
@@ -198,14 +256,17 @@ class DataPlane:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
-        ctx = self._server_ctx
-        if ctx is not None:
+        if self.inbound_listener is not None:
+            await self.inbound_listener.wait_closed()
+        for ctx in self._server_contexts():
             ctx.draining = True
             for conn in list(ctx.connections):
                 conn.abort()
         if self._proxy is not None:
             await self._proxy.mirrorer.close()
         self._pools.close()
+        if self._inbound_pools is not None:
+            self._inbound_pools.close()
         gc_stats = getattr(self._metrics, "gc", None)
         if gc_stats is not None:
             gc_stats.uninstall()

@@ -28,7 +28,12 @@ Labels follow Istio's standard metrics (``reporter="source"`` on the outbound li
 values are ``"unknown"``). Source labels come from the proxy identity (``--namespace``,
 ``--labels app=...,version=...``); destination labels from the cluster: ``destination_service``
 is its host, ``destination_version`` / ``destination_app`` the ``version`` / ``app`` label its
-endpoints share (a subset's endpoints share them), else ``"unknown"``.
+endpoints share (a subset's endpoints share them), else ``"unknown"``; the source reporter's
+``connection_security_policy`` is ``unknown``, as in Istio. Requests the inbound listener served
+are recorded by :meth:`Metrics.record_inbound` with ``reporter="destination"``: the source is
+the verified peer (its SPIFFE id as ``source_principal``), the destination this workload, and
+``connection_security_policy`` is ``mutual_tls`` or ``none``; their series are cached by
+(peer, mTLS, code, flags), a handful of distinct keys.
 """
 
 from __future__ import annotations
@@ -107,8 +112,7 @@ CLUSTER_COUNTERS: tuple[tuple[str, str], ...] = (
 Export = dict[str, Any]
 """What :meth:`Metrics.export` returns and :func:`render` consumes (JSON-able)::
 
-    {"source": '<pre-rendered source labels>',
-     "requests": [[dest_labels, code, flags, [series...]], ...],
+    {"requests": [[labels, code, flags, connection_security_policy, [series...]], ...],
      "counters": {family: {cluster_name: n}},
      "downstream_active": int,
      "config_versions": [version, ...],
@@ -192,28 +196,72 @@ def _common_label(cluster: Cluster, key: str) -> str | None:
     return value
 
 
-def source_labels(proxy: ProxyIdentity) -> str:
-    """The ``reporter`` and ``source_*`` labels for this proxy, rendered once."""
-    labels = proxy.labels
+def _workload(labels: Mapping[str, str]) -> tuple[str | None, str | None, str, str, str | None]:
+    """(app, version, canonical service, canonical revision, workload) from pod labels."""
     app = labels.get("app") or labels.get("app.kubernetes.io/name")
     version = labels.get("version") or labels.get("app.kubernetes.io/version")
-    canonical = labels.get("service.istio.io/canonical-name") or app
-    revision = labels.get("service.istio.io/canonical-revision") or version
+    canonical = labels.get("service.istio.io/canonical-name") or app or UNKNOWN
+    revision = labels.get("service.istio.io/canonical-revision") or version or "latest"
     workload = labels.get("workload") or app
+    return app, version, canonical, revision, workload
+
+
+def source_labels(proxy: ProxyIdentity, principal: str | None = None) -> str:
+    """The ``reporter="source"`` and ``source_*`` labels for this proxy, rendered once
+    (``principal``: this workload's SPIFFE id once it has a certificate)."""
+    app, version, canonical, revision, workload = _workload(proxy.labels)
     return _labels(
         SOURCE_LABELS,
         (
             "source",
             workload or UNKNOWN,
-            canonical or UNKNOWN,
-            revision or "latest",
+            canonical,
+            revision,
             proxy.namespace or UNKNOWN,
-            UNKNOWN,  # source_principal: no workload certificate in plaintext mode
+            principal or UNKNOWN,
             app or UNKNOWN,
             version or UNKNOWN,
             UNKNOWN,  # source_cluster
         ),
     )
+
+
+def inbound_labels(proxy: ProxyIdentity, own: str | None, peer: str | None) -> str:
+    """Every label but the request ones for a request the inbound listener served
+    (``reporter="destination"``): the source is the verified peer (``peer``, its SPIFFE id, or
+    None on plaintext: all ``unknown``; no peer metadata exchange, so only the namespace is
+    known from the id), the destination this workload (``own`` its SPIFFE id).
+    ``destination_service`` is ``<app>.<namespace>.svc.cluster.local`` from the ``app``
+    label (Istio names the service the inbound cluster serves)."""
+    app, version, canonical, revision, workload = _workload(proxy.labels)
+    peer_ns = None
+    if peer:
+        rest = peer.partition("/ns/")[2]
+        peer_ns = rest.partition("/")[0] or None
+    ns = proxy.namespace or UNKNOWN
+    service = f"{app}.{ns}.svc.cluster.local" if app else UNKNOWN
+    source = _labels(
+        SOURCE_LABELS,
+        ("destination", UNKNOWN, UNKNOWN, "latest", peer_ns or UNKNOWN, peer or UNKNOWN)
+        + (UNKNOWN,) * 3,
+    )
+    dest = _labels(
+        DESTINATION_LABELS,
+        (
+            workload or UNKNOWN,
+            ns,
+            own or UNKNOWN,
+            app or UNKNOWN,
+            version or UNKNOWN,
+            service,
+            canonical,
+            revision,
+            app or UNKNOWN,
+            ns,
+            UNKNOWN,  # destination_cluster
+        ),
+    )
+    return f"{source},{dest}"
 
 
 def destination_labels(cluster: Cluster | None) -> str:
@@ -247,6 +295,17 @@ def destination_labels(cluster: Cluster | None) -> str:
 _NO_CLUSTER_LABELS = destination_labels(None)
 
 
+def _observe(s: list[float], duration_s: float, request_bytes: int, response_bytes: int) -> None:
+    ms = duration_s * 1000.0
+    s[0] += 1
+    s[1] += ms
+    s[2] += request_bytes
+    s[3] += response_bytes
+    s[_DUR0 + bisect_left(DURATION_BUCKETS_MS, ms)] += 1
+    s[_REQ0 + (bisect_left(SIZE_BUCKETS, request_bytes) if request_bytes else 0)] += 1
+    s[_RESP0 + bisect_left(SIZE_BUCKETS, response_bytes)] += 1
+
+
 class Metrics:
     """The process's metrics. See the module docstring; the data plane calls
     :meth:`record_request`, :meth:`upstream_connection_opened` and
@@ -254,6 +313,9 @@ class Metrics:
 
     __slots__ = (
         "_dest_cache",
+        "_inbound",
+        "_principal",
+        "_proxy",
         "_series",
         "_source",
         "config_version",
@@ -266,10 +328,15 @@ class Metrics:
     )
 
     def __init__(self, proxy: ProxyIdentity | None = None) -> None:
-        self._source = source_labels(proxy or ProxyIdentity())
+        self._proxy = proxy or ProxyIdentity()
+        self._principal: str | None = None
+        self._source = source_labels(self._proxy)
         self._dest_cache: dict[int, tuple[Cluster, str]] = {}
         self._series: dict[tuple[int, int, str], list[float]] = {}  # by (id(cluster), ...)
-        self.requests: dict[tuple[str, int, str], list[float]] = {}
+        # inbound: by (verified peer or None, mutual TLS?, code, flags)
+        self._inbound: dict[tuple[str | None, bool, int, str], list[float]] = {}
+        # every series, by (labels but the request ones, code, flags, security policy)
+        self.requests: dict[tuple[str, int, str, str], list[float]] = {}
         self.counters: dict[str, dict[str, int]] = {name: {} for name, _ in CLUSTER_COUNTERS}
         self.downstream_active = 0
         self.config_version: str | None = None
@@ -289,18 +356,50 @@ class Metrics:
         request_bytes: int,
         response_bytes: int,
     ) -> None:
-        """Called by the data plane once per finished request (flags ``"-"`` when none)."""
+        """Called by the data plane once per finished outbound request (flags ``"-"`` when
+        none): ``reporter="source"``."""
         s = self._series.get((id(cluster), code, flags))
         if s is None:
             s = self._new_series(cluster, code, flags)
-        ms = duration_s * 1000.0
-        s[0] += 1
-        s[1] += ms
-        s[2] += request_bytes
-        s[3] += response_bytes
-        s[_DUR0 + bisect_left(DURATION_BUCKETS_MS, ms)] += 1
-        s[_REQ0 + (bisect_left(SIZE_BUCKETS, request_bytes) if request_bytes else 0)] += 1
-        s[_RESP0 + bisect_left(SIZE_BUCKETS, response_bytes)] += 1
+        _observe(s, duration_s, request_bytes, response_bytes)
+
+    def record_inbound(
+        self,
+        peer: str | None,
+        mtls: bool,
+        code: int,
+        flags: str,
+        duration_s: float,
+        request_bytes: int,
+        response_bytes: int,
+    ) -> None:
+        """Called once per request the inbound listener finished: ``reporter="destination"``,
+        the source being ``peer`` (the verified SPIFFE id, None on plaintext) and
+        ``connection_security_policy`` ``mutual_tls`` or ``none``."""
+        key = (peer, mtls, code, flags)
+        s = self._inbound.get(key)
+        if s is None:
+            labels = inbound_labels(self._proxy, self._principal, peer)
+            s = self._row(labels, code, flags, "mutual_tls" if mtls else "none")
+            self._inbound[key] = s
+        _observe(s, duration_s, request_bytes, response_bytes)
+
+    def set_principal(self, principal: str | None) -> None:
+        """This workload's SPIFFE id (from its certificate): ``source_principal`` of the
+        outbound series and ``destination_principal`` of the inbound ones from now on."""
+        if principal == self._principal:
+            return
+        self._principal = principal
+        self._source = source_labels(self._proxy, principal)
+        self._series.clear()
+        self._inbound.clear()
+
+    def _row(self, labels: str, code: int, flags: str, security: str) -> list[float]:
+        key = (labels, code, flags, security)
+        s = self.requests.get(key)
+        if s is None:
+            s = self.requests[key] = [0] * SERIES_LEN
+        return s
 
     def _new_series(self, cluster: Cluster | None, code: int, flags: str) -> list[float]:
         """The series for a (cluster object, code, flags) seen for the first time since the
@@ -314,10 +413,8 @@ class Metrics:
                 self._dest_cache[id(cluster)] = (cluster, dest)
             else:
                 dest = cached[1]
-        key = (dest, code, flags)
-        s = self.requests.get(key)
-        if s is None:
-            s = self.requests[key] = [0] * SERIES_LEN
+        # Istio's source reporter does not know the connection's security: "unknown"
+        s = self._row(f"{self._source},{dest}", code, flags, UNKNOWN)
         # keyed by id(): _dest_cache pins the cluster, so the id is not reused while cached
         self._series[(id(cluster), code, flags)] = s
         return s
@@ -367,8 +464,7 @@ class Metrics:
 
     def export(self) -> Export:
         return {
-            "source": self._source,
-            "requests": [[d, c, f, list(s)] for (d, c, f), s in self.requests.items()],
+            "requests": [[d, c, f, p, list(s)] for (d, c, f, p), s in self.requests.items()],
             "counters": {k: dict(v) for k, v in self.counters.items()},
             "downstream_active": self.downstream_active,
             "config_versions": [] if self.config_version is None else [self.config_version],
@@ -384,7 +480,6 @@ class Metrics:
 def merge_exports(exports: Iterable[Export]) -> Export:
     """Sum several exports (one per worker): counters and histograms by label set."""
     out: Export = {
-        "source": "",
         "requests": [],
         "counters": {name: {} for name, _ in CLUSTER_COUNTERS},
         "downstream_active": 0,
@@ -393,11 +488,10 @@ def merge_exports(exports: Iterable[Export]) -> Export:
         "gc": _empty_gc(),
         "mirror": {},
     }
-    requests: dict[tuple[str, int, str], list[float]] = {}
+    requests: dict[tuple[str, int, str, str], list[float]] = {}
     for ex in exports:
-        out["source"] = out["source"] or ex["source"]
-        for dest, code, flags, series in ex["requests"]:
-            key = (dest, int(code), flags)
+        for labels, code, flags, security, series in ex["requests"]:
+            key = (labels, int(code), flags, security)
             acc = requests.get(key)
             if acc is None:
                 requests[key] = list(series)
@@ -423,7 +517,7 @@ def merge_exports(exports: Iterable[Export]) -> Export:
                 acc_g["collections"][i] += g["collections"][i]
                 acc_g["seconds"][i] += g["seconds"][i]
                 acc_g["longest"][i] = max(acc_g["longest"][i], g["longest"][i])
-    out["requests"] = [[d, c, f, s] for (d, c, f), s in requests.items()]
+    out["requests"] = [[d, c, f, p, s] for (d, c, f, p), s in requests.items()]
     return out
 
 
@@ -457,14 +551,13 @@ def _histogram(
 
 def render(ex: Export) -> str:
     """The Prometheus text exposition (format 0.0.4) of an export."""
-    source = ex["source"]
     rows = []
-    for dest, code, flags, series in ex["requests"]:
+    for labels, code, flags, security, series in ex["requests"]:
         tail = (
             f'request_protocol="http",response_code="{code}",grpc_response_status="",'
-            f'response_flags="{escape_label(flags)}",connection_security_policy="unknown"'
+            f'response_flags="{escape_label(flags)}",connection_security_policy="{security}"'
         )
-        rows.append((f"{source},{dest},{tail}", series))
+        rows.append((f"{labels},{tail}", series))
     rows.sort(key=lambda r: r[0])
 
     lines: list[str] = []

@@ -288,6 +288,13 @@ class ProxyContext:
         """The connection's exchange factory (a C-level partial: no Python frame per call)."""
         return partial(Exchange, self)
 
+    def record(self, ex: Exchange, code: int, flags: str) -> None:
+        """The metrics of a finished request (``reporter="source"``; the inbound listener's
+        context reports as the destination)."""
+        self.metrics.record_request(
+            ex.cluster, code, flags, _monotonic() - ex.head.t0, ex.req_bytes, ex.resp_bytes
+        )
+
 
 class Exchange:
     """One request from head to the last byte of its response."""
@@ -1493,9 +1500,7 @@ class Exchange:
             self.conn.resume_reading()
         self._buf = None
         self._replay = None
-        ctx.metrics.record_request(
-            self.cluster, code, flags, _monotonic() - self.head.t0, self.req_bytes, self.resp_bytes
-        )
+        ctx.record(self, code, flags)
         access_log = ctx.access_log
         if access_log is not None:
             access_log.record(self, code, flags)

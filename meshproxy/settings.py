@@ -22,6 +22,11 @@ class Settings:
     # stream_idle_timeout, 5 min): 408 "stream timeout" (flag SI), or a reset once the
     # response started. The deadline of every wait the route's timeouts leave open.
     stream_idle_timeout: float = 300.0
+    # inbound listener: a new connection's first byte tells TLS from plaintext; a client
+    # that sends nothing for this long is closed (Envoy's listener_filters_timeout, 15 s)
+    first_byte_timeout: float = 15.0
+    tls_handshake_timeout: float = 10.0  # inbound mTLS handshake deadline
+    cert_poll_interval: float = 1.0  # --cert-dir files are checked for changes this often
     # upstream (server side)
     upstream_idle_timeout: float = 60.0  # idle pooled upstream connection is closed
     max_idle_per_endpoint: int = 256  # idle connections kept per endpoint

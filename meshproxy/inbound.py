@@ -1,0 +1,483 @@
+"""The sidecar's inbound listener: mTLS termination, PeerAuthentication, AuthorizationPolicy,
+``x-forwarded-client-cert``, then the local application.
+
+Theory of operation
+-------------------
+``meshproxy run --inbound ADDR --app HOST:PORT`` fronts one local application, as Istio's
+virtual inbound listener does for a pod. Three layers, each decided once and cheaply:
+
+1. **Accept and sniff** (:class:`InboundListener`). The listening socket is served by a reader
+   callback that accepts in a batch; every new socket waits (no task, one reader callback) for
+   its first byte, peeked with ``MSG_PEEK`` so nothing is consumed: ``0x16`` (a TLS handshake
+   record) means TLS, anything else plaintext (Envoy's tls_inspector does the same on the
+   first bytes). The workload's PeerAuthentication mode for the application's port (resolved
+   once per snapshot) then decides: STRICT closes a plaintext connection without a byte of
+   answer, PERMISSIVE serves both, DISABLE serves plaintext only (TLS bytes then fail HTTP
+   parsing: 400). A TLS connection is handed to the event loop with the current identity's
+   server context (``loop.connect_accepted_socket(..., ssl=...)``): the handshake requires a
+   client certificate chaining to ``ca.pem`` (another CA, an expired certificate or none: the
+   handshake fails and the connection is closed). A certificate rotation swaps the context
+   for new connections only; established ones keep their session until they close.
+2. **Per connection** (:class:`InboundConnection`): the verified peer's SPIFFE id, read once
+   from the peer certificate's URI SAN after the handshake.
+3. **Per request** (:class:`InboundExchange`): a client-supplied ``x-forwarded-client-cert``
+   is removed; for an mTLS peer ``By=<own id>;URI=<peer id>`` is added; the compiled
+   AuthorizationPolicy table (:mod:`meshproxy.core.authz`, compiled once per snapshot for this
+   workload) is evaluated; a denial is answered ``403 RBAC: access denied`` and never reaches
+   the application. A plaintext connection that outlived a switch to STRICT is closed at its
+   next request. Then the ordinary :class:`~meshproxy.proxy.Exchange` forwards to the
+   application through its own pool (cluster ``inbound|PORT||``: no retries, no route
+   timeout, as Istio's inbound route), so streaming, deadlines, access log and drain are the
+   outbound listener's code. Metrics are recorded with ``reporter="destination"`` and
+   ``connection_security_policy`` ``mutual_tls`` / ``none``.
+
+The policies come from the proxy's snapshot (``Snapshot.security``); the application's route
+and cluster live in a private constant snapshot, so a config reload never touches the pool
+to the application.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from meshproxy.config.model import (
+    Cluster,
+    Endpoint,
+    Meta,
+    ProxyIdentity,
+    Route,
+    RouteTable,
+    Snapshot,
+    VirtualHost,
+    WeightedCluster,
+)
+from meshproxy.config.security import MtlsMode
+from meshproxy.core.authz import AuthzRequest, AuthzTable, compile_policies, evaluate
+from meshproxy.core.peerauthn import WorkloadMtls, resolve_workload
+from meshproxy.errors import Failure, local_reply
+from meshproxy.http.server import HttpConnection, RequestHead, ServerContext
+from meshproxy.net.listen import BACKLOG, strip_brackets
+from meshproxy.proxy import Exchange, ProxyContext
+from meshproxy.settings import Settings
+from meshproxy.state import State
+from meshproxy.upstream.pool import Pools
+
+if TYPE_CHECKING:
+    from meshproxy.accesslog import AccessLog
+    from meshproxy.metrics import Metrics
+    from meshproxy.tls import IdentityStore
+
+log = logging.getLogger(__name__)
+
+XFCC = b"x-forwarded-client-cert"
+TLS_HANDSHAKE = 0x16  # the first byte of a TLS record carrying a handshake (ClientHello)
+ACCEPT_BATCH = 64  # connections accepted per readiness callback of the listening socket
+_DENIED = local_reply(Failure.RBAC_DENIED)
+_INBOUND_META = Meta(kind="Inbound", name="app", namespace="")
+
+
+def app_cluster_name(port: int) -> str:
+    """Istio's name for the inbound cluster of a workload port."""
+    return f"inbound|{port}||"
+
+
+def app_snapshot(host: str, port: int) -> Snapshot:
+    """The constant routing of the inbound side: every request to the application."""
+    name = app_cluster_name(port)
+    cluster = Cluster(
+        name=name,
+        host=host,
+        port=port,
+        endpoints=(Endpoint(address=strip_brackets(host), port=port),),
+        service_name="inbound",
+        meta=_INBOUND_META,
+    )
+    route = Route(
+        name="default",
+        meta=_INBOUND_META,
+        clusters=(WeightedCluster(cluster=name, weight=100, host=host),),
+        total_weight=100,
+        retries=None,  # Istio's inbound route: no retries, no timeout
+        timeout=None,
+    )
+    vh = VirtualHost(
+        name=f"inbound|http|{port}", meta=_INBOUND_META, domains=("*",), routes=(route,)
+    )
+    return Snapshot(version="inbound", routes=RouteTable(catch_all=vh), clusters={name: cluster})
+
+
+def peer_spiffe_id(ssl_object: Any) -> str | None:
+    """The verified peer certificate's ``spiffe://`` URI SAN (None without one)."""
+    try:
+        cert = ssl_object.getpeercert()
+    except (ValueError, ssl.SSLError):
+        return None
+    if not cert:
+        return None
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind == "URI" and value.startswith("spiffe://"):
+            return str(value)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class InboundPolicy:
+    """What the inbound side enforces under one snapshot, for this workload."""
+
+    mtls: WorkloadMtls
+    mode: MtlsMode  # for the application's port
+    authz: AuthzTable
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "mtls_mode": self.mode.value,
+            "peer_authentication": list(self.mtls.policies),
+            "authorization_policies": list(self.authz.policies),
+        }
+
+
+def inbound_policy(snap: Snapshot, workload: ProxyIdentity, port: int) -> InboundPolicy:
+    sec = snap.security
+    mtls = resolve_workload(sec.peer_authn, workload.namespace, workload.labels)
+    table = compile_policies(sec.authz, workload.namespace, workload.labels, sec.root_namespace)
+    return InboundPolicy(mtls=mtls, mode=mtls.mode_for(port), authz=table)
+
+
+class InboundContext(ProxyContext):
+    """The :class:`ProxyContext` of the inbound listener: the application's constant snapshot
+    plus the workload's policies, recompiled when the proxy's snapshot changes."""
+
+    __slots__ = (
+        "_policy",
+        "_policy_snap",
+        "app_port",
+        "identity",
+        "mesh_state",
+        "workload",
+    )
+
+    def __init__(
+        self,
+        mesh_state: State,
+        workload: ProxyIdentity,
+        app: tuple[str, int],
+        identity: IdentityStore | None,
+        pools: Pools,
+        metrics: Metrics,
+        settings: Settings,
+        access_log: AccessLog | None = None,
+    ) -> None:
+        state = State()
+        state.apply(app_snapshot(app[0], app[1]))
+        super().__init__(state, pools, metrics, settings, access_log)
+        self.mesh_state = mesh_state
+        self.workload = workload
+        self.app_port = app[1]
+        self.identity = identity
+        self._policy_snap: Snapshot | None = None
+        self._policy: InboundPolicy | None = None
+
+    def policy(self) -> InboundPolicy:
+        """The policy under the current snapshot (compiled on the first request after a
+        swap; a bad policy can never stop requests: compile problems are the translation's)."""
+        snap = self.mesh_state.snapshot
+        pol = self._policy
+        if pol is None or snap is not self._policy_snap:
+            pol = self._policy = inbound_policy(snap, self.workload, self.app_port)
+            self._policy_snap = snap
+        return pol
+
+    def own_id(self) -> str | None:
+        store = self.identity
+        ident = store.current if store is not None else None
+        return ident.spiffe_id if ident is not None else None
+
+    @property
+    def make_exchange(self) -> Callable[[HttpConnection, RequestHead], Exchange]:
+        return partial(InboundExchange, self)
+
+    def record(self, ex: Exchange, code: int, flags: str) -> None:
+        conn = ex.conn
+        peer = conn.peer_id if isinstance(conn, InboundConnection) else None
+        mtls = conn.mtls if isinstance(conn, InboundConnection) else False
+        self.metrics.record_inbound(
+            peer, mtls, code, flags, time.monotonic() - ex.head.t0, ex.req_bytes, ex.resp_bytes
+        )
+
+
+class InboundConnection(HttpConnection):
+    """A downstream connection of the inbound listener: knows its peer's verified identity."""
+
+    __slots__ = ("mtls", "peer_id")
+
+    def __init__(self, ctx: ServerContext) -> None:
+        super().__init__(ctx)
+        self.mtls = False
+        self.peer_id: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sslobj = transport.get_extra_info("ssl_object")
+        if sslobj is not None:
+            self.mtls = True
+            self.scheme = "https"
+            self.scheme_b = b"https"
+            self.peer_id = peer_spiffe_id(sslobj)
+        super().connection_made(transport)
+
+
+class InboundExchange(Exchange):
+    """An inbound request: identity headers and authorization, then the ordinary exchange."""
+
+    __slots__ = ()
+
+    def _start(self) -> None:
+        ctx = self.ctx
+        assert isinstance(ctx, InboundContext)
+        conn = self.conn
+        assert isinstance(conn, InboundConnection)
+        pol = ctx.policy()
+        if pol.mode is MtlsMode.STRICT and not conn.mtls:
+            # the mode became STRICT after this plaintext connection was accepted
+            self.started = True
+            ctx.active_requests += 1
+            self._finish(0, "-")
+            conn.abort()
+            return
+        head = self.head
+        headers = head.headers
+        for name, _ in headers:
+            if name == XFCC:  # never trust a client's: only this proxy vouches for a peer
+                head.headers = headers = [h for h in headers if h[0] != XFCC]
+                head._map = None
+                break
+        peer = conn.peer_id
+        if peer is not None:
+            own = ctx.own_id()
+            if own is not None:
+                headers.append((XFCC, f"By={own};URI={peer}".encode("latin-1")))
+        if not pol.authz.empty:
+            decision = evaluate(
+                pol.authz,
+                AuthzRequest(
+                    principal=peer,
+                    source_ip=conn.peer_ip,
+                    destination_port=ctx.app_port,
+                    method=head.method,
+                    path=head.target,
+                    host=head.host,
+                    headers=_headers_for_authz(head),
+                ),
+            )
+            if not decision.allowed:
+                log.debug(
+                    "RBAC: denied %s %s from %s (%s)",
+                    head.method,
+                    head.target,
+                    peer or conn.peer_ip,
+                    decision.policy or "no ALLOW policy matched",
+                )
+                self.started = True
+                ctx.active_requests += 1
+                self._local(_DENIED)
+                return
+        super()._start()
+
+
+def _headers_for_authz(head: RequestHead) -> Mapping[str, str]:
+    out: dict[str, str] = {}
+    for name, value in head.headers:
+        k = name.decode("latin-1")
+        v = value.decode("latin-1")
+        out[k] = v if k not in out else out[k] + "," + v
+    return out
+
+
+class InboundListener:
+    """Accepts, sniffs TLS from plaintext by the first byte, and hands each connection to the
+    event loop with or without the current identity's server TLS context."""
+
+    def __init__(self, ctx: InboundContext, server_ctx: ServerContext, settings: Settings) -> None:
+        self._ctx = ctx
+        self._server_ctx = server_ctx
+        self._settings = settings
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[int, tuple[socket.socket, asyncio.TimerHandle]] = {}
+        self._handshakes: set[asyncio.Task[Any]] = set()
+        self.refused_plaintext = 0
+        self.handshake_failures = 0
+        self._warned_no_identity = False
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> tuple[str, int]:
+        loop = self._loop = asyncio.get_running_loop()
+        host = strip_brackets(host)
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, sockaddr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(sockaddr)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        loop.add_reader(sock.fileno(), self._on_accept)
+        name = sock.getsockname()
+        return str(name[0]), int(name[1])
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if self._sock is None:
+            return None
+        name = self._sock.getsockname()
+        return str(name[0]), int(name[1])
+
+    def _on_accept(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and friends: the backlog keeps the rest
+                log.warning("inbound: accept failed: %s", e)
+                return
+            conn.setblocking(False)
+            self._sniff(conn)
+
+    def _sniff(self, conn: socket.socket) -> None:
+        loop = self._loop
+        assert loop is not None
+        if self._ctx.policy().mode is MtlsMode.DISABLE:
+            self._serve(conn, None)
+            return
+        fd = conn.fileno()
+        timer = loop.call_later(self._settings.first_byte_timeout, self._sniff_timeout, fd)
+        self._pending[fd] = (conn, timer)
+        loop.add_reader(fd, self._first_byte, fd)
+
+    def _sniff_timeout(self, fd: int) -> None:
+        entry = self._pending.pop(fd, None)
+        if entry is not None:
+            assert self._loop is not None
+            self._loop.remove_reader(fd)
+            entry[0].close()
+
+    def _first_byte(self, fd: int) -> None:
+        entry = self._pending.pop(fd, None)
+        loop = self._loop
+        assert loop is not None
+        loop.remove_reader(fd)
+        if entry is None:
+            return
+        conn, timer = entry
+        timer.cancel()
+        try:
+            first = conn.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            self._pending[fd] = entry
+            loop.add_reader(fd, self._first_byte, fd)
+            return
+        except OSError:
+            conn.close()
+            return
+        if not first:
+            conn.close()
+            return
+        mode = self._ctx.policy().mode
+        if first[0] == TLS_HANDSHAKE and mode is not MtlsMode.DISABLE:
+            store = self._ctx.identity
+            ident = store.current if store is not None else None
+            if ident is None:
+                if not self._warned_no_identity:
+                    self._warned_no_identity = True
+                    log.warning(
+                        "inbound: a TLS connection arrived but this proxy has no workload "
+                        "certificate (--cert-dir): closed"
+                    )
+                conn.close()
+                return
+            self._serve(conn, ident.server_context)
+            return
+        if mode is MtlsMode.STRICT:
+            self.refused_plaintext += 1
+            if self.refused_plaintext == 1 or self.refused_plaintext % 1000 == 0:
+                log.info(
+                    "inbound: plaintext connection refused under PeerAuthentication STRICT "
+                    "(%d so far)",
+                    self.refused_plaintext,
+                )
+            conn.close()
+            return
+        self._serve(conn, None)
+
+    def _serve(self, conn: socket.socket, ctx: ssl.SSLContext | None) -> None:
+        loop = self._loop
+        assert loop is not None
+        server_ctx = self._server_ctx
+        if ctx is None:
+            task = loop.create_task(
+                loop.connect_accepted_socket(lambda: InboundConnection(server_ctx), conn)
+            )
+        else:
+            task = loop.create_task(
+                loop.connect_accepted_socket(
+                    lambda: InboundConnection(server_ctx),
+                    conn,
+                    ssl=ctx,
+                    ssl_handshake_timeout=self._settings.tls_handshake_timeout,
+                )
+            )
+        self._handshakes.add(task)
+        task.add_done_callback(partial(self._served, conn))
+
+    def _served(self, conn: socket.socket, task: asyncio.Task[Any]) -> None:
+        self._handshakes.discard(task)
+        if task.cancelled():
+            conn.close()
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.handshake_failures += 1
+            log.info("inbound: TLS handshake failed: %s", exc)
+            conn.close()
+
+    def close(self) -> None:
+        """Stop accepting; connections still sniffing are closed, established ones stay."""
+        loop = self._loop
+        sock = self._sock
+        self._sock = None
+        if loop is not None:
+            if sock is not None:
+                loop.remove_reader(sock.fileno())
+            for fd, (conn, timer) in list(self._pending.items()):
+                timer.cancel()
+                loop.remove_reader(fd)
+                conn.close()
+        self._pending.clear()
+        if sock is not None:
+            sock.close()
+
+    async def wait_closed(self) -> None:
+        for task in list(self._handshakes):
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    def __repr__(self) -> str:
+        return f"InboundListener(address={self.address}, sniffing={len(self._pending)})"
