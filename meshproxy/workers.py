@@ -50,6 +50,7 @@ from meshproxy.cli import (
     UsageError,
     format_addr,
     format_retry_budget,
+    listening_line,
     parse_addr,
 )
 from meshproxy.metrics import Export, merge_exports
@@ -139,9 +140,10 @@ def reserve_port(host: str, port: int) -> socket.socket:
 class Supervisor:
     """Owns the admin port and the worker processes; the admin backend for ``--workers``."""
 
-    def __init__(self, opts: RunOptions, outbound: Addr) -> None:
+    def __init__(self, opts: RunOptions, outbound: Addr, inbound: Addr | None = None) -> None:
         self.opts = opts
         self.outbound = outbound
+        self.inbound = inbound
         self.workers = [Worker(i) for i in range(opts.workers)]
         self.admin = Admin(self, extra={("GET", "/workers"): self._workers_handler})
         self.admin_addr: Addr | None = None
@@ -186,6 +188,10 @@ class Supervisor:
         ]
         if not o.idempotent_503_retry:
             argv.append("--no-idempotent-503-retry")
+        if self.inbound is not None and o.app is not None:
+            argv += ["--inbound", format_addr(self.inbound), "--app", format_addr(o.app)]
+        if o.cert_dir is not None:
+            argv += ["--cert-dir", os.path.abspath(o.cert_dir)]
         return argv
 
     async def spawn(self, w: Worker) -> None:
@@ -289,9 +295,7 @@ class Supervisor:
 
     def listening_line(self) -> str:
         assert self.admin_addr is not None
-        return (
-            f"listening outbound={format_addr(self.outbound)} admin={format_addr(self.admin_addr)}"
-        )
+        return listening_line(self.outbound, self.admin_addr, self.inbound)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("%s: stopping %d worker(s)", sig.name, len(self.workers))
@@ -428,8 +432,8 @@ class Supervisor:
         return AdminResponse.json({"workers": rows})
 
 
-async def _main(opts: RunOptions, outbound: Addr) -> int:
-    sup = Supervisor(opts, outbound)
+async def _main(opts: RunOptions, outbound: Addr, inbound: Addr | None) -> int:
+    sup = Supervisor(opts, outbound, inbound)
     await sup.start()
     print(sup.listening_line(), flush=True)
     sup.stdout_open.set()
@@ -452,13 +456,33 @@ def supervise(opts: RunOptions) -> int:
     result = source.build()
     if result.snapshot is None:
         raise UsageError("invalid config:\n" + "\n".join(f"  {p}" for p in result.problems))
+    if opts.cert_dir is not None:  # a bad identity is exit 2 here too, not N dead workers
+        from meshproxy.tls import IdentityError, load_identity
+
+        try:
+            load_identity(opts.cert_dir)
+        except IdentityError as e:
+            raise UsageError(f"--cert-dir: {e}") from None
     host, port = opts.outbound
     try:
         reservation = reserve_port(host, port)
     except OSError as e:
         raise UsageError(f"cannot listen on outbound {format_addr(opts.outbound)}: {e}") from e
+    in_reservation: socket.socket | None = None
     try:
         outbound = (host, reservation.getsockname()[1])
-        return uvloop.run(_main(opts, outbound))
+        inbound: Addr | None = None
+        if opts.inbound is not None:
+            ihost, iport = opts.inbound
+            try:
+                in_reservation = reserve_port(ihost, iport)
+            except OSError as e:
+                raise UsageError(
+                    f"cannot listen on inbound {format_addr(opts.inbound)}: {e}"
+                ) from e
+            inbound = (ihost, in_reservation.getsockname()[1])
+        return uvloop.run(_main(opts, outbound, inbound))
     finally:
         reservation.close()
+        if in_reservation is not None:
+            in_reservation.close()
