@@ -91,6 +91,7 @@ if str(HERE) not in sys.path:  # the siblings are imported by name, as run.py do
 
 import procstat  # noqa: E402
 from harness import (  # noqa: E402
+    BODY,
     REPO,
     BenchError,
     Proc,
@@ -489,6 +490,7 @@ class Pair:
     entry_port: int  # where the load connects: A's outbound listener (or the app, direct)
     procs: dict[str, Proc] = field(default_factory=dict)  # "client", "server"
     admins: dict[str, int] = field(default_factory=dict)
+    server_port: int | None = None  # B's listener (meshproxy's inbound, the server Envoy's)
     start_seconds: float = 0.0
 
     def stop(self) -> None:
@@ -600,6 +602,7 @@ def start_meshproxy_pair(variant: Variant, ctx: Ctx) -> Pair:
     pair.admins["server"] = ports_b["admin"]
     if "inbound" not in ports_b:
         raise BenchError(f"{tag}: the server sidecar printed no inbound= port\n{server.tail()}")
+    pair.server_port = ports_b["inbound"]
     cfg_a = ctx.workdir / f"{tag}-client-config"
     cfg_a.mkdir(parents=True, exist_ok=True)
     (cfg_a / "app.yaml").write_text(
@@ -609,7 +612,7 @@ def start_meshproxy_pair(variant: Variant, ctx: Ctx) -> Pair:
     pair.procs["client"] = client
     pair.admins["client"] = ports_a["admin"]
     pair.entry_port = ports_a["outbound"]
-    wait_serving(client, pair.entry_port, host=APP_HOST, timeout=30)
+    wait_through(client, pair.entry_port, timeout=30)
     pair.start_seconds = time.monotonic() - t0
     return pair
 
@@ -659,25 +662,61 @@ def start_envoy_pair(variant: Variant, ctx: Ctx) -> Pair:
     doc_b = envoy_server_config(b_port, b_admin, ctx.app.port, server_cert)
     pair.procs["server"] = _start_envoy(f"{tag}-server", doc_b, b_admin, ctx)
     pair.admins["server"] = b_admin
+    pair.server_port = b_port
     a_port, a_admin = free_port(), free_port()
     doc_a = envoy_client_config(a_port, a_admin, b_port, client_cert, variant.conn_per_request)
     client = _start_envoy(f"{tag}-client", doc_a, a_admin, ctx)
     pair.procs["client"] = client
     pair.admins["client"] = a_admin
     pair.entry_port = a_port
-    wait_serving(client, a_port, host=APP_HOST, timeout=30)
+    wait_through(client, a_port, timeout=30)
     pair.start_seconds = time.monotonic() - t0
     return pair
 
 
 def start_pair(variant: Variant, ctx: Ctx) -> Pair:
+    """Start a configuration's sidecars; on failure every process it started is stopped."""
     if variant.stack == "direct":
         return Pair(variant, ctx.app.port)
-    if variant.stack == "meshproxy":
-        return start_meshproxy_pair(variant, ctx)
-    if variant.stack == "envoy":
-        return start_envoy_pair(variant, ctx)
-    raise BenchError(f"unknown stack {variant.stack!r}")
+    starter = {"meshproxy": start_meshproxy_pair, "envoy": start_envoy_pair}.get(variant.stack)
+    if starter is None:
+        raise BenchError(f"unknown stack {variant.stack!r}")
+    before = list(ctx.live)
+    try:
+        return starter(variant, ctx)
+    except BaseException:
+        for pair in [p for p in ctx.live if p not in before]:
+            _stop(pair, ctx)
+        raise
+
+
+NOT_APPLIED = "not applied by this version of meshproxy"
+
+
+class _NotApplied(Exception):
+    """meshproxy logged that it does not apply part of the configuration under test."""
+
+
+def wait_through(proc: Proc, port: int, timeout: float) -> None:
+    """Wait until ``GET /`` with the app's Host through ``port`` answers the app's body; on a
+    timeout the message says what the last answer was."""
+    last: list[str] = ["no answer"]
+
+    def ok() -> bool:
+        log = proc.stderr_path.read_text(errors="replace")
+        if NOT_APPLIED in log:  # meshproxy says it ignores part of the config: fail at once
+            line = next(x for x in log.splitlines() if NOT_APPLIED in x)
+            raise _NotApplied(f"{proc.name}: {line.strip()}")
+        reply = http_get(port, "/", APP_HOST, timeout=2.0)
+        last[0] = f"{reply.status} {reply.body[:160]!r}"
+        return reply.status == 200 and reply.body == BODY
+
+    try:
+        wait_until(ok, time.monotonic() + timeout, proc, f"waiting for {proc.name} to serve")
+    except _NotApplied as exc:
+        raise BenchError(str(exc)) from None
+    except BenchError as exc:
+        raise BenchError(f"{exc}\nlast answer through the path: {last[0]}") from None
 
 
 # =========================================================================== checks and counters
@@ -1024,14 +1063,20 @@ def run_stack(stack: str, ctx: Ctx, skip: str | None) -> list[dict[str, Any]]:
         return [_error(v, BenchError(skip), "skipped") for v in variants]
     print(f"== {stack}: plaintext and mTLS, kept-alive", flush=True)
     pairs: list[Pair] = []
+    failed: dict[str, dict[str, Any]] = {}
     try:
-        for v in variants:
-            pairs.append(start_pair(v, ctx))
-        measured = measure_kept_alive(pairs, ctx)
-        return [measured[v.key] for v in variants]
-    except (BenchError, OSError) as exc:
-        print(f"   {stack}: {exc}", file=sys.stderr, flush=True)
-        return [_error(v, exc) for v in variants]
+        for v in variants:  # one that cannot start does not keep the other from running
+            try:
+                pairs.append(start_pair(v, ctx))
+            except (BenchError, OSError) as exc:
+                print(f"   {v.key}: {exc}", file=sys.stderr, flush=True)
+                failed[v.key] = _error(v, exc)
+        try:
+            measured = measure_kept_alive(pairs, ctx) if pairs else {}
+        except (BenchError, OSError) as exc:
+            print(f"   {stack}: {exc}", file=sys.stderr, flush=True)
+            measured = {p.variant.key: _error(p.variant, exc) for p in pairs}
+        return [failed.get(v.key) or measured[v.key] for v in variants]
     finally:
         for pair in pairs:
             _stop(pair, ctx)
@@ -1277,11 +1322,11 @@ def handshake_summary(r: dict[str, Any]) -> str:
         return "-"
     client = r.get("counters", {}).get("client", {})
     hs = res = None
-    for name, v in client.items():
-        low = name.lower()
-        if low.endswith("ssl.handshake") or ("handshake" in low and "total" in low):
+    for key, v in client.items():
+        name = key.split("{", 1)[0].lower()  # the metric's name, not its labels
+        if name.endswith("ssl.handshake") or "handshake" in name:
             hs = (hs or 0) + v
-        if "session_reused" in low or "resum" in low:
+        if name.endswith("ssl.session_reused") or "resum" in name:
             res = (res or 0) + v
     if hs is None and res is None:
         return "- (not counted)"
