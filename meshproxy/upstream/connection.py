@@ -33,6 +33,10 @@ which pauses the client's side; :meth:`pause_reading` lets the sink stop reading
 while the client is slow. When the sink is done, the pool decides (``reusable``) whether the
 connection goes back to the idle list: only after a complete, keep-alive response to a fully
 sent request.
+
+A TLS connection (made by ``Pools.connect``) carries ``tls_key``, the context it was made
+with: the pool never hands it to a request of another TLS identity. After its first complete
+response it stores its TLS session on the endpoint for resumption (``tls_pending``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from typing import TYPE_CHECKING, Protocol
 
@@ -87,6 +92,8 @@ class UpstreamConnection(asyncio.Protocol):
         "idle_since",
         "requests",
         "sink",
+        "tls_key",
+        "tls_pending",
         "transport",
     )
 
@@ -111,6 +118,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._done: tuple[ResponseSink, bool] | None = None
         self._stray = False  # bytes after the end of the response: never reuse
         self.clean_eof = False  # the connection ended by EOF (not a reset)
+        # TLS: the context the connection was made with (None: plaintext), which keys it in
+        # the pool; tls_pending: its session is saved for resumption after the first response
+        # (TLS 1.3 tickets arrive after the handshake, read with the response)
+        self.tls_key: ssl.SSLContext | None = None
+        self.tls_pending = False
 
     # ------------------------------------------------------------------ called by the owner
 
@@ -299,6 +311,20 @@ class UpstreamConnection(asyncio.Protocol):
         keep = self._parser.should_keep_alive()
         self.sink = None
         self._done = (sink, keep)
+        if self.tls_pending:
+            self._save_session()
+
+    def _save_session(self) -> None:
+        """Keep this connection's TLS session on its endpoint: the next handshake to the
+        endpoint offers it (with the context it belongs to)."""
+        self.tls_pending = False
+        ctx = self.tls_key
+        if ctx is None or self.transport is None:
+            return
+        obj = self.transport.get_extra_info("ssl_object")
+        session = obj.session if obj is not None else None
+        if session is not None:
+            self.endpoint.tls_session = (ctx, session)
 
     # ------------------------------------------------------------------ idle bookkeeping
 

@@ -36,21 +36,47 @@ live on the endpoint states, so counters and ejections survive a redefinition); 
 A connection goes back to the idle stack only when its last response was complete and
 keep-alive, the request was fully sent, ``max_requests_per_connection`` is not reached, the
 endpoint still exists and the stack is below ``Settings.max_idle_per_endpoint``.
+
+Outbound TLS: each ``ClusterState`` carries a :class:`ClientTls` (None = plaintext), computed
+once per cluster definition and workload-identity generation (:meth:`Pools._apply_tls`, also
+run for every cluster when :attr:`Pools.identity` swaps): the context (the identity's for
+ISTIO_MUTUAL and auto-mTLS, one built from the DestinationRule's files for SIMPLE / MUTUAL,
+cached by paths and mtimes in :class:`FileContexts` and built off the loop), the SNI, and the
+peer names to accept per endpoint. :meth:`Pools.connect` connects TCP, then runs the handshake
+with ``loop.start_tls`` (so a TCP failure is UF and everything after it a TLS failure,
+``ConnectFailure(tls=True)``), all under the connect timeout, then checks the peer's SPIFFE id
+or SANs. Pools are keyed by TLS identity: every connection remembers the context it was made
+with (``tls_key``) and every endpoint the one new connections use; idle connections of an
+older key are closed when the key changes and busy ones are closed instead of pooled when
+released (their in-flight request finishes on the old, still valid, session). TLS sessions are
+resumed per endpoint: the session saved after a connection's first response (when TLS 1.3's
+ticket has arrived) is offered by the next handshake to that endpoint, through
+:data:`meshproxy.tls.RESUME_SESSION`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from meshproxy.config.model import Cluster, ConnectionPool, Endpoint, Snapshot
+from meshproxy.config.model import Cluster, ConnectionPool, Endpoint, Snapshot, TlsMode
 from meshproxy.core.balance import Picker, make_picker
 from meshproxy.core.outlier import HostHealth, OutlierDetector
 from meshproxy.settings import Settings
+from meshproxy.tls import (
+    RESUME_SESSION,
+    IdentityStore,
+    WorkloadIdentity,
+    make_client_context,
+    peer_spiffe_id,
+    san_matches,
+)
 from meshproxy.upstream.connection import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -69,6 +95,199 @@ class ConnectFailure(Exception):
     def __init__(self, message: str, *, tls: bool = False) -> None:
         super().__init__(message)
         self.tls = tls
+
+
+FileSpec = tuple[str | None, str | None, str | None, bool]
+"""A SIMPLE / MUTUAL context's inputs: (caCertificates, clientCertificate, privateKey, verify)."""
+Stamps = tuple[tuple[int, int] | None, ...]  # (mtime_ns, inode) of each file, None if absent
+
+
+class ClientTls:
+    """How one cluster state's connections do TLS (built by :meth:`Pools._apply_tls`).
+
+    ``ctx`` is the context new connections use (for ``files`` it is filled in by the first
+    connect and replaced when the files change); ``sans`` the configured peer names (URI, DNS
+    or IP); ``peer_ids`` the SPIFFE ids accepted per endpoint key for ISTIO_MUTUAL when no
+    ``sans`` are configured (from the endpoint's ``serviceAccount``); ``error`` a reason every
+    connect fails (ISTIO_MUTUAL without a workload identity). ``info`` is what ``/clusters``
+    shows (kept current: the last verified peer, handshake and resumption counts)."""
+
+    __slots__ = (
+        "ctx",
+        "error",
+        "files",
+        "generation",
+        "info",
+        "mode",
+        "peer_ids",
+        "sans",
+        "sni",
+        "spiffe",
+    )
+
+    def __init__(
+        self,
+        mode: TlsMode,
+        *,
+        auto: bool = False,
+        ctx: ssl.SSLContext | None = None,
+        sni: str | None = None,
+        sans: tuple[str, ...] = (),
+        peer_ids: dict[str, str] | None = None,
+        files: FileSpec | None = None,
+        error: str | None = None,
+        generation: int = 0,
+    ) -> None:
+        self.mode = mode
+        self.ctx = ctx
+        self.sni = sni
+        self.sans = sans
+        self.peer_ids = peer_ids or {}
+        self.files = files
+        self.error = error
+        self.generation = generation
+        self.spiffe = mode is TlsMode.ISTIO_MUTUAL  # peer must present a SPIFFE id
+        self.info: dict[str, Any] = {
+            "mode": mode.value,
+            "auto": auto,
+            "sni": sni,
+            "subject_alt_names": list(sans),
+            "peer": None,
+            "handshakes": 0,
+            "resumed": 0,
+        }
+        if error is not None:
+            self.info["error"] = error
+
+    def check_peer(self, ep: EndpointState, obj: ssl.SSLObject | None) -> str:
+        """The verified peer name after a handshake; raises :class:`ConnectFailure` when the
+        peer is not one this cluster accepts."""
+        if obj is None:
+            raise ConnectFailure(f"{ep.key}: no TLS session", tls=True)
+        if self.spiffe:
+            peer = peer_spiffe_id(obj)
+            if peer is None:
+                raise ConnectFailure(f"{ep.key}: peer certificate has no SPIFFE id", tls=True)
+            if self.sans:
+                if peer not in self.sans:
+                    raise ConnectFailure(
+                        f"{ep.key}: peer {peer} is not one of {', '.join(self.sans)}", tls=True
+                    )
+            else:
+                wanted = self.peer_ids.get(ep.key)
+                if wanted is not None and peer != wanted:
+                    raise ConnectFailure(
+                        f"{ep.key}: peer {peer} is not the endpoint's service account ({wanted})",
+                        tls=True,
+                    )
+            return peer
+        if self.sans:
+            got = san_matches(obj.getpeercert(), self.sans)
+            if got is None:
+                raise ConnectFailure(
+                    f"{ep.key}: server certificate matches none of {', '.join(self.sans)}",
+                    tls=True,
+                )
+            return got
+        cert = obj.getpeercert()
+        if cert:  # verified: name it by its first SAN
+            for _kind, value in cert.get("subjectAltName", ()):
+                return str(value)
+        return "-"
+
+    def __repr__(self) -> str:
+        return f"ClientTls({self.mode.value}, sni={self.sni!r}, sans={self.sans!r})"
+
+
+def istio_sni(cluster: Cluster) -> str:
+    """Istio's SNI for ISTIO_MUTUAL: ``outbound_.<port>_.<subset>_.<host>``."""
+    return f"outbound_.{cluster.port}_.{cluster.subset or ''}_.{cluster.host}"
+
+
+def _ssl_reason(e: BaseException) -> str:
+    if isinstance(e, ssl.SSLCertVerificationError) and e.verify_message:
+        return f"certificate verify failed: {e.verify_message}"
+    if isinstance(e, ssl.SSLError):
+        return e.reason or str(e)
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    return str(e) or type(e).__name__
+
+
+def _build_file_context(spec: FileSpec) -> tuple[Stamps, ssl.SSLContext]:
+    """Blocking (run in a thread): read the files and build a client context."""
+    ca, cert, key, verify = spec
+    stamps = _stamps(spec)
+
+    def read(path: str, what: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise ConnectFailure(
+                f"{what} {path}: {e.strerror or type(e).__name__}", tls=True
+            ) from None
+
+    ca_pem = read(ca, "caCertificates") if ca and verify else None
+    cert_pem = read(cert, "clientCertificate") if cert else None
+    key_pem = read(key, "privateKey") if key else None
+    if (cert_pem is None) != (key_pem is None):
+        raise ConnectFailure("clientCertificate and privateKey must be given together", tls=True)
+    try:
+        ctx = make_client_context(
+            cert_pem=cert_pem,
+            key_pem=key_pem,
+            ca_pem=ca_pem,
+            verify=verify,
+            system_roots=ca_pem is None,
+        )
+    except (ssl.SSLError, ValueError) as e:
+        raise ConnectFailure(f"TLS files {spec[:3]}: {e}", tls=True) from None
+    return stamps, ctx
+
+
+def _stamps(spec: FileSpec) -> Stamps:
+    out: list[tuple[int, int] | None] = []
+    for path in spec[:3]:
+        if not path:
+            out.append(None)
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_mtime_ns, st.st_ino))
+    return tuple(out)
+
+
+class FileContexts:
+    """SIMPLE / MUTUAL client contexts by their files, rebuilt when a file's mtime changes
+    (checked at most every ``recheck`` seconds per spec); reads happen off the loop."""
+
+    def __init__(self, recheck: float = 1.0) -> None:
+        self.recheck = recheck
+        self._cache: dict[FileSpec, tuple[Stamps, ssl.SSLContext]] = {}
+        self._checked: dict[FileSpec, float] = {}
+
+    def cached(self, spec: FileSpec) -> ssl.SSLContext | None:
+        got = self._cache.get(spec)
+        return got[1] if got is not None else None
+
+    async def get(self, spec: FileSpec) -> ssl.SSLContext:
+        """The context for ``spec`` (raises :class:`ConnectFailure` with ``tls`` set)."""
+        now = time.monotonic()
+        got = self._cache.get(spec)
+        if got is not None and now - self._checked.get(spec, 0.0) < self.recheck:
+            return got[1]
+        self._checked[spec] = now
+        if got is not None:
+            stamps = await asyncio.to_thread(_stamps, spec)
+            if stamps == got[0]:
+                return got[1]
+        built = await asyncio.to_thread(_build_file_context, spec)
+        self._cache[spec] = built
+        return built[1]
 
 
 class ClusterCounters:
@@ -128,6 +347,8 @@ class EndpointState:
         "opened",
         "port",
         "removed",
+        "tls_key",
+        "tls_session",
         "waiters",
     )
 
@@ -145,6 +366,23 @@ class EndpointState:
         self.counters: ClusterCounters | None = None
         self.health = HostHealth()
         self.waiters: deque[Waiter] = deque()
+        # the TLS context new connections use (None: plaintext): pooled connections made
+        # with another one are never handed out
+        self.tls_key: ssl.SSLContext | None = None
+        # (context, session) of the last handshake, offered by the next one (resumption)
+        self.tls_session: tuple[ssl.SSLContext, ssl.SSLSession] | None = None
+
+    def set_tls_key(self, key: ssl.SSLContext | None) -> None:
+        """New connections use ``key``: idle ones made with another are closed."""
+        if key is self.tls_key:
+            return
+        self.tls_key = key
+        if self.idle:
+            keep = [c for c in self.idle if c.tls_key is key]
+            stale = [c for c in self.idle if c.tls_key is not key]
+            self.idle = keep
+            for conn in stale:
+                conn.close()
 
     @property
     def ejected(self) -> bool:
@@ -228,6 +466,7 @@ class ClusterState:
         "single",
         "sweep_at",
         "sweep_timer",
+        "tls",
     )
 
     def __init__(
@@ -253,6 +492,7 @@ class ClusterState:
         self.detector: OutlierDetector | None = None
         self.sweep_timer: asyncio.TimerHandle | None = None
         self.sweep_at = 0.0  # loop time of the next sweep (carried over by a redefinition)
+        self.tls: ClientTls | None = None  # set by Pools._apply_tls; None = plaintext
         if cluster.outlier is not None and endpoints:
             self.detector = OutlierDetector(
                 cluster.outlier,
@@ -313,8 +553,15 @@ class ClusterState:
             return True
         return self.counters.cx_active < self.cluster.pool.max_connections
 
+    @property
+    def tls_info(self) -> dict[str, Any] | None:
+        """For ``/clusters``: the cluster's upstream TLS (mode, auto, sni, subject_alt_names,
+        the last verified peer, handshakes, resumed), None for plaintext."""
+        return self.tls.info if self.tls is not None else None
+
     def __repr__(self) -> str:
-        return f"ClusterState({self.name}, endpoints={self.endpoints!r})"
+        tls = f", tls={self.tls.mode.value}" if self.tls is not None else ""
+        return f"ClusterState({self.name}{tls}, endpoints={self.endpoints!r})"
 
 
 class Pools:
@@ -328,6 +575,103 @@ class Pools:
         self._closed = False
         # set on first connect: asyncio.get_running_loop() costs a getpid() syscall
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._identity: IdentityStore | None = None
+        self.file_contexts = FileContexts()
+        self._tls_logged: set[str] = set()  # TLS problems said once each
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def identity(self) -> IdentityStore | None:
+        """The workload identity ISTIO_MUTUAL and auto-mTLS connections present (set by the
+        composition root after construction; clusters are re-armed on every rotation)."""
+        return self._identity
+
+    @identity.setter
+    def identity(self, store: IdentityStore | None) -> None:
+        self._identity = store
+        if store is not None:
+            store.subscribe(self._on_identity)
+        self._on_identity(None, None)
+
+    def _on_identity(self, old: WorkloadIdentity | None, new: WorkloadIdentity | None) -> None:
+        """``IdentityStore.subscribe`` listener: new connections use the new certificate; idle
+        connections made with the old one are closed (busy ones finish, then close)."""
+        for cs in self._clusters.values():
+            if cs.cluster.tls is not None:
+                self._apply_tls(cs)
+
+    def _current_identity(self) -> WorkloadIdentity | None:
+        store = self._identity
+        return store.current if store is not None else None
+
+    def _apply_tls(self, cs: ClusterState) -> None:
+        """Compute ``cs.tls`` for the cluster's policy and the current identity, and key the
+        endpoints' pools on its context."""
+        cs.tls = tls = self._client_tls(cs.cluster)
+        key = tls.ctx if tls is not None else None
+        for st in cs.endpoints:
+            st.set_tls_key(key)
+
+    def _client_tls(self, cluster: Cluster) -> ClientTls | None:
+        pol = cluster.tls
+        if pol is None or pol.mode is TlsMode.DISABLE:
+            return None
+        ident = self._current_identity()
+        if pol.mode is TlsMode.ISTIO_MUTUAL:
+            if ident is None:
+                if pol.auto:
+                    return None  # auto-mTLS only with a workload identity
+                return ClientTls(
+                    pol.mode,
+                    error=f"{cluster.name}: tls mode ISTIO_MUTUAL needs a workload identity"
+                    " (run with --cert-dir)",
+                )
+            peer_ids: dict[str, str] = {}
+            if not pol.subject_alt_names:
+                for ep in cluster.endpoints:
+                    if ep.service_account:
+                        ns = ep.meta.namespace if ep.meta is not None else ""
+                        ns = ns or cluster.service_namespace or "default"
+                        peer_ids[ep.key] = ident.spiffe_id_for(ns, ep.service_account)
+            store = self._identity
+            return ClientTls(
+                pol.mode,
+                auto=pol.auto,
+                ctx=ident.client_context,
+                sni=pol.sni or istio_sni(cluster),
+                sans=pol.subject_alt_names,
+                peer_ids=peer_ids,
+                generation=store.generation if store is not None else 0,
+            )
+        verify = not pol.insecure_skip_verify
+        files: FileSpec = (
+            pol.ca_certificates,
+            pol.client_certificate if pol.mode is TlsMode.MUTUAL else None,
+            pol.private_key if pol.mode is TlsMode.MUTUAL else None,
+            verify,
+        )
+        host = cluster.host
+        sni = pol.sni or (None if host.startswith("*") else host)
+        sans = pol.subject_alt_names
+        if not sans and verify and not pol.sni and sni is not None:
+            sans = (sni,)  # Envoy's auto SNI SAN validation: the server is the host
+        return ClientTls(
+            pol.mode,
+            ctx=self.file_contexts.cached(files),
+            sni=sni,
+            sans=sans,
+            files=files,
+        )
+
+    def _tls_problem(self, cs: ClusterState, message: str) -> None:
+        """Log a TLS setup problem of ``cs`` once (every connect fails the same way)."""
+        key = f"{cs.name}\0{message}"
+        if key not in self._tls_logged:
+            if len(self._tls_logged) > 1000:
+                self._tls_logged.clear()
+            self._tls_logged.add(key)
+            log.error("upstream TLS for %s: %s", cs.name, message)
 
     # ------------------------------------------------------------------ state
 
@@ -371,6 +715,7 @@ class Pools:
             counters = self._counters[cluster.name] = ClusterCounters()
         cs = ClusterState(cluster, eps, self._settings, counters)
         self._clusters[cluster.name] = cs
+        self._apply_tls(cs)
         if cs.detector is not None:
             # a redefinition keeps the sweep's rhythm: redefined more often than `interval`
             # (endpoint churn), the cluster would otherwise never un-eject anybody
@@ -447,8 +792,12 @@ class Pools:
         idle = ep.idle
         while idle:
             conn = idle.pop()
-            if not conn.closed:
-                return conn
+            if conn.closed:
+                continue
+            if conn.tls_key is not ep.tls_key:  # made with another TLS identity
+                conn.close()
+                continue
+            return conn
         return None
 
     def reserve(self, cs: ClusterState, ep: EndpointState) -> None:
@@ -465,23 +814,58 @@ class Pools:
         self, cs: ClusterState, ep: EndpointState, *, reserved: bool = False
     ) -> UpstreamConnection:
         """Open a new connection to ``ep`` within the cluster's connect timeout (counted from
-        the start; ``reserved``: :meth:`reserve` counted it already). A failed or cancelled
-        connect gives its slot back (a waiter of ``ep`` may then connect)."""
+        the start, TLS handshake included; ``reserved``: :meth:`reserve` counted it already).
+        A failed or cancelled connect gives its slot back (a waiter of ``ep`` may then
+        connect). Every failure is a :class:`ConnectFailure`, ``tls`` set when the TCP
+        connection was made but TLS (files, handshake, peer identity) failed."""
         loop = self._loop = asyncio.get_running_loop()
         s = self._settings
         if not reserved:
             self.reserve(cs, ep)
+        tls = cs.tls
+        proto: UpstreamConnection | None = None
         try:
             async with asyncio.timeout(cs.cluster.pool.connect_timeout):
-                _, proto = await loop.create_connection(
-                    lambda: UpstreamConnection(ep, s.high_water, s.low_water),
-                    ep.address,
-                    ep.port,
-                )
+                if tls is None:
+                    _, proto = await loop.create_connection(
+                        lambda: UpstreamConnection(ep, s.high_water, s.low_water),
+                        ep.address,
+                        ep.port,
+                    )
+                else:
+                    await self._tls_ready(cs, tls)
+                    # the session to offer, set before the TCP transport exists: uvloop runs
+                    # start_tls's handshake in the context the transport was created in
+                    saved = ep.tls_session
+                    token = RESUME_SESSION.set(
+                        saved[1] if saved is not None and saved[0] is tls.ctx else None
+                    )
+                    try:
+                        _, proto = await loop.create_connection(
+                            lambda: UpstreamConnection(ep, s.high_water, s.low_water),
+                            ep.address,
+                            ep.port,
+                        )
+                        await self._handshake(loop, cs, ep, tls, proto)
+                    finally:
+                        RESUME_SESSION.reset(token)
+        except ConnectFailure:
+            if proto is not None:
+                proto.abort()
+            ep.connection_closed()
+            raise
         except (OSError, TimeoutError) as e:
+            if proto is not None:
+                proto.abort()
             ep.connection_closed()  # the slot is free again (a waiter may connect)
+            if proto is not None:  # TCP was up: the handshake failed or timed out
+                raise ConnectFailure(
+                    f"{ep.key}: TLS handshake: {_ssl_reason(e)}", tls=True
+                ) from None
             raise ConnectFailure(f"{ep.key}: {e or type(e).__name__}") from None
         except BaseException:  # cancelled: the attempt was abandoned
+            if proto is not None:
+                proto.abort()
             ep.connection_closed()
             raise
         ep.opened += 1
@@ -491,13 +875,59 @@ class Pools:
         if proto.closed:  # lost before we got here: connection_lost did not count it
             proto.counted = False
             ep.connection_closed()
-            raise ConnectFailure(f"{ep.key}: closed as soon as it was opened")
+            raise ConnectFailure(f"{ep.key}: closed as soon as it was opened", tls=tls is not None)
         return proto
+
+    async def _tls_ready(self, cs: ClusterState, tls: ClientTls) -> None:
+        """Make sure ``tls`` has its context (SIMPLE / MUTUAL files, reloaded when they
+        change); raise ConnectFailure(tls=True) when it cannot have one."""
+        if tls.error is not None:
+            self._tls_problem(cs, tls.error)
+            raise ConnectFailure(tls.error, tls=True)
+        if tls.files is None:
+            return
+        try:
+            ctx = await self.file_contexts.get(tls.files)
+        except ConnectFailure as e:
+            self._tls_problem(cs, str(e))
+            raise
+        if ctx is not tls.ctx and cs.tls is tls:
+            tls.ctx = ctx  # new files: new connections use them, pooled ones are retired
+            for st in cs.endpoints:
+                st.set_tls_key(ctx)
+
+    async def _handshake(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        cs: ClusterState,
+        ep: EndpointState,
+        tls: ClientTls,
+        proto: UpstreamConnection,
+    ) -> None:
+        """TLS over ``proto``'s TCP transport (offering the session the caller put in
+        RESUME_SESSION), then the peer check; ``proto`` is re-attached to the TLS transport."""
+        ctx = tls.ctx
+        assert ctx is not None and proto.transport is not None
+        transport = await loop.start_tls(proto.transport, proto, ctx, server_hostname=tls.sni)
+        if transport is None:
+            raise ConnectFailure(f"{ep.key}: closed during the TLS handshake", tls=True)
+        proto.connection_made(transport)
+        obj = transport.get_extra_info("ssl_object")
+        peer = tls.check_peer(ep, obj)  # raises on a wrong peer
+        proto.tls_key = ctx
+        proto.tls_pending = True  # save the session after the first response (its ticket)
+        info = tls.info
+        info["peer"] = peer
+        info["handshakes"] += 1
+        if obj is not None and obj.session_reused:
+            info["resumed"] += 1
 
     def release(self, conn: UpstreamConnection, reusable: bool, cs: ClusterState) -> None:
         """Return ``conn`` after a request: back to the idle stack or closed."""
         conn.sink = None  # conn.unbind(), without the call
         ep = conn.endpoint
+        if conn.tls_key is not ep.tls_key:  # made with a retired TLS identity: not pooled
+            reusable = False
         if ep.waiters and reusable and not conn.closed and not ep.removed and not self._closed:
             limit = cs.cluster.pool.max_requests_per_connection
             if not limit or conn.requests < limit:
