@@ -7,18 +7,15 @@ applied snapshot once (off the event loop, with the build) and returns one warni
 unimplemented feature: how many routes / clusters use it and the first resource that does.
 
 Applied today, so never reported: timeouts, retries (every ``retryOn`` token HTTP/1.1 can
-produce), retry budgets, fault injection, mirroring, outlier detection and every
-connection-pool limit. Still reported: upstream TLS (the mTLS work) and
-``retryRemoteLocalities`` (endpoints carry no locality priorities here).
+produce), retry budgets, fault injection, mirroring, outlier detection, every
+connection-pool limit and upstream TLS (``DISABLE``, ``SIMPLE``, ``MUTUAL``, ``ISTIO_MUTUAL``
+and auto-mTLS, in ``meshproxy.upstream.pool``). Still reported: ``retryRemoteLocalities``
+(endpoints carry no locality priorities here).
 """
 
 from __future__ import annotations
 
-from meshproxy.config.model import (
-    Meta,
-    Snapshot,
-    TlsMode,
-)
+from meshproxy.config.model import Meta, Snapshot
 
 
 def _where(meta: Meta | None) -> str:
@@ -51,10 +48,6 @@ def unsupported(snapshot: Snapshot) -> list[str]:
         for route in vh.routes:
             if route.retries is not None and route.retries.retry_remote_localities:
                 note("`retries.retryRemoteLocalities`", route.meta)
-    for cluster in snapshot.clusters.values():
-        meta = cluster.policy_meta or cluster.meta
-        if cluster.tls is not None and cluster.tls.mode is not TlsMode.DISABLE:
-            note(f"upstream TLS (`tls.mode: {cluster.tls.mode.value}`)", meta)
     return [
         f"not applied by this version of meshproxy: {feature}, set on {count} "
         f"{'entry' if count == 1 else 'entries'}, first in {first}"
