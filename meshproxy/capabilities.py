@@ -8,7 +8,7 @@ unimplemented feature: how many routes / clusters use it and the first resource 
 
 Applied today, so never reported: timeouts, retries (every ``retryOn`` token HTTP/1.1 can
 produce), retry budgets, fault injection, mirroring, outlier detection, every
-connection-pool limit and upstream TLS (``DISABLE``, ``SIMPLE``, ``MUTUAL``, ``ISTIO_MUTUAL``
+connection-pool limit and outbound TLS (``DISABLE``, ``SIMPLE``, ``MUTUAL``, ``ISTIO_MUTUAL``
 and auto-mTLS, in ``meshproxy.upstream.pool``). Still reported: ``retryRemoteLocalities``
 (endpoints carry no locality priorities here).
 """
