@@ -12,7 +12,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,12 +30,15 @@ from meshproxy.config.model import (
     TlsMode,
     TlsPolicy,
 )
+from meshproxy.dataplane import DataPlane
 from meshproxy.errors import Failure
 from meshproxy.http.codec import ResponseHead
 from meshproxy.settings import Settings
+from meshproxy.state import State
 from meshproxy.tls import IdentityStore, make_server_context, peer_spiffe_id
 from meshproxy.upstream.connection import UpstreamConnection
 from meshproxy.upstream.pool import ClusterState, ConnectFailure, Pools, istio_sni
+from tests.support import fakes, rawhttp
 from tests.support.fakes import FakeMetrics
 
 pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy" fixture')
@@ -624,3 +627,41 @@ def test_cluster_state_repr_names_the_tls_mode(mesh_ca: CA, tmp_path: Path) -> N
     cs = p.cluster_state(cluster(1, ISTIO))
     assert "tls=ISTIO_MUTUAL" in repr(cs)
     assert "ISTIO_MUTUAL" in repr(cs.tls)
+
+
+# --------------------------------------------------------------------------- through the proxy
+
+
+async def test_through_the_data_plane(mesh_ca: CA, tmp_path: Path) -> None:
+    """A request to an ISTIO_MUTUAL cluster: answered by the mTLS upstream, or 503 UF with
+    Envoy's TLS text when the peer is not the expected one."""
+    server_dir = issued(mesh_ca, tmp_path / "s", SERVER_ID)
+    store = store_for(issued(mesh_ca, tmp_path / "c", CLIENT_ID))
+    async with upstream(server_ctx(server_dir)) as up:
+        good = replace_tls(fakes.cluster("good", [up.port]), (SERVER_ID,))
+        bad = replace_tls(fakes.cluster("bad", [up.port]), (f"spiffe://{TD}/ns/x/sa/y",))
+        snap = fakes.snapshot(
+            [
+                fakes.vhost("good", (fakes.to_cluster("good"),)),
+                fakes.vhost("bad", (fakes.to_cluster("bad"),)),
+            ],
+            [good, bad],
+        )
+        state = State()
+        state.apply(snap)
+        metrics = FakeMetrics()
+        dp = DataPlane(state, metrics, Settings(), identity=store)  # type: ignore[arg-type]
+        host, port = await dp.start_outbound("127.0.0.1", 0)
+        try:
+            ok = await rawhttp.request(host, port, rawhttp.get(host="good"))
+            assert ok.status == 200 and ok.body == CLIENT_ID.encode()
+            refused = await rawhttp.request(host, port, rawhttp.get(host="bad"))
+            assert refused.status == 503
+            assert refused.body.endswith(b"transport failure reason: TLS error")
+            assert metrics.requests[-1].flags.startswith("UF")
+        finally:
+            await dp.close()
+
+
+def replace_tls(c: Cluster, sans: tuple[str, ...]) -> Cluster:
+    return replace(c, tls=TlsPolicy(mode=TlsMode.ISTIO_MUTUAL, subject_alt_names=sans))
