@@ -436,12 +436,28 @@ class IdentityStore:
         )
         return True
 
+    def check_expiry(self, now: datetime | None = None) -> bool:
+        """True when the live certificate has expired (no renewed files appeared): said once
+        at error level, since peers now refuse every new connection."""
+        ident = self.current
+        if ident is None:
+            return False
+        t = now if now is not None else datetime.now(UTC)
+        if t < ident.not_after:
+            return False
+        msg = f"{self.cert_dir}: the live certificate expired at {ident.not_after.isoformat()}"
+        if msg != self._logged:
+            self._logged = msg
+            log.error("workload identity: %s; waiting for renewed files", msg)
+        return True
+
     async def watch(self) -> None:
         """Poll forever (cancel to stop)."""
         if self.cert_dir is None:
             return
         while True:
             await asyncio.sleep(self.poll_interval)
+            self.check_expiry()
             try:
                 await self.poll_once()
             except OSError as e:  # e.g. the temp dir for contexts cannot be made

@@ -466,3 +466,17 @@ def test_san_matches() -> None:
     assert san_matches(cert, ["10.0.0.2", "nope", "api.internal"]) == "api.internal"
     assert san_matches({}, [SERVER_ID]) is None
     assert san_matches(None, [SERVER_ID]) is None
+
+
+async def test_store_says_once_that_the_live_certificate_expired(
+    mesh_ca: CA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = IdentityStore(str(issued(mesh_ca, tmp_path / "w")))
+    ident = store.load_initial()
+    assert ident is not None
+    assert store.check_expiry() is False
+    later = ident.not_after + timedelta(seconds=1)
+    assert store.check_expiry(later) is True
+    assert store.check_expiry(later) is True
+    said = [r for r in caplog.records if "expired" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.ERROR
