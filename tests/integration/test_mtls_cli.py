@@ -204,7 +204,9 @@ async def test_inbound_refuses_a_sidecar_whose_certificate_it_cannot_chain(
     tmp_path: Path, pki: Pki
 ) -> None:
     """A presents a leaf from the other CA but trusts both roots (so A itself accepts B):
-    only B's client-certificate check can stop it."""
+    only B's client-certificate check can stop it. For A that is a failed TLS handshake like
+    any other (Envoy: 503 UF, "transport failure reason: TLS error: ...ALERT..."), even though
+    under TLS 1.3 the server's alert arrives after the client's side of the handshake."""
     both_roots = (pki.other_ca / "ca.pem").read_bytes() + pki.root.read_bytes()
     mixed = copy_identity(pki.other_client, tmp_path / "id-mixed")
     (mixed / "ca.pem").write_bytes(both_roots)
@@ -212,6 +214,8 @@ async def test_inbound_refuses_a_sidecar_whose_certificate_it_cannot_chain(
         code, body = await m.get("/mixed")
         assert code == 503, body
         assert m.app.hits == 0
+        assert "UF" in flags_of(await m.a.access_entry("/mixed"))
+        assert TLS_FAILURE.match(body), body
         assert await destination_count(m, response_code="200") == 0
 
 
