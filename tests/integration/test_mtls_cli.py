@@ -19,6 +19,7 @@ app's own record of requests.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -87,6 +88,17 @@ async def eventually_counted(m: Mesh, at_least: float, **labels: str) -> None:
         ) from None
 
 
+async def inbound_mode(m: Mesh) -> str:
+    """The PeerAuthentication mode B's ``/config_dump`` shows on its inbound listener."""
+    code, text = await m.b.admin_get("/config_dump")
+    assert code == 200, text
+    listeners = [x for x in json.loads(text)["listeners"] if x.get("name") == "inbound"]
+    assert len(listeners) == 1, text
+    modes = {v for k, v in listeners[0].items() if "mode" in k and isinstance(v, str)}
+    assert len(modes) == 1, listeners[0]
+    return modes.pop()
+
+
 def flags_of(entry: dict[str, object]) -> set[str]:
     return set(str(entry["response_flags"]).split(","))
 
@@ -133,6 +145,30 @@ async def test_mtls_between_sidecars_reaches_the_app_with_the_peer_identity(
         assert m.app.seen("/direct")[0].header_all("x-forwarded-client-cert") == [EXPECTED_XFCC]
         await eventually_counted(m, 2, connection_security_policy="mutual_tls")
         assert await destination_count(m, connection_security_policy="none") == 0
+
+
+async def test_auto_mtls_for_a_mesh_internal_service_with_an_identity(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """No DestinationRule: MESH_INTERNAL + a workload identity = ISTIO_MUTUAL (B is STRICT)."""
+    async with mesh(
+        tmp_path, pki, server_fixture="server-strict.yaml", client_fixture="client-auto-mtls.yaml"
+    ) as m:
+        code, body = await m.get("/auto")
+        assert code == 200, body
+        assert xfcc_of(body) == [EXPECTED_XFCC]
+        await eventually_counted(m, 1, connection_security_policy="mutual_tls")
+
+
+async def test_no_auto_mtls_without_an_identity(tmp_path: Path, pki: Pki) -> None:
+    """The same config, A without ``--cert-dir``: plaintext (B is PERMISSIVE)."""
+    async with mesh(
+        tmp_path, pki, client_fixture="client-auto-mtls.yaml", client_has_identity=False
+    ) as m:
+        code, body = await m.get("/plain-auto")
+        assert code == 200, body
+        assert xfcc_of(body) == []
+        await eventually_counted(m, 1, connection_security_policy="none")
 
 
 # --------------------------------------------------------------------------- 2. plaintext
@@ -319,6 +355,7 @@ async def test_peer_authentication_reload_to_strict_without_restart(
     async with mesh(tmp_path, pki, server_fixture="server-permissive.yaml") as m:
         out = await plain_request(m.b.inbound, "/before")
         assert out.response is not None and out.response.status == 200, str(out)
+        assert await inbound_mode(m) == "PERMISSIVE"
         pid = m.b.pid
 
         write_config(m.b.config, (DATA / "server-strict.yaml").read_text())
@@ -342,3 +379,4 @@ async def test_peer_authentication_reload_to_strict_without_restart(
         assert m.app.seen("/after") == []
         code, body = await m.get("/mtls-after")
         assert code == 200 and xfcc_of(body) == [EXPECTED_XFCC], body
+        assert await inbound_mode(m) == "STRICT"
