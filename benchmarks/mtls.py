@@ -779,6 +779,26 @@ def meshproxy_counters(text: str) -> dict[str, float]:
     return out
 
 
+def meshproxy_cluster_tls(body: bytes) -> dict[str, float]:
+    """Upstream TLS handshakes / resumptions per cluster from meshproxy's ``/clusters`` (a
+    cluster's ``tls`` object, when it has one): ``clusters.<name>.tls.handshakes`` etc."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return {}
+    out: dict[str, float] = {}
+    clusters = doc.get("clusters") if isinstance(doc, dict) else None
+    for c in clusters if isinstance(clusters, list) else []:
+        tls = c.get("tls") if isinstance(c, dict) else None
+        if not isinstance(tls, dict):
+            continue
+        for key in ("handshakes", "resumed"):
+            value = tls.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[f"clusters.{c.get('name')}.tls.{key}"] = float(value)
+    return out
+
+
 def envoy_ssl_counters(text: str) -> dict[str, float]:
     """Every non-zero ``*ssl.*`` counter of an Envoy ``/stats`` text (``name: value`` lines)."""
     out: dict[str, float] = {}
@@ -801,6 +821,9 @@ def read_counters(pair: Pair) -> dict[str, dict[str, float]]:
             else:
                 reply = http_get(admin, "/stats/prometheus", timeout=10.0)
                 out[role] = meshproxy_counters(reply.body.decode("latin-1"))
+                reply = http_get(admin, "/clusters", timeout=10.0)
+                if reply.status == 200:
+                    out[role].update(meshproxy_cluster_tls(reply.body))
         except (OSError, BenchError) as exc:
             out[role] = {"error": 0.0, f"unreadable: {exc}"[:200]: 0.0}
     return out

@@ -269,6 +269,26 @@ def test_meshproxy_counters_keep_inbound_security_policy_and_tls_samples() -> No
     }
 
 
+def test_meshproxy_cluster_tls_from_clusters_view() -> None:
+    body = json.dumps(
+        {
+            "clusters": [
+                {"name": "outbound|80||a", "endpoints": [], "tls": {"handshakes": 7, "resumed": 5}},
+                {"name": "outbound|80||b", "endpoints": []},
+                {"name": "c", "tls": {"handshakes": True, "mode": "ISTIO_MUTUAL"}},
+            ]
+        }
+    ).encode()
+    assert mtls.meshproxy_cluster_tls(body) == {
+        "clusters.outbound|80||a.tls.handshakes": 7.0,
+        "clusters.outbound|80||a.tls.resumed": 5.0,
+    }
+    assert mtls.meshproxy_cluster_tls(b"not json") == {}
+    assert mtls.meshproxy_cluster_tls(b"[1, 2]") == {}
+    row = {"tls": True, "counters": {"client": mtls.meshproxy_cluster_tls(body)}}
+    assert mtls.handshake_summary(row) == "7 / 5"
+
+
 def test_envoy_ssl_counters_and_deltas() -> None:
     text = (
         "cluster.server.ssl.handshake: 12\ncluster.server.ssl.session_reused: 9\n"
