@@ -115,7 +115,10 @@ async def test_rotating_leaves_and_root_under_load_fails_no_request(tmp_path: Pa
             install_identity(certs_b, ca_pem=old_root + new_root)
             await asyncio.sleep(1.5)  # one poll (1 s) and then some, on both sides
             a_last = await rotate(new_ca, "3", ca_pem=old_root + new_root)
-            await asyncio.sleep(1.5)  # A's own leaf is live too
+            # A's new leaf is live too before B stops trusting the old root (A shows no
+            # serial from outside: a poll that saw the new cert with the old key retries a
+            # second later, so allow two polls and some)
+            await asyncio.sleep(2.5)
             install_identity(certs_a, ca_pem=new_root)
             install_identity(certs_b, ca_pem=new_root)
             await asyncio.sleep(max(1.5, MIN_SECONDS - (loop.time() - t0)))
