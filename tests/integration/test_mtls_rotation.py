@@ -18,9 +18,10 @@ beside the old ones, then renamed over them):
 
 After each leaf rotation the test waits until B's inbound presents the new certificate (its
 serial) to a new TLS connection, so each step is known to be live before the next. At the end:
-zero failed requests, the achieved rate, B presenting the last certificate, and B's trust
-bundle really rotated (a client certificate from the old root is refused now, one from the new
-root accepted).
+zero failed requests, the achieved rate, a burst of concurrent slow requests that makes A open
+new connections to B (which now trusts only the new root, so A must present its new leaf), B
+presenting the last certificate, and B's trust bundle really rotated (a client certificate from
+the old root is refused now, one from the new root accepted).
 """
 
 from __future__ import annotations
@@ -45,10 +46,12 @@ from tests.support.mesh import (
     mesh,
     presented_serial,
     tls_request,
+    xfcc_of,
 )
 
 RATE = 500.0
 MIN_SECONDS = 10.0
+BURST = 32  # > the load's 10 clients, so > the connections A has pooled to B
 PICKUP_TIMEOUT = 5.0  # the cert dir is polled every second
 
 
@@ -139,6 +142,13 @@ async def test_rotating_leaves_and_root_under_load_fails_no_request(tmp_path: Pa
         loads = [r for r in m.app.requests if r.target.startswith("/load/")]
         assert len(loads) == result.ok
         assert {tuple(r.header_all("x-forwarded-client-cert")) for r in loads} == {(EXPECTED_XFCC,)}
+
+        # A's new connections present its new-root leaf: more concurrent slow requests than
+        # A can have pooled connections to B, so most need a new A -> B handshake now that
+        # B trusts the new root only
+        burst = await asyncio.gather(*(m.get(f"/slow/{i}") for i in range(BURST)))
+        assert [code for code, _ in burst] == [200] * BURST, burst
+        assert all(xfcc_of(body) == [EXPECTED_XFCC] for _, body in burst)
 
         # B presents the newest certificate and trusts the new root only
         new_root_file = new_ca / "ca.pem"

@@ -14,7 +14,8 @@ The topology the mTLS integration tests drive, every piece a real process or soc
   certificate that expired an hour ago (no sleeping for a short TTL to run out).
 * :class:`EchoApp` is the application behind sidecar B: it answers every request with JSON
   ``{"path", "headers": [[name, value], ...]}`` (header pairs, so a duplicated
-  ``x-forwarded-client-cert`` would show), and counts what it received.
+  ``x-forwarded-client-cert`` would show), and counts what it received; ``/slow/...`` answers
+  after 0.3 s, so concurrent requests force a sidecar to open new upstream connections.
 * :class:`Sidecar` is ``python -m meshproxy run`` as a subprocess: its listener addresses come
   from the ``listening outbound=... [inbound=...] admin=...`` line, it is ready when ``/ready``
   answers 200, and it is stopped by its PID (SIGTERM, SIGKILL if it lingers).
@@ -249,10 +250,16 @@ class EchoApp:
     def __init__(self) -> None:
         self.server = UpstreamServer(self._reply)
 
-    @staticmethod
-    def _reply(req: Recorded) -> Reply:
+    SLOW_PREFIX = "/slow/"  # answered after SLOW_DELAY: keeps a connection busy
+    SLOW_DELAY = 0.3
+
+    @classmethod
+    def _reply(cls, req: Recorded) -> Reply:
         body = json.dumps({"path": req.target, "headers": [list(h) for h in req.headers]})
-        return Reply(body=body.encode(), headers=[("content-type", "application/json")])
+        delay = cls.SLOW_DELAY if req.target.startswith(cls.SLOW_PREFIX) else 0.0
+        return Reply(
+            body=body.encode(), headers=[("content-type", "application/json")], delay=delay
+        )
 
     @property
     def port(self) -> int:
