@@ -854,11 +854,16 @@ class Pools:
                 proto.abort()
             ep.connection_closed()
             raise
-        except (OSError, TimeoutError) as e:
+        except (OSError, TimeoutError, ValueError, RuntimeError) as e:
+            if proto is None and isinstance(e, ValueError | RuntimeError):
+                ep.connection_closed()
+                raise  # not a network outcome: a bug, reported as such by the caller
             if proto is not None:
                 proto.abort()
             ep.connection_closed()  # the slot is free again (a waiter may connect)
-            if proto is not None:  # TCP was up: the handshake failed or timed out
+            if proto is not None:
+                # TCP was up: the handshake failed or timed out (ValueError: an SNI ssl
+                # cannot encode; RuntimeError: the transport closed under start_tls)
                 raise ConnectFailure(
                     f"{ep.key}: TLS handshake: {_ssl_reason(e)}", tls=True
                 ) from None

@@ -385,6 +385,13 @@ async def test_tcp_failure_is_not_tls(mesh_ca: CA, tmp_path: Path) -> None:
     assert not info.value.tls
 
 
+async def test_an_sni_ssl_cannot_encode_is_a_tls_failure(mesh_ca: CA, tmp_path: Path) -> None:
+    server_dir = issued(mesh_ca, tmp_path / "s", SERVER_ID)
+    p = pools(store_for(issued(mesh_ca, tmp_path / "c", CLIENT_ID)))
+    async with upstream(server_ctx(server_dir)) as up:
+        await expect_tls_failure(p, cluster(up.port, ISTIO, host="x" * 70 + ".shop"))
+
+
 async def test_connect_timeout_covers_the_handshake(mesh_ca: CA, tmp_path: Path) -> None:
     p = pools(store_for(issued(mesh_ca, tmp_path / "c", CLIENT_ID)))
     async with silent_server() as port:
