@@ -653,7 +653,8 @@ class Pools:
         )
         host = cluster.host
         sni = pol.sni or (None if host.startswith("*") else host)
-        sans = pol.subject_alt_names
+        # insecureSkipVerify skips the name check too (no verified certificate to read)
+        sans = pol.subject_alt_names if verify else ()
         if not sans and verify and not pol.sni and sni is not None:
             sans = (sni,)  # Envoy's auto SNI SAN validation: the server is the host
         return ClientTls(

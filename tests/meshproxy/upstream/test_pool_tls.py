@@ -556,7 +556,9 @@ async def test_simple_other_ca_and_insecure_skip_verify(web_ca: trustme.CA, tmp_
     async with upstream(web_server_ctx(web_ca, "api.example.com")) as up:
         bad = TlsPolicy(mode=TlsMode.SIMPLE, ca_certificates=other_file)
         await expect_tls_failure(p, cluster(up.port, bad, host="api.example.com"), "verify")
-        skip = TlsPolicy(mode=TlsMode.SIMPLE, insecure_skip_verify=True)
+        skip = TlsPolicy(
+            mode=TlsMode.SIMPLE, insecure_skip_verify=True, subject_alt_names=("nope.example",)
+        )
         _, conn = await connect(p, cluster(up.port, skip, host="whatever.example.org"))
         assert await request(conn) == ("-", True)
         conn.close()
