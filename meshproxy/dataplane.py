@@ -244,6 +244,9 @@ class DataPlane:
             entry_c: dict[str, Any] = {"name": name, "endpoints": endpoints}
             if cs is not None:
                 entry_c["circuit_breakers"] = cs.counters.view()
+                tls = cs.tls_info
+                if tls is not None:
+                    entry_c["tls"] = tls
             out.append(entry_c)
         return {"clusters": out}
 

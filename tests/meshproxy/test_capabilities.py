@@ -66,12 +66,10 @@ def test_each_unapplied_feature_is_named_once_with_count_and_first_resource() ->
         Cluster("d", "d", 80, tls=TlsPolicy(mode=TlsMode.DISABLE), policy_meta=DR),
     )
     lines = unsupported(snap(routes, clusters))
-    assert len(lines) == 2
+    assert len(lines) == 1  # upstream TLS is applied now: only retryRemoteLocalities is named
     by_feature = {ln.split(": ", 1)[1].split(", set on")[0]: ln for ln in lines}
     assert (
         "set on 2 entries, first in VirtualService/default/reviews spec.http[0] (vs.yaml)"
         in by_feature["`retries.retryRemoteLocalities`"]
     )
-    assert (
-        "DestinationRule/default/reviews" in by_feature["upstream TLS (`tls.mode: ISTIO_MUTUAL`)"]
-    )
+    assert not any("TLS" in ln for ln in lines)
