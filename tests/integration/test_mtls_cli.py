@@ -200,6 +200,17 @@ async def test_permissive_serves_plaintext_without_an_identity(tmp_path: Path, p
         await eventually_counted(m, 1, connection_security_policy="mutual_tls")
 
 
+async def test_strict_without_an_identity_refuses_everything(tmp_path: Path, pki: Pki) -> None:
+    """B without ``--cert-dir`` cannot do mTLS: under STRICT no connection is served."""
+    strict = "server-strict.yaml"
+    async with mesh(tmp_path, pki, server_fixture=strict, server_has_identity=False) as m:
+        plain = await plain_request(m.b.inbound, "/plain")
+        assert plain.refused, f"plaintext got {plain}"
+        tls = await tls_request(m.b.inbound, pki.client, pki.root, "/tls")
+        assert tls.refused, f"TLS got {tls}"
+        assert m.app.hits == 0
+
+
 # --------------------------------------------------------------------------- 3, 4. bad certificates
 
 

@@ -599,15 +599,19 @@ async def mesh(
     client_identity: Path | None = None,
     server_identity: Path | None = None,
     client_has_identity: bool = True,
+    server_has_identity: bool = True,
 ) -> AsyncIterator[Mesh]:
     """app <- sidecar B (inbound, ``server_fixture``) <- sidecar A (``client_fixture``).
     Each sidecar gets a private copy of its identity in ``workdir`` (``certs-a``, ``certs-b``);
-    with ``client_has_identity`` False, A runs without ``--cert-dir``."""
+    with ``client_has_identity`` / ``server_has_identity`` False, A / B runs without
+    ``--cert-dir``."""
     workdir.mkdir(parents=True, exist_ok=True)
     certs_a: Path | None = None
     if client_has_identity:
         certs_a = copy_identity(client_identity or pki.client, workdir / "certs-a")
-    certs_b = copy_identity(server_identity or pki.web, workdir / "certs-b")
+    certs_b: Path | None = None
+    if server_has_identity:
+        certs_b = copy_identity(server_identity or pki.web, workdir / "certs-b")
     b_cfg = workdir / "B.yaml"
     b_cfg.write_text((DATA / server_fixture).read_text())
     app = await EchoApp().start()
