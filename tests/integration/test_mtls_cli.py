@@ -23,11 +23,12 @@ import json
 import os
 import re
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.integration.proxyproc import wait_until
+from tests.integration.proxyproc import REPO, meshproxy_argv, wait_until
 from tests.support.mesh import (
     CLIENT_ID,
     DATA,
@@ -39,7 +40,6 @@ from tests.support.mesh import (
     forged_xfcc_header,
     make_pki,
     mesh,
-    meshproxy_argv,
     plain_request,
     tls_request,
     write_config,
@@ -108,14 +108,13 @@ def flags_of(entry: dict[str, object]) -> set[str]:
 
 def test_fixtures_are_valid_istio_yaml() -> None:
     """Each sidecar's config in tests/data/mtls passes ``meshproxy validate`` on its own."""
-    import subprocess
-
     for name in sorted(p.name for p in DATA.glob("*.yaml")):
         p = subprocess.run(
             meshproxy_argv("validate", str(DATA / name)),
             capture_output=True,
             text=True,
             timeout=30,
+            cwd=REPO,
         )
         assert p.returncode == 0, f"{name}: {p.stdout}{p.stderr}"
         assert p.stdout == "", p.stdout
@@ -278,6 +277,7 @@ async def test_bad_cert_dir_at_start_exits_2_with_a_message(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 20)
