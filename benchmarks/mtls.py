@@ -1,6 +1,7 @@
 """The cost of mutual TLS between two sidecars: meshproxy and Envoy, plaintext and mTLS.
 
-Usage: ``python benchmarks/mtls.py [--quick] [--only meshproxy,envoy] [--rounds N]``
+Usage: ``python benchmarks/mtls.py [--quick] [--only meshproxy,envoy] [--rounds N] [--no-newconn]``
+(``--help`` for the pinning, output and ``--wait-quiet`` options).
 
 Theory of operation
 -------------------
@@ -1445,6 +1446,21 @@ def environment(plan: Plan, ctx: Ctx) -> dict[str, Any]:
     }
 
 
+def wait_quiet(limit: float, threshold: float = 0.3, window: float = 2.0) -> float | None:
+    """Wait (up to ``limit`` s) until the machine's busy CPU, with nothing of ours running, is
+    below ``threshold`` CPUs over ``window`` s; returns the last share seen (None: no wait)."""
+    if limit <= 0:
+        return None
+    deadline = time.monotonic() + limit
+    while True:
+        b0 = procstat.machine_busy_seconds()
+        time.sleep(window)
+        share = (procstat.machine_busy_seconds() - b0) / window
+        if share < threshold or time.monotonic() >= deadline:
+            return round(share, 2)
+        print(f"   waiting for a quiet machine: others use {share:.2f} CPU", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description="The cost of mTLS between two sidecars: meshproxy and Envoy, plaintext "
@@ -1460,6 +1476,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--proxy-cpus", default="0", help="CPU list for both sidecars [0]")
     ap.add_argument("--load-cpus", default="1", help="CPU list for the app and the load [1]")
     ap.add_argument("--no-pin", action="store_true", help="do not pin anything")
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        help="wait up to this many seconds for other processes to leave the CPUs idle "
+        "[full run: 60, --quick: 0]",
+    )
     ap.add_argument(
         "--readme",
         choices=["auto", "yes", "no"],
@@ -1502,8 +1524,11 @@ def main(argv: list[str] | None = None) -> int:
         if "envoy" in stacks
         else "not selected (--only)",
     }
+    quiet = wait_quiet(
+        args.wait_quiet if args.wait_quiet is not None else (0.0 if args.quick else 60.0)
+    )
     t0 = time.monotonic()
-    doc: dict[str, Any] = {"quick": args.quick, "plan": asdict(plan)}
+    doc: dict[str, Any] = {"quick": args.quick, "plan": asdict(plan), "other_cpu_at_start": quiet}
     try:
         ctx.app.start()
         try:
