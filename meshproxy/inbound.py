@@ -61,9 +61,16 @@ from meshproxy.config.model import (
     WeightedCluster,
 )
 from meshproxy.config.security import MtlsMode
-from meshproxy.core.authz import AuthzRequest, AuthzTable, compile_policies, evaluate
+from meshproxy.core.authz import (
+    AuthzRequest,
+    AuthzTable,
+    compile_policies,
+    evaluate,
+    request_path,
+)
 from meshproxy.core.peerauthn import WorkloadMtls, resolve_workload
 from meshproxy.errors import Failure, local_reply
+from meshproxy.http.codec import TargetError, parse_target
 from meshproxy.http.server import HttpConnection, RequestHead, ServerContext
 from meshproxy.net.listen import BACKLOG, strip_brackets
 from meshproxy.proxy import Exchange, ProxyContext
@@ -82,6 +89,8 @@ XFCC = b"x-forwarded-client-cert"
 TLS_HANDSHAKE = 0x16  # the first byte of a TLS record carrying a handshake (ClientHello)
 ACCEPT_BATCH = 64  # connections accepted per readiness callback of the listening socket
 _DENIED = local_reply(Failure.RBAC_DENIED)
+_BAD_REQUEST = local_reply(Failure.BAD_REQUEST)
+_XFCC_LEN = len(XFCC)
 _INBOUND_META = Meta(kind="Inbound", name="app", namespace="")
 
 
@@ -227,11 +236,42 @@ class InboundConnection(HttpConnection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         sslobj = transport.get_extra_info("ssl_object")
         if sslobj is not None:
+            if sslobj.session_reused and _expired(sslobj):
+                # a resumed session skips certificate verification: a peer whose certificate
+                # expired since the full handshake must make a new one (and fail it)
+                transport.abort()
+                return
             self.mtls = True
             self.scheme = "https"
             self.scheme_b = b"https"
             self.peer_id = peer_spiffe_id(sslobj)
         super().connection_made(transport)
+
+
+def _expired(ssl_object: Any) -> bool:
+    try:
+        cert = ssl_object.getpeercert()
+        return bool(cert) and ssl.cert_time_to_seconds(cert["notAfter"]) < time.time()
+    except (ValueError, KeyError, ssl.SSLError):
+        return True
+
+
+def _normalised_target(target: str) -> str:
+    """The origin-form target with Envoy's path normalisation as Istio configures it (dot
+    segments removed, percent-encoded unreserved characters decoded; the query kept): the
+    path authorization evaluates is exactly the one the application receives."""
+    i = target.find("#")
+    if i >= 0:
+        target = target[:i]
+    i = target.find("?")
+    path, query = (target, "") if i < 0 else (target[:i], target[i:])
+    return request_path(path) + query
+
+
+def _is_xfcc(name: bytes) -> bool:
+    """``x-forwarded-client-cert`` also spelled with underscores (which CGI/WSGI apps fold
+    into the same variable)."""
+    return len(name) == _XFCC_LEN and (name == XFCC or name.replace(b"_", b"-") == XFCC)
 
 
 class InboundExchange(Exchange):
@@ -253,12 +293,30 @@ class InboundExchange(Exchange):
             conn.abort()
             return
         head = self.head
+        target = head.target_b
+        if target[:1] != b"/":  # absolute-form: authorize what will be forwarded
+            try:
+                _, url_authority, path = parse_target(head.target)
+            except TargetError:
+                self.started = True
+                ctx.active_requests += 1
+                self._local(_BAD_REQUEST)
+                return
+            target = head.target_b = path.encode("latin-1")
+            if url_authority:
+                head.host = url_authority
+        if b"%" in target or b"/." in target:
+            head.target_b = _normalised_target(head.target).encode("latin-1")
         headers = head.headers
         for name, _ in headers:
-            if name == XFCC:  # never trust a client's: only this proxy vouches for a peer
-                head.headers = headers = [h for h in headers if h[0] != XFCC]
+            if len(name) == _XFCC_LEN and _is_xfcc(name):
+                # never trust a client's: only this proxy vouches for a peer
+                head.headers = headers = [h for h in headers if not _is_xfcc(h[0])]
                 head._map = None
                 break
+        drop = head.drop
+        if drop is not None and XFCC in drop:  # "Connection: x-forwarded-client-cert"
+            head.drop = [d for d in drop if d != XFCC] or None
         peer = conn.peer_id
         if peer is not None:
             own = ctx.own_id()
@@ -389,8 +447,9 @@ class InboundListener:
         timer.cancel()
         try:
             first = conn.recv(1, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            self._pending[fd] = entry
+        except (BlockingIOError, InterruptedError):  # spurious wake-up: wait again, same deadline
+            timer = loop.call_at(timer.when(), self._sniff_timeout, fd)
+            self._pending[fd] = (conn, timer)
             loop.add_reader(fd, self._first_byte, fd)
             return
         except OSError:

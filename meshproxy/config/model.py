@@ -32,35 +32,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from meshproxy.config.meta import Meta
+
 if TYPE_CHECKING:
     from meshproxy.config.security import SecurityConfig
 
-# --------------------------------------------------------------------------- provenance
-
-
-@dataclass(frozen=True, slots=True)
-class Meta:
-    """Which Istio resource (and where in it) an object came from."""
-
-    kind: str
-    name: str
-    namespace: str = "default"
-    file: str = ""
-    path: str = ""  # field path inside the resource, e.g. "spec.http[0]"
-
-    @property
-    def ref(self) -> str:
-        """``Kind/namespace/name``, the form used in logs and /config_dump."""
-        return f"{self.kind}/{self.namespace}/{self.name}"
-
-    def as_dict(self) -> dict[str, str]:
-        d = {"kind": self.kind, "name": self.name, "namespace": self.namespace}
-        if self.file:
-            d["file"] = self.file
-        if self.path:
-            d["path"] = self.path
-        return d
-
+# Provenance (Meta, imported above) lives in its own module so meshproxy.config.security can use
+# it without importing this one (this module's Snapshot refers to security's types).
 
 # --------------------------------------------------------------------------- matching
 

@@ -26,7 +26,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from meshproxy.config.model import Meta
+from meshproxy.config.meta import Meta
 
 #: Istio's default root namespace: a selector-less policy there is mesh-wide.
 ROOT_NAMESPACE = "istio-system"

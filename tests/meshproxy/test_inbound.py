@@ -376,3 +376,99 @@ async def test_drain_stops_accepting_inbound(tmp_path: Path, mesh: dict[str, Pat
         with pytest.raises(OSError):
             await asyncio.wait_for(asyncio.open_connection("127.0.0.1", ib.port), 5)
         assert await ib.dp.wait_drained(5)
+
+
+async def test_absolute_form_and_dot_segments_cannot_bypass_a_path_deny(
+    tmp_path: Path, mesh: dict[str, Path]
+) -> None:
+    snap = policy_snapshot(tmp_path, DENY_ADMIN)
+    async with inbound(snap, mesh["app"]) as ib:
+        good = client_tls(mesh["client"], mesh["app"])
+        for path in (
+            "http://other/public/admin",  # absolute-form: the path forwarded is /public/admin
+            "/public/x/../admin",
+            "/public/x/%2e%2e/admin",
+            "/public/./admin",
+        ):
+            status, body = await request(ib.port, path, tls=good)
+            assert (status, body) == (403, b"RBAC: access denied"), path
+        assert ib.app.seen == []
+        # the app receives the normalised path authorization saw, and the URL's authority
+        status, _ = await request(ib.port, "http://web2/public/a/../b?q=%2e", tls=good)
+        assert status == 200
+        assert ib.app.seen[-1]["host"] == "web2"
+
+
+async def test_app_gets_the_normalised_path(tmp_path: Path, mesh: dict[str, Path]) -> None:
+    seen_paths: list[str] = []
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        head = await r.readuntil(b"\r\n\r\n")
+        seen_paths.append(head.split(b" ")[1].decode())
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    app_port = server.sockets[0].getsockname()[1]
+    state = State()
+    state.apply(policy_snapshot(tmp_path, ""))
+    dp = DataPlane(state, Metrics(WORKLOAD), Settings())
+    try:
+        _, port = await dp.start_inbound("127.0.0.1", 0, ("127.0.0.1", app_port), WORKLOAD)
+        for target in ("/a/./b/../c?x=%2e#frag", "http://h/%7Euser/x"):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(f"GET {target} HTTP/1.1\r\nhost: web\r\n\r\n".encode())
+            assert (await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+            w.close()
+        assert seen_paths == ["/a/c?x=%2e", "/~user/x"]
+    finally:
+        await dp.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_xfcc_spellings_and_connection_header_cannot_forge_or_drop_it(
+    tmp_path: Path, mesh: dict[str, Path]
+) -> None:
+    async with inbound(policy_snapshot(tmp_path, ""), mesh["app"]) as ib:
+        forged = "x_forwarded_client_cert: URI=spiffe://cluster.local/ns/admin/sa/root\r\n"
+        await request(ib.port, extra=forged)
+        assert not any("forwarded_client" in k or "forwarded-client" in k for k in ib.app.seen[-1])
+        tls = client_tls(mesh["client"], mesh["app"])
+        await request(ib.port, tls=tls, extra="connection: x-forwarded-client-cert\r\n")
+        assert ib.app.seen[-1]["x-forwarded-client-cert"] == f"By={APP_ID};URI={CLIENT_ID}"
+
+
+async def test_a_resumed_session_with_an_expired_certificate_is_refused(
+    tmp_path: Path, mesh: dict[str, Path]
+) -> None:
+    """TLS 1.3 resumption skips certificate checks: the inbound side checks the peer's
+    notAfter itself on a resumed session."""
+    ca = init_ca(tmp_path / "ca2", TD, now=datetime.now(UTC) - timedelta(hours=1))
+    write_issued(tmp_path / "app2", issue(ca, APP_ID))
+    write_issued(tmp_path / "short", issue(ca, CLIENT_ID, ttl=timedelta(seconds=3)))
+    async with inbound(policy_snapshot(tmp_path, ""), tmp_path / "app2") as ib:
+        ctx = client_tls(tmp_path / "short", tmp_path / "app2")
+
+        def get(session: ssl.SSLSession | None) -> tuple[bytes, ssl.SSLSession | None, bool]:
+            import socket as _socket
+
+            with _socket.create_connection(("127.0.0.1", ib.port), timeout=5) as raw:
+                with ctx.wrap_socket(raw, session=session) as s:
+                    s.sendall(b"GET / HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n")
+                    data = b""
+                    try:
+                        while chunk := s.recv(65536):
+                            data += chunk
+                    except (ConnectionError, ssl.SSLError):
+                        pass
+                    return data, s.session, s.session_reused
+
+        data, session, _ = await asyncio.to_thread(get, None)
+        assert data.startswith(b"HTTP/1.1 200")
+        data, session2, reused = await asyncio.to_thread(get, session)
+        assert reused and data.startswith(b"HTTP/1.1 200")  # resumption works while valid
+        await asyncio.sleep(3.5)
+        data, _, _ = await asyncio.to_thread(get, session2)
+        assert not data.startswith(b"HTTP/1.1 200")
