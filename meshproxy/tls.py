@@ -17,12 +17,19 @@ the two ``ssl`` contexts the data plane needs and freezes everything into a
 * ``client_context`` -- ISTIO_MUTUAL upstreams': our chain, the server verified against
   ``ca.pem``, no hostname check (the caller checks the peer's SPIFFE id after the handshake).
 
-It is blocking (file reads, parsing, signature checks): the data plane calls it at start-up or
-through ``asyncio.to_thread``. An :class:`IdentityStore` holds the live identity, polls the
+Whatever the parsing libraries raise about a file (a malformed extension is a ``ValueError``,
+an unknown algorithm ``UnsupportedAlgorithm``) becomes an :class:`IdentityError` naming it:
+a user's bad file is never a traceback.
+
+It is blocking (file reads, parsing, signature checks): the data plane calls it through
+:meth:`IdentityStore.load_initial_async` at start-up (loaded in a thread, swapped on the loop)
+and off the loop afterwards. An :class:`IdentityStore` holds the live identity, polls the
 three files' ``(mtime_ns, size, inode)`` every ``poll_interval`` and reloads off the loop when
 one changes; a good set is swapped in one reference store (``current``, ``generation`` + 1,
-subscribers called), a bad one is logged once per distinct error and the previous identity
-stays live. Writers that replace files one at a time (cert first, key second) make a
+subscribers called, always on the thread that swaps: the loop's), a bad one is logged once
+per distinct error and the previous identity stays live. The watcher survives anything a
+poll raises (an unexpected exception is logged with its traceback, and polling goes on).
+Writers that replace files one at a time (cert first, key second) make a
 key/cert mismatch visible for a moment: that is "transient" and only retried at the next poll
 (logged at debug level, error level only when it persists for ``mismatch_grace`` polls).
 
@@ -49,7 +56,7 @@ import logging
 import os
 import ssl
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -225,6 +232,8 @@ def _certs(path: Path, data: bytes) -> list[x509.Certificate]:
         return x509.load_pem_x509_certificates(data)
     except ValueError:
         raise IdentityError(f"{path}: not valid PEM certificates") from None
+    except Exception as e:  # e.g. UnsupportedAlgorithm
+        raise IdentityError(f"{path}: unusable certificates: {_describe(e)}") from e
 
 
 def _spki(key: Any) -> bytes:
@@ -267,8 +276,35 @@ def _uri_sans(cert: x509.Certificate) -> list[str]:
 
 def load_identity(cert_dir: str, *, now: datetime | None = None) -> WorkloadIdentity:
     """Read and check ``cert_dir`` (blocking). Raises :class:`IdentityError` for every
-    problem, with the file it is about."""
+    problem, with the file it is about -- whatever the parsing libraries raise (a malformed
+    extension is a ``ValueError``, an unknown key or signature algorithm
+    ``UnsupportedAlgorithm``, ...) is turned into one naming the file being examined."""
     d = Path(cert_dir)
+    try:
+        return _load_identity(d, now)
+    except IdentityError:
+        raise
+    except Exception as e:  # not a bug of ours: files we cannot use
+        raise IdentityError(f"{d}: cannot use the files: {_describe(e)}") from e
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _about(path: Path, what: str) -> Iterator[None]:
+    """Any non-:class:`IdentityError` raised inside is one about ``path``."""
+    try:
+        yield
+    except IdentityError:
+        raise
+    except Exception as e:  # a parser's complaint about the user's file
+        raise IdentityError(f"{path}: {what}: {_describe(e)}") from e
+
+
+def _load_identity(d: Path, now: datetime | None) -> WorkloadIdentity:
     if not d.exists():
         raise IdentityError(f"{d}: no such directory (--cert-dir)")
     if not d.is_dir():
@@ -287,15 +323,23 @@ def load_identity(cert_dir: str, *, now: datetime | None = None) -> WorkloadIden
         raise IdentityError(f"{key_path}: encrypted private keys are not supported") from None
     except ValueError:
         raise IdentityError(f"{key_path}: not a PEM private key") from None
+    except Exception as e:  # e.g. UnsupportedAlgorithm
+        raise IdentityError(f"{key_path}: unusable private key: {_describe(e)}") from e
     if not isinstance(
         key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
     ):
         raise IdentityError(f"{key_path}: unsupported key type (ECDSA, RSA or Ed25519)")
-    if _spki(key.public_key()) != _spki(leaf.public_key()):
+    with _about(cert_path, "unusable certificate"):
+        leaf_spki = _spki(leaf.public_key())
+        uris = _uri_sans(leaf)
+        nb, na = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+        serial = leaf.serial_number
+        fingerprint = hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest()
+    if _spki(key.public_key()) != leaf_spki:
         raise IdentityError(
             f"{key_path}: does not match the certificate in {cert_path}", transient=True
         )
-    spiffe = [u for u in _uri_sans(leaf) if u.startswith("spiffe://")]
+    spiffe = [u for u in uris if u.startswith("spiffe://")]
     if not spiffe:
         raise IdentityError(f"{cert_path}: the certificate has no SPIFFE URI SAN")
     spiffe_id = spiffe[0]
@@ -303,7 +347,6 @@ def load_identity(cert_dir: str, *, now: datetime | None = None) -> WorkloadIden
     if not trust_domain:
         raise IdentityError(f"{cert_path}: SPIFFE id {spiffe_id!r} has no trust domain")
     t = now if now is not None else datetime.now(UTC)
-    nb, na = leaf.not_valid_before_utc, leaf.not_valid_after_utc
     if t < nb:
         raise IdentityError(f"{cert_path}: not valid before {nb.isoformat()} (clock skew?)")
     if t >= na:
@@ -311,20 +354,24 @@ def load_identity(cert_dir: str, *, now: datetime | None = None) -> WorkloadIden
     roots = _certs(ca_path, ca_pem)
     if not roots:
         raise IdentityError(f"{ca_path}: no certificate in it (the trust bundle is empty)")
-    if not _chains_to(leaf, chain[1:], roots):
+    with _about(cert_path, f"cannot check the chain to {ca_path}"):
+        chained = _chains_to(leaf, chain[1:], roots)
+    if not chained:
         raise IdentityError(f"{cert_path}: the certificate does not chain to any root in {ca_path}")
     try:
         server = make_server_context(cert_pem, key_pem, ca_pem)
         client = make_client_context(cert_pem=cert_pem, key_pem=key_pem, ca_pem=ca_pem)
     except ssl.SSLError as e:
         raise IdentityError(f"{d}: TLS library refused the files: {e.reason or e}") from None
+    except OSError as e:  # the private temporary directory for load_cert_chain
+        raise IdentityError(f"{d}: cannot build the TLS contexts: {e}") from None
     return WorkloadIdentity(
         spiffe_id=spiffe_id,
         trust_domain=trust_domain,
         not_before=nb,
         not_after=na,
-        serial=leaf.serial_number,
-        fingerprint=hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest(),
+        serial=serial,
+        fingerprint=fingerprint,
         server_context=server,
         client_context=client,
         cert_dir=str(d),
@@ -337,6 +384,12 @@ def load_identity(cert_dir: str, *, now: datetime | None = None) -> WorkloadIden
 
 Signature = tuple[tuple[int, int, int] | None, ...]
 IdentityListener = Callable[[WorkloadIdentity | None, WorkloadIdentity], None]
+
+
+def _load_with_signature(cert_dir: str) -> tuple[Signature, WorkloadIdentity]:
+    """The files' signature, then the identity they hold (blocking)."""
+    sig = _signature(cert_dir)
+    return sig, load_identity(cert_dir)
 
 
 def _signature(cert_dir: str) -> Signature:
@@ -373,11 +426,22 @@ class IdentityStore:
         self._mismatches = 0
 
     def load_initial(self) -> WorkloadIdentity | None:
-        """Load at start-up (blocking; raises :class:`IdentityError`). None without a dir."""
+        """Load at start-up, for synchronous callers (blocking; raises
+        :class:`IdentityError`; subscribers are called on the calling thread). None without a
+        dir. In a running loop use :meth:`load_initial_async`."""
         if self.cert_dir is None:
             return None
-        sig = _signature(self.cert_dir)
-        ident = load_identity(self.cert_dir)
+        sig, ident = _load_with_signature(self.cert_dir)
+        self._signature = sig
+        self._swap(ident)
+        return ident
+
+    async def load_initial_async(self) -> WorkloadIdentity | None:
+        """:meth:`load_initial` with the file work in a thread and the swap (and so every
+        subscriber) on the running loop. Raises :class:`IdentityError`; None without a dir."""
+        if self.cert_dir is None:
+            return None
+        sig, ident = await asyncio.to_thread(_load_with_signature, self.cert_dir)
         self._signature = sig
         self._swap(ident)
         return ident
@@ -452,20 +516,31 @@ class IdentityStore:
         return True
 
     async def watch(self) -> None:
-        """Poll forever (cancel to stop)."""
+        """Poll forever (cancel to stop). Nothing a poll raises stops the watcher: an
+        :class:`IdentityError` or ``OSError`` is logged as an error, anything else with its
+        traceback (a bug), each distinct message once; the next poll tries again."""
         if self.cert_dir is None:
             return
         while True:
             await asyncio.sleep(self.poll_interval)
-            self.check_expiry()
             try:
+                self.check_expiry()
                 await self.poll_once()
-            except OSError as e:  # e.g. the temp dir for contexts cannot be made
-                self.reloads_failed += 1
-                msg = f"{self.cert_dir}: {e}"
-                if msg != self._logged:
-                    self._logged = msg
-                    log.error("workload identity not reloaded: %s", msg)
+            except (IdentityError, OSError) as e:  # e.g. the temp dir for contexts
+                self._poll_failed(f"{self.cert_dir}: {e}", None)
+            except Exception as e:  # keep watching, whatever happened
+                self._poll_failed(f"{self.cert_dir}: {_describe(e)}", e)
+
+    def _poll_failed(self, msg: str, bug: BaseException | None) -> None:
+        self.reloads_failed += 1
+        self.last_error = msg
+        if msg == self._logged:
+            return
+        self._logged = msg
+        if bug is None:
+            log.error("workload identity not reloaded: %s", msg)
+        else:
+            log.error("workload identity not reloaded (internal error): %s", msg, exc_info=bug)
 
     def __repr__(self) -> str:
         who = self.current.spiffe_id if self.current is not None else None

@@ -2,7 +2,9 @@
 file), the contexts it builds (real handshakes on 127.0.0.1, both loops, uvloop's accepted-socket
 path included), the IdentityStore's reloads (rotation, bad files kept out, a writer caught
 between the cert and the key), peer SPIFFE ids, SAN matching and session resumption through
-ResumingContext."""
+ResumingContext; a parser's exception (malformed SAN, unsupported algorithm) is an
+IdentityError, the watcher survives anything a poll raises, and load_initial_async calls
+subscribers on the loop."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import logging
 import os
 import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -19,8 +22,14 @@ from pathlib import Path
 import pytest
 import trustme
 import uvloop
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtensionOID, NameOID
 
 from certs.ca import CA, atomic_write, init_ca, issue, write_issued
+from meshproxy import tls as tls_module
 from meshproxy.tls import (
     RESUME_SESSION,
     IdentityError,
@@ -480,3 +489,150 @@ async def test_store_says_once_that_the_live_certificate_expired(
     assert store.check_expiry(later) is True
     said = [r for r in caplog.records if "expired" in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.ERROR
+
+
+# --------------------------------------------------------------------------- parser errors
+
+
+def write_malformed_san(ca: CA, d: Path) -> None:
+    """A set signed by ``ca`` whose leaf carries a SubjectAltName extension that does not
+    parse (cryptography raises a bare ValueError when it is read)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    truncated_uri = b"\x30\x05\x86\x03ab"  # a SEQUENCE of 5 bytes holding 4
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bad-san")]))
+        .issuer_name(ca.signer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(
+            x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, truncated_uri),
+            critical=False,
+        )
+        .sign(ca.signer_key, hashes.SHA256())
+    )
+    d.mkdir(parents=True, exist_ok=True)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    atomic_write(d / "key.pem", key_pem, 0o600)
+    atomic_write(d / "ca.pem", ca.root_pem, 0o644)
+    atomic_write(d / "cert.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def test_malformed_san_is_an_identity_error(mesh_ca: CA, tmp_path: Path) -> None:
+    d = tmp_path / "w"
+    write_malformed_san(mesh_ca, d)
+    err = expect_error(d, str(d / "cert.pem"), "ValueError")
+    assert not err.transient
+
+
+def test_unexpected_parser_exception_is_an_identity_error(
+    mesh_ca: CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever a parser raises (here cryptography's UnsupportedAlgorithm) names the file."""
+    d = issued(mesh_ca, tmp_path / "w")
+
+    def unsupported(data: bytes) -> list[x509.Certificate]:
+        raise UnsupportedAlgorithm("signature algorithm 1.2.3.4")
+
+    monkeypatch.setattr(x509, "load_pem_x509_certificates", unsupported)
+    expect_error(d, str(d / "cert.pem"), "UnsupportedAlgorithm", "1.2.3.4")
+
+
+async def test_watch_survives_a_malformed_certificate(
+    mesh_ca: CA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    d = issued(mesh_ca, tmp_path / "w")
+    store = IdentityStore(str(d), poll_interval=0.01)
+    first = store.load_initial()
+    assert first is not None
+    swapped = asyncio.Event()
+    store.subscribe(lambda old, new: swapped.set())
+    task = asyncio.create_task(store.watch())
+    try:
+        write_malformed_san(mesh_ca, d)
+        for _ in range(500):
+            if store.reloads_failed:
+                break
+            await asyncio.sleep(0.01)
+        assert store.reloads_failed >= 1 and store.current is first
+        assert store.last_error is not None and "cert.pem" in store.last_error
+        assert not task.done()
+        new = rewrite(d, mesh_ca, CLIENT_ID)  # a later good set is still picked up
+        await asyncio.wait_for(swapped.wait(), 5)
+        assert store.current is not None and store.current.serial == new.serial
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    said = [r for r in caplog.records if "cert.pem" in r.getMessage()]
+    assert said and said[0].levelno == logging.ERROR and said[0].exc_info is None
+
+
+async def test_watch_logs_an_unexpected_exception_and_keeps_polling(
+    mesh_ca: CA, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = issued(mesh_ca, tmp_path / "w")
+    store = IdentityStore(str(d), poll_interval=0.01)
+    store.load_initial()
+    swapped = asyncio.Event()
+    store.subscribe(lambda old, new: swapped.set())
+    real = tls_module.load_identity
+    calls = 0
+
+    def flaky(cert_dir: str, **kw: object) -> WorkloadIdentity:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise RuntimeError("disk gremlin")
+        return real(cert_dir)
+
+    monkeypatch.setattr(tls_module, "load_identity", flaky)
+    task = asyncio.create_task(store.watch())
+    try:
+        new = rewrite(d, mesh_ca, CLIENT_ID)
+        await asyncio.wait_for(swapped.wait(), 5)
+        assert store.current is not None and store.current.serial == new.serial
+        assert calls >= 3
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    said = [r for r in caplog.records if "disk gremlin" in r.getMessage()]
+    assert len(said) == 1  # the same problem twice: said once
+    assert said[0].levelno == logging.ERROR and said[0].exc_info is not None  # with traceback
+
+
+# --------------------------------------------------------------------------- load_initial_async
+
+
+async def test_load_initial_async_swaps_on_the_loop(mesh_ca: CA, tmp_path: Path) -> None:
+    d = issued(mesh_ca, tmp_path / "w")
+    store = IdentityStore(str(d))
+    seen: list[tuple[int, asyncio.AbstractEventLoop | None]] = []
+
+    def on_swap(old: WorkloadIdentity | None, new: WorkloadIdentity) -> None:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        seen.append((threading.get_ident(), loop))
+
+    store.subscribe(on_swap)
+    ident = await store.load_initial_async()
+    assert ident is not None and ident.spiffe_id == SERVER_ID
+    assert store.current is ident and store.generation == 1
+    assert seen == [(threading.get_ident(), asyncio.get_running_loop())]
+    assert await store.poll_once() is False  # the signature was recorded with the load
+
+
+async def test_load_initial_async_errors_and_no_dir(tmp_path: Path) -> None:
+    assert await IdentityStore(None).load_initial_async() is None
+    store = IdentityStore(str(tmp_path / "missing"))
+    with pytest.raises(IdentityError, match="no such directory"):
+        await store.load_initial_async()
+    assert store.current is None and store.generation == 0
