@@ -33,6 +33,8 @@ from tests.support.mesh import (
     CLIENT_ID,
     DATA,
     EXPECTED_XFCC,
+    WEB_HOST,
+    WEB_ID,
     Mesh,
     Pki,
     copy_identity,
@@ -168,6 +170,26 @@ async def test_no_auto_mtls_without_an_identity(tmp_path: Path, pki: Pki) -> Non
         assert code == 200, body
         assert xfcc_of(body) == []
         await eventually_counted(m, 1, connection_security_policy="none")
+
+
+async def test_sidecars_resume_sessions_and_keep_the_identity(tmp_path: Path, pki: Pki) -> None:
+    """New A -> B connections after the first ones resume their TLS session (A's /clusters
+    counts it), with Istio's SNI; a resumed session still carries the client's identity."""
+    async with mesh(tmp_path, pki, server_fixture="server-strict.yaml") as m:
+        # concurrent slow requests: 4 connections, then 12 (8 of them new, with a session saved)
+        first = await asyncio.gather(*(m.get(f"/slow/a{i}") for i in range(4)))
+        second = await asyncio.gather(*(m.get(f"/slow/b{i}") for i in range(12)))
+        assert [code for code, _ in first + second] == [200] * 16, first + second
+        assert all(xfcc_of(body) == [EXPECTED_XFCC] for _, body in first + second)
+        code, text = await m.a.admin_get("/clusters")
+        assert code == 200, text
+        (web,) = [c for c in json.loads(text)["clusters"] if c["name"] == WEB_HOST]
+        tls = web["tls"]
+        assert tls["mode"] == "ISTIO_MUTUAL"
+        assert tls["sni"] == f"outbound_.80_._.{WEB_HOST}"
+        assert tls["peer"] == WEB_ID
+        assert tls["handshakes"] >= 12, tls
+        assert tls["resumed"] >= 1, tls
 
 
 # --------------------------------------------------------------------------- 2. plaintext
