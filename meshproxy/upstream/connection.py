@@ -34,9 +34,11 @@ while the client is slow. When the sink is done, the pool decides (``reusable``)
 connection goes back to the idle list: only after a complete, keep-alive response to a fully
 sent request.
 
-A TLS connection (made by ``Pools.connect``) carries ``tls_key``, the context it was made
-with: the pool never hands it to a request of another TLS identity. After its first complete
-response it stores its TLS session on the endpoint for resumption (``tls_pending``).
+A TLS connection (made by ``Pools.connect``) carries ``tls_key``, the pool's
+:class:`~meshproxy.upstream.pool.TlsKey` for what it was made and verified with (context, SNI,
+accepted peer names; None for plaintext): the pool hands it out only while that key is still
+its endpoint's. ``tls_ctx`` is the context itself: after its first complete response the
+connection stores its TLS session on the endpoint with it, for resumption (``tls_pending``).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from meshproxy.errors import Failure
 from meshproxy.http.codec import RESPONSE_SPECIAL, ResponseHead
 
 if TYPE_CHECKING:
-    from meshproxy.upstream.pool import EndpointState
+    from meshproxy.upstream.pool import EndpointState, TlsKey
 
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,7 @@ class UpstreamConnection(asyncio.Protocol):
         "idle_since",
         "requests",
         "sink",
+        "tls_ctx",
         "tls_key",
         "tls_pending",
         "transport",
@@ -118,10 +121,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._done: tuple[ResponseSink, bool] | None = None
         self._stray = False  # bytes after the end of the response: never reuse
         self.clean_eof = False  # the connection ended by EOF (not a reset)
-        # TLS: the context the connection was made with (None: plaintext), which keys it in
-        # the pool; tls_pending: its session is saved for resumption after the first response
-        # (TLS 1.3 tickets arrive after the handshake, read with the response)
-        self.tls_key: ssl.SSLContext | None = None
+        # TLS: the pool key it was made and verified under (None: plaintext) and its context;
+        # tls_pending: its session is saved for resumption after the first response (TLS 1.3
+        # tickets arrive after the handshake, read with the response)
+        self.tls_key: TlsKey | None = None
+        self.tls_ctx: ssl.SSLContext | None = None
         self.tls_pending = False
 
     # ------------------------------------------------------------------ called by the owner
@@ -318,7 +322,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Keep this connection's TLS session on its endpoint: the next handshake to the
         endpoint offers it (with the context it belongs to)."""
         self.tls_pending = False
-        ctx = self.tls_key
+        ctx = self.tls_ctx
         if ctx is None or self.transport is None:
             return
         obj = self.transport.get_extra_info("ssl_object")

@@ -41,14 +41,21 @@ Outbound TLS: each ``ClusterState`` carries a :class:`ClientTls` (None = plainte
 once per cluster definition and workload-identity generation (:meth:`Pools._apply_tls`, also
 run for every cluster when :attr:`Pools.identity` swaps): the context (the identity's for
 ISTIO_MUTUAL and auto-mTLS, one built from the DestinationRule's files for SIMPLE / MUTUAL,
-cached by paths and mtimes in :class:`FileContexts` and built off the loop), the SNI, and the
-peer names to accept per endpoint. :meth:`Pools.connect` connects TCP, then runs the handshake
-with ``loop.start_tls`` (so a TCP failure is UF and everything after it a TLS failure,
-``ConnectFailure(tls=True)``), all under the connect timeout, then checks the peer's SPIFFE id
-or SANs. Pools are keyed by TLS identity: every connection remembers the context it was made
-with (``tls_key``) and every endpoint the one new connections use; idle connections of an
-older key are closed when the key changes and busy ones are closed instead of pooled when
-released (their in-flight request finishes on the old, still valid, session). TLS sessions are
+cached by paths and (mtime, size, inode) in :class:`FileContexts` and built off the loop), the
+SNI, and the peer names to accept per endpoint. :meth:`Pools.connect` connects TCP, then runs
+the handshake with ``loop.start_tls`` (so a TCP failure is UF and everything after it a TLS failure,
+``ConnectFailure(tls=True)``), all under the connect timeout, then checks the peer's SANs
+(any of them may match a configured name, as in Envoy) or SPIFFE id. Pools are keyed by what
+a connection was verified with, a :class:`TlsKey` (context, SNI, accepted names, the
+endpoint's expected SPIFFE id; compared by identity): every connection remembers its key
+(``tls_key``) and every endpoint the one new connections get, replaced whenever any part
+changes (a rotation, new files, a DestinationRule's ``sni`` / ``subjectAltNames``, a
+WorkloadEntry's ``serviceAccount``). A TLS cluster always has a key, even before its SIMPLE /
+MUTUAL context is built or without the identity ISTIO_MUTUAL needs, so plaintext connections
+(key None) are never handed to it. Idle connections of an older key are closed when the key
+changes and busy ones are closed instead of pooled when released (their in-flight request
+finishes on the old, still valid, session). The handshake uses the context the connect
+obtained, whatever happens to ``ClusterState.tls`` meanwhile. TLS sessions are
 resumed per endpoint: the session saved after a connection's first response (when TLS 1.3's
 ticket has arrived) is offered by the next handshake to that endpoint, through
 :data:`meshproxy.tls.RESUME_SESSION`.
@@ -99,7 +106,9 @@ class ConnectFailure(Exception):
 
 FileSpec = tuple[str | None, str | None, str | None, bool]
 """A SIMPLE / MUTUAL context's inputs: (caCertificates, clientCertificate, privateKey, verify)."""
-Stamps = tuple[tuple[int, int] | None, ...]  # (mtime_ns, inode) of each file, None if absent
+Stamps = tuple[tuple[int, int, int] | None, ...]
+"""(mtime_ns, size, inode) of each file, None if absent: two writes within one mtime tick still
+differ in size (or inode, for a rename), so a half-written bundle is not kept."""
 
 
 class ClientTls:
@@ -166,20 +175,26 @@ class ClientTls:
             raise ConnectFailure(f"{ep.key}: no TLS session", tls=True)
         if self.spiffe:
             peer = peer_spiffe_id(obj)
+            if self.sans:
+                # as Envoy's SAN matchers: any of the certificate's names may match
+                got = san_matches(obj.getpeercert(), self.sans)
+                if got is None:
+                    raise ConnectFailure(
+                        f"{ep.key}: peer {peer or 'without a SPIFFE id'} is not one of"
+                        f" {', '.join(self.sans)}",
+                        tls=True,
+                    )
+                return got
             if peer is None:
                 raise ConnectFailure(f"{ep.key}: peer certificate has no SPIFFE id", tls=True)
-            if self.sans:
-                if peer not in self.sans:
-                    raise ConnectFailure(
-                        f"{ep.key}: peer {peer} is not one of {', '.join(self.sans)}", tls=True
-                    )
-            else:
-                wanted = self.peer_ids.get(ep.key)
-                if wanted is not None and peer != wanted:
+            wanted = self.peer_ids.get(ep.key)
+            if wanted is not None:
+                if san_matches(obj.getpeercert(), (wanted,)) is None:
                     raise ConnectFailure(
                         f"{ep.key}: peer {peer} is not the endpoint's service account ({wanted})",
                         tls=True,
                     )
+                return wanted
             return peer
         if self.sans:
             got = san_matches(obj.getpeercert(), self.sans)
@@ -195,8 +210,55 @@ class ClientTls:
                 return str(value)
         return "-"
 
+    def expected_peer(self, ep_key: str) -> str | None:
+        """The SPIFFE id endpoint ``ep_key`` must present (ISTIO_MUTUAL by service account)."""
+        if self.spiffe and not self.sans:
+            return self.peer_ids.get(ep_key)
+        return None
+
+    def key_for(self, ep_key: str, current: TlsKey | None) -> TlsKey:
+        """The pool key of endpoint ``ep_key``'s new connections: ``current`` when it stands
+        for the same verification, else a new one (which retires the old one's connections)."""
+        peer = self.expected_peer(ep_key)
+        if current is not None and current.matches(self, self.ctx, peer):
+            return current
+        return TlsKey(self, self.ctx, peer)
+
     def __repr__(self) -> str:
         return f"ClientTls({self.mode.value}, sni={self.sni!r}, sans={self.sans!r})"
+
+
+class TlsKey:
+    """What a TLS connection was made and verified with: the context (our certificate, the
+    trust bundle), the SNI, the accepted names (``subjectAltNames``, or the endpoint's
+    expected SPIFFE id) and the mode / files. Compared by identity: an endpoint holds the key
+    its new connections get, replaced whenever any of these changes, and a pooled connection
+    is handed out only while its key is still the endpoint's. A TLS cluster always has one,
+    even before its context exists (never None, the plaintext connections' key)."""
+
+    __slots__ = ("ctx", "files", "mode", "peer", "sans", "sni")
+
+    def __init__(self, tls: ClientTls, ctx: ssl.SSLContext | None, peer: str | None) -> None:
+        self.mode = tls.mode
+        self.ctx = ctx
+        self.sni = tls.sni
+        self.sans = tls.sans
+        self.files = tls.files
+        self.peer = peer
+
+    def matches(self, tls: ClientTls, ctx: ssl.SSLContext | None, peer: str | None) -> bool:
+        return (
+            self.ctx is ctx
+            and self.mode is tls.mode
+            and self.sni == tls.sni
+            and self.sans == tls.sans
+            and self.files == tls.files
+            and self.peer == peer
+        )
+
+    def __repr__(self) -> str:
+        ctx = "none" if self.ctx is None else hex(id(self.ctx))
+        return f"TlsKey({self.mode.value}, ctx={ctx}, sni={self.sni!r}, peer={self.peer!r})"
 
 
 def istio_sni(cluster: Cluster) -> str:
@@ -247,7 +309,7 @@ def _build_file_context(spec: FileSpec) -> tuple[Stamps, ssl.SSLContext]:
 
 
 def _stamps(spec: FileSpec) -> Stamps:
-    out: list[tuple[int, int] | None] = []
+    out: list[tuple[int, int, int] | None] = []
     for path in spec[:3]:
         if not path:
             out.append(None)
@@ -257,13 +319,14 @@ def _stamps(spec: FileSpec) -> Stamps:
         except OSError:
             out.append(None)
         else:
-            out.append((st.st_mtime_ns, st.st_ino))
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
     return tuple(out)
 
 
 class FileContexts:
-    """SIMPLE / MUTUAL client contexts by their files, rebuilt when a file's mtime changes
-    (checked at most every ``recheck`` seconds per spec); reads happen off the loop."""
+    """SIMPLE / MUTUAL client contexts by their files, rebuilt when a file's (mtime, size,
+    inode) changes (checked at most every ``recheck`` seconds per spec); reads happen off the
+    loop."""
 
     def __init__(self, recheck: float = 1.0) -> None:
         self.recheck = recheck
@@ -366,14 +429,15 @@ class EndpointState:
         self.counters: ClusterCounters | None = None
         self.health = HostHealth()
         self.waiters: deque[Waiter] = deque()
-        # the TLS context new connections use (None: plaintext): pooled connections made
-        # with another one are never handed out
-        self.tls_key: ssl.SSLContext | None = None
+        # the TLS key new connections get (None: plaintext only): pooled connections made
+        # with another one are never handed out (TlsKey)
+        self.tls_key: TlsKey | None = None
         # (context, session) of the last handshake, offered by the next one (resumption)
         self.tls_session: tuple[ssl.SSLContext, ssl.SSLSession] | None = None
 
-    def set_tls_key(self, key: ssl.SSLContext | None) -> None:
-        """New connections use ``key``: idle ones made with another are closed."""
+    def set_tls_key(self, key: TlsKey | None) -> None:
+        """New connections get ``key``: idle ones made with another are closed (busy ones
+        are closed instead of pooled when released)."""
         if key is self.tls_key:
             return
         self.tls_key = key
@@ -607,11 +671,11 @@ class Pools:
 
     def _apply_tls(self, cs: ClusterState) -> None:
         """Compute ``cs.tls`` for the cluster's policy and the current identity, and key the
-        endpoints' pools on its context."""
+        endpoints' pools on it (a new :class:`TlsKey` wherever the context, SNI, names or
+        the endpoint's expected peer changed: connections verified otherwise are retired)."""
         cs.tls = tls = self._client_tls(cs.cluster)
-        key = tls.ctx if tls is not None else None
         for st in cs.endpoints:
-            st.set_tls_key(key)
+            st.set_tls_key(tls.key_for(st.key, st.tls_key) if tls is not None else None)
 
     def _client_tls(self, cluster: Cluster) -> ClientTls | None:
         pol = cluster.tls
@@ -698,14 +762,10 @@ class Pools:
             else:
                 st.endpoint = ep
             eps.append(st)
-        tls_changed = old is not None and old.cluster.tls != cluster.tls
         for gone in previous.values():
             gone.removed = True
             gone.close_idle()
             gone.fail_waiters()
-        if tls_changed:
-            for st in eps:
-                st.close_idle()
         next_sweep: float | None = None
         if old is not None:
             if old.sweep_timer is not None:
@@ -834,12 +894,18 @@ class Pools:
                         ep.port,
                     )
                 else:
-                    await self._tls_ready(cs, tls)
+                    ctx = await self._tls_ready(cs, tls)
+                    # the key this connection is pooled under: the endpoint's when it stands
+                    # for what this handshake verifies, else one of its own (never pooled)
+                    key = ep.tls_key
+                    peer = tls.expected_peer(ep.key)
+                    if key is None or not key.matches(tls, ctx, peer):
+                        key = TlsKey(tls, ctx, peer)
                     # the session to offer, set before the TCP transport exists: uvloop runs
                     # start_tls's handshake in the context the transport was created in
                     saved = ep.tls_session
                     token = RESUME_SESSION.set(
-                        saved[1] if saved is not None and saved[0] is tls.ctx else None
+                        saved[1] if saved is not None and saved[0] is ctx else None
                     )
                     try:
                         _, proto = await loop.create_connection(
@@ -847,7 +913,7 @@ class Pools:
                             ep.address,
                             ep.port,
                         )
-                        await self._handshake(loop, cs, ep, tls, proto)
+                        await self._handshake(loop, ep, tls, ctx, key, proto)
                     finally:
                         RESUME_SESSION.reset(token)
         except ConnectFailure:
@@ -884,14 +950,17 @@ class Pools:
             raise ConnectFailure(f"{ep.key}: closed as soon as it was opened", tls=tls is not None)
         return proto
 
-    async def _tls_ready(self, cs: ClusterState, tls: ClientTls) -> None:
-        """Make sure ``tls`` has its context (SIMPLE / MUTUAL files, reloaded when they
-        change); raise ConnectFailure(tls=True) when it cannot have one."""
+    async def _tls_ready(self, cs: ClusterState, tls: ClientTls) -> ssl.SSLContext:
+        """The context a new connection of ``tls`` handshakes with (SIMPLE / MUTUAL: from
+        the files, reloaded when they change; it is the caller's to use even if ``cs.tls``
+        was replaced meanwhile); raise ConnectFailure(tls=True) when there is none."""
         if tls.error is not None:
             self._tls_problem(cs, tls.error)
             raise ConnectFailure(tls.error, tls=True)
         if tls.files is None:
-            return
+            if tls.ctx is None:  # not built by _client_tls: cannot happen, but never plaintext
+                raise ConnectFailure(f"{cs.name}: no TLS context", tls=True)
+            return tls.ctx
         try:
             ctx = await self.file_contexts.get(tls.files)
         except ConnectFailure as e:
@@ -900,27 +969,31 @@ class Pools:
         if ctx is not tls.ctx and cs.tls is tls:
             tls.ctx = ctx  # new files: new connections use them, pooled ones are retired
             for st in cs.endpoints:
-                st.set_tls_key(ctx)
+                st.set_tls_key(tls.key_for(st.key, st.tls_key))
+        return ctx
 
     async def _handshake(
         self,
         loop: asyncio.AbstractEventLoop,
-        cs: ClusterState,
         ep: EndpointState,
         tls: ClientTls,
+        ctx: ssl.SSLContext,
+        key: TlsKey,
         proto: UpstreamConnection,
     ) -> None:
-        """TLS over ``proto``'s TCP transport (offering the session the caller put in
-        RESUME_SESSION), then the peer check; ``proto`` is re-attached to the TLS transport."""
-        ctx = tls.ctx
-        assert ctx is not None and proto.transport is not None
+        """TLS with ``ctx`` over ``proto``'s TCP transport (offering the session the caller
+        put in RESUME_SESSION), then the peer check; ``proto`` is re-attached to the TLS
+        transport and pooled under ``key``."""
+        if proto.transport is None:  # lost between connection_made and here
+            raise ConnectFailure(f"{ep.key}: closed before the TLS handshake", tls=True)
         transport = await loop.start_tls(proto.transport, proto, ctx, server_hostname=tls.sni)
         if transport is None:
             raise ConnectFailure(f"{ep.key}: closed during the TLS handshake", tls=True)
         proto.connection_made(transport)
         obj = transport.get_extra_info("ssl_object")
         peer = tls.check_peer(ep, obj)  # raises on a wrong peer
-        proto.tls_key = ctx
+        proto.tls_key = key
+        proto.tls_ctx = ctx
         proto.tls_pending = True  # save the session after the first response (its ticket)
         info = tls.info
         info["peer"] = peer

@@ -3,12 +3,16 @@ asyncio and uvloop: ISTIO_MUTUAL (SNI, SAN / service-account checks, other CA, e
 no identity), auto-mTLS, SIMPLE and MUTUAL with user files (trustme CA), rotation of the
 workload identity (new connections present the new certificate, old ones finish and are not
 pooled again), two roots in the bundle, session resumption and the connect deadline covering
-the handshake."""
+the handshake; pool keys (turning TLS on or off, tightened subjectAltNames or SNI, an
+endpoint's serviceAccount change retire verified connections, busy ones included), the
+identity rotating under a first SIMPLE connect, a bundle rewritten within one mtime tick, and
+a SAN match on any of the peer's URIs."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,6 +24,10 @@ from typing import Any
 import pytest
 import trustme
 import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certs.ca import CA, init_ca, issue, write_issued
 from meshproxy.config.model import (
@@ -440,7 +448,8 @@ async def test_rotation_new_connections_use_the_new_certificate(
         busy.bind(sink, False)
         write_issued(client_dir, issue(mesh_ca, CLIENT2_ID))
         assert await store.poll_once() is True
-        assert ep.tls_key is not old_key and ep.tls_key is store.current.client_context  # type: ignore[union-attr]
+        assert ep.tls_key is not None and ep.tls_key is not old_key
+        assert ep.tls_key.ctx is store.current.client_context  # type: ignore[union-attr]
         assert ep.idle == []  # the idle connection of the old identity was retired
         await asyncio.sleep(0.05)
         assert idle.closed
@@ -674,3 +683,267 @@ async def test_through_the_data_plane(mesh_ca: CA, tmp_path: Path) -> None:
 
 def replace_tls(c: Cluster, sans: tuple[str, ...]) -> Cluster:
     return replace(c, tls=TlsPolicy(mode=TlsMode.ISTIO_MUTUAL, subject_alt_names=sans))
+
+
+# --------------------------------------------------------------------------- pool keys
+
+
+def redefine(c: Cluster, **kw: Any) -> Cluster:
+    """The same cluster (name, endpoint address) with other fields, as a new snapshot would."""
+    return replace(c, **kw)
+
+
+def with_service_account(c: Cluster, sa: str) -> Cluster:
+    return replace(c, endpoints=tuple(replace(e, service_account=sa) for e in c.endpoints))
+
+
+async def busy_and_idle(
+    p: Pools, c: Cluster
+) -> tuple[ClusterState, UpstreamConnection, Sink, UpstreamConnection]:
+    """Two connections to ``c``'s endpoint: one pooled idle, one bound to a request in flight
+    (its sink; the request is written by :func:`finish`)."""
+    cs, busy = await connect(p, c)
+    _, idle = await connect(p, c)
+    await request(idle)
+    p.release(idle, True, cs)
+    assert cs.endpoints[0].idle == [idle]
+    sink = Sink()
+    busy.bind(sink, False)
+    return cs, busy, sink, idle
+
+
+async def finish(p: Pools, cs: ClusterState, conn: UpstreamConnection, sink: Sink) -> None:
+    """The request in flight on ``conn`` completes, and the proxy releases it (reusable)."""
+    conn.write(b"GET / HTTP/1.1\r\nhost: reviews\r\n\r\n")
+    assert await asyncio.wait_for(sink.done, 5) is True
+    p.release(conn, True, cs)
+
+
+async def test_turning_tls_on_retires_plaintext_connections(
+    web_ca: trustme.CA, tmp_path: Path
+) -> None:
+    """A DestinationRule adds tls to a plaintext cluster: neither the idle nor the busy
+    plaintext connection is used again, before any TLS context exists (SIMPLE builds its
+    context at the first connect; ISTIO_MUTUAL without an identity never has one)."""
+    ca_file = write_ca(web_ca, tmp_path / "web-ca.pem")
+    policies = {
+        "istio-no-identity": TlsPolicy(mode=TlsMode.ISTIO_MUTUAL),
+        "simple": TlsPolicy(mode=TlsMode.SIMPLE, ca_certificates=ca_file),
+    }
+    for name, policy in policies.items():
+        p = pools(IdentityStore(None))
+        async with upstream(None) as up:
+            # a plaintext server never answers a ClientHello: a short deadline
+            plain = cluster(up.port, None, host=f"{name}.example.com", connect_timeout=0.3)
+            cs, busy, sink, idle = await busy_and_idle(p, plain)
+            ep = cs.endpoints[0]
+            cs2 = p.cluster_state(redefine(plain, tls=policy))
+            assert cs2.endpoints[0] is ep and cs2.tls is not None
+            assert ep.tls_key is not None, name  # never the plaintext connections' key
+            await asyncio.sleep(0.05)
+            assert ep.idle == [] and idle.closed, name
+            await finish(p, cs, busy, sink)  # the request in flight completes...
+            assert ep.idle == [] and p.take_idle(ep) is None, name  # ... and is not pooled
+            await asyncio.sleep(0.05)
+            assert busy.closed, name
+            await expect_tls_failure(p, redefine(plain, tls=policy))  # TLS, never plaintext
+
+
+async def test_turning_tls_off_retires_tls_connections(mesh_ca: CA, tmp_path: Path) -> None:
+    server_dir = issued(mesh_ca, tmp_path / "s", SERVER_ID)
+    p = pools(store_for(issued(mesh_ca, tmp_path / "c", CLIENT_ID)))
+    async with upstream(server_ctx(server_dir)) as up:
+        c = cluster(up.port, ISTIO)
+        cs, busy, sink, idle = await busy_and_idle(p, c)
+        ep = cs.endpoints[0]
+        p.cluster_state(redefine(c, tls=TlsPolicy(mode=TlsMode.DISABLE)))
+        assert ep.tls_key is None and ep.idle == []
+        await asyncio.sleep(0.05)
+        assert idle.closed
+        await finish(p, cs, busy, sink)
+        assert p.take_idle(ep) is None
+
+
+async def test_tightened_subject_alt_names_retire_verified_connections(
+    mesh_ca: CA, tmp_path: Path
+) -> None:
+    """subjectAltNames no longer accept the peer: connections verified under the old names
+    (idle or busy) are never used again; the next connect checks the new names."""
+    server_dir = issued(mesh_ca, tmp_path / "s", SERVER_ID)
+    p = pools(store_for(issued(mesh_ca, tmp_path / "c", CLIENT_ID)))
+    async with upstream(server_ctx(server_dir)) as up:
+        other = f"spiffe://{TD}/ns/shop/sa/ratings"
+        loose = cluster(up.port, replace(ISTIO, subject_alt_names=(SERVER_ID,)))
+        tight = redefine(loose, tls=replace(ISTIO, subject_alt_names=(other,)))
+        cs, busy, sink, idle = await busy_and_idle(p, loose)
+        ep = cs.endpoints[0]
+        p.cluster_state(tight)
+        assert ep.idle == []
+        await asyncio.sleep(0.05)
+        assert idle.closed
+        await finish(p, cs, busy, sink)
+        assert ep.idle == [] and p.take_idle(ep) is None
+        await expect_tls_failure(p, tight, other)
+
+
+async def test_endpoint_service_account_change_retires_connections(
+    mesh_ca: CA, tmp_path: Path
+) -> None:
+    """A WorkloadEntry's serviceAccount changes (the DestinationRule does not): the peer
+    verified as the old account is not accepted for the new one."""
+    server_dir = issued(mesh_ca, tmp_path / "s", SERVER_ID)
+    p = pools(store_for(issued(mesh_ca, tmp_path / "c", CLIENT_ID)))
+    async with upstream(server_ctx(server_dir)) as up:
+        c = cluster(up.port, ISTIO, service_account="server")
+        cs, busy, sink, idle = await busy_and_idle(p, c)
+        ep = cs.endpoints[0]
+        moved = with_service_account(c, "ratings")
+        assert moved.tls == c.tls
+        p.cluster_state(moved)
+        await asyncio.sleep(0.05)
+        assert ep.idle == [] and idle.closed
+        await finish(p, cs, busy, sink)
+        assert p.take_idle(ep) is None
+        await expect_tls_failure(p, moved, f"spiffe://{TD}/ns/shop/sa/ratings")
+
+
+async def test_sni_change_retires_and_unrelated_change_keeps(mesh_ca: CA, tmp_path: Path) -> None:
+    server_dir = issued(mesh_ca, tmp_path / "s", SERVER_ID)
+    p = pools(store_for(issued(mesh_ca, tmp_path / "c", CLIENT_ID)))
+    async with upstream(server_ctx(server_dir)) as up:
+        c = cluster(up.port, TlsPolicy(mode=TlsMode.ISTIO_MUTUAL, sni="a.example"))
+        cs, conn = await connect(p, c)
+        await request(conn)
+        p.release(conn, True, cs)
+        ep = cs.endpoints[0]
+        key = ep.tls_key
+        # a change that does not touch TLS: the verified connection stays pooled
+        c2 = redefine(c, pool=ConnectionPool(connect_timeout=3.0))
+        p.cluster_state(c2)
+        assert ep.tls_key is key and p.take_idle(ep) is conn
+        p.release(conn, True, p.cluster_state(c2))
+        # another SNI: retired, the next connection sends the new name
+        c3 = redefine(c2, tls=TlsPolicy(mode=TlsMode.ISTIO_MUTUAL, sni="b.example"))
+        cs3 = p.cluster_state(c3)
+        assert ep.tls_key is not key and ep.idle == []
+        _, fresh = await connect(p, c3)
+        assert up.snis == ["a.example", "b.example"]
+        p.release(fresh, True, cs3)
+        assert p.take_idle(ep) is fresh
+        fresh.close()
+
+
+async def test_identity_swap_while_the_first_file_context_is_built(
+    web_ca: trustme.CA, mesh_ca: CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workload identity rotates (ClusterState.tls replaced) while the first SIMPLE
+    connect awaits its context: the handshake uses the context that connect built."""
+    ca_file = write_ca(web_ca, tmp_path / "web-ca.pem")
+    client_dir = issued(mesh_ca, tmp_path / "c", CLIENT_ID)
+    store = store_for(client_dir)
+    p = pools(store)
+    real_get = p.file_contexts.get
+
+    async def get_then_rotate(spec: Any) -> ssl.SSLContext:
+        ctx = await real_get(spec)
+        write_issued(client_dir, issue(mesh_ca, CLIENT2_ID))
+        assert await store.poll_once() is True  # _on_identity re-arms every TLS cluster
+        return ctx
+
+    monkeypatch.setattr(p.file_contexts, "get", get_then_rotate)
+    async with upstream(web_server_ctx(web_ca, "api.example.com")) as up:
+        simple = TlsPolicy(mode=TlsMode.SIMPLE, ca_certificates=ca_file)
+        c = cluster(up.port, simple, host="api.example.com")
+        cs = p.cluster_state(c)
+        first_tls = cs.tls
+        conn = await p.connect(cs, cs.endpoints[0])
+        assert cs.tls is not first_tls  # replaced while the connect awaited
+        assert await request(conn) == ("-", True)
+        p.release(conn, True, cs)
+        assert p.take_idle(cs.endpoints[0]) is conn  # the same context: still poolable
+        conn.close()
+
+
+async def test_half_written_bundle_in_one_mtime_tick(web_ca: trustme.CA, tmp_path: Path) -> None:
+    """A caCertificates bundle written twice within one mtime tick (same mtime): the second
+    write differs in size (written in place) or inode (renamed over), and is read again."""
+    other = trustme.CA()
+    ca_file = tmp_path / "bundle.pem"
+    half = other.cert_pem.bytes()
+    full = half + web_ca.cert_pem.bytes()
+    ca_file.write_bytes(half)
+    tick = ca_file.stat().st_mtime_ns
+    p = pools()
+    p.file_contexts.recheck = 0.0
+    policy = TlsPolicy(mode=TlsMode.SIMPLE, ca_certificates=str(ca_file))
+    async with upstream(web_server_ctx(web_ca, "api.example.com")) as up:
+        c = cluster(up.port, policy, host="api.example.com")
+        await expect_tls_failure(p, c, "verify")  # only the other CA so far
+        with ca_file.open("r+b") as f:  # the writer finishes: same inode, same mtime
+            f.write(full)
+        os.utime(ca_file, ns=(tick, tick))
+        _, conn = await connect(p, c)
+        assert await request(conn) == ("-", True)
+        conn.close()
+        # same size and mtime, another inode (a rename): read again too
+        tmp = tmp_path / "bundle.tmp"
+        tmp.write_bytes(other.cert_pem.bytes().ljust(len(full), b"\n"))
+        os.utime(tmp, ns=(tick, tick))
+        os.replace(tmp, ca_file)
+        assert ca_file.stat().st_size == len(full) and ca_file.stat().st_mtime_ns == tick
+        await expect_tls_failure(p, c, "verify")
+
+
+async def test_istio_mutual_san_matches_any_uri(mesh_ca: CA, tmp_path: Path) -> None:
+    """The server's certificate names two SPIFFE ids: subjectAltNames naming the second one
+    accept it (Envoy matches any SAN, not only the first SPIFFE id)."""
+    alias = f"spiffe://{TD}/ns/shop/sa/server-alias"
+    server_dir = tmp_path / "s"
+    write_leaf(mesh_ca, server_dir, [SERVER_ID, alias])
+    p = pools(store_for(issued(mesh_ca, tmp_path / "c", CLIENT_ID)))
+    async with upstream(server_ctx(server_dir)) as up:
+        for i, wanted in enumerate((alias, SERVER_ID)):
+            policy = TlsPolicy(mode=TlsMode.ISTIO_MUTUAL, subject_alt_names=(wanted,))
+            cs, conn = await connect(p, cluster(up.port, policy, host=f"h{i}.shop"))
+            assert await request(conn) == (CLIENT_ID, True)
+            assert cs.tls_info is not None and cs.tls_info["peer"] == wanted
+            conn.close()
+        nope = TlsPolicy(mode=TlsMode.ISTIO_MUTUAL, subject_alt_names=(CLIENT_ID,))
+        await expect_tls_failure(p, cluster(up.port, nope, host="h3.shop"), CLIENT_ID)
+
+
+def write_leaf(ca: CA, d: Path, uris: list[str]) -> None:
+    """A workload certificate (as ``ca issue`` makes them) naming several URIs."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca.signer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
+            critical=True,
+        )
+        .sign(ca.signer_key, hashes.SHA256())
+    )
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM) + ca.chain_pem)
+    (d / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (d / "ca.pem").write_bytes(ca.root_pem)
