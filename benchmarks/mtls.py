@@ -1277,6 +1277,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"{_x(ratios.get('meshproxy_vs_envoy_mtls_cpu'))} |",
         "",
         f"The issue's target (mTLS costs <= 15 % of meshproxy's kept-alive throughput): {verdict}.",
+        *cost_sentences(doc),
         "",
         f"New client connection per request (`wrk -c{plan['close_connections']} "
         f"-H 'Connection: close' --latency`, {plan['close_seconds']:.0f} s; closed loop, latency "
@@ -1339,19 +1340,75 @@ def render_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def handshake_summary(r: dict[str, Any]) -> str:
-    """``handshakes / resumed`` seen by the client sidecar over the measured runs, from
-    Envoy's ``cluster.server.ssl.*`` or any meshproxy TLS counters; ``-`` when unknown."""
-    if not r.get("tls"):
-        return "-"
-    client = r.get("counters", {}).get("client", {})
+def _cpu_us(r: dict[str, Any] | None) -> float | None:
+    """Sidecar CPU per request in µs (CPU s / 1k requests is ms per request)."""
+    if r is None or r.get("status") != "ok":
+        return None
+    v = r["saturation"].get("cpu_s_per_1k")
+    return v * 1000 if v else None
+
+
+def _handshakes(r: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(handshakes, resumed) the client sidecar counted, each None when not counted."""
     hs = res = None
-    for key, v in client.items():
+    for key, v in r.get("counters", {}).get("client", {}).items():
         name = key.split("{", 1)[0].lower()  # the metric's name, not its labels
         if name.endswith("ssl.handshake") or "handshake" in name:
             hs = (hs or 0) + v
         if name.endswith("ssl.session_reused") or "resum" in name:
             res = (res or 0) + v
+    return hs, res
+
+
+def cost_sentences(doc: dict[str, Any]) -> list[str]:
+    """What mTLS adds per request, in sidecar CPU, computed from the rows (kept-alive, then a
+    new sidecar-to-sidecar connection per request)."""
+    rows = {r["key"]: r for r in [*doc["kept_alive"], *doc["new_connection"]]}
+    out: list[str] = []
+    parts = []
+    for stack, name in (("meshproxy", "meshproxy"), ("envoy", "Envoy")):
+        plain, secure = _cpu_us(rows.get(f"{stack}-plain")), _cpu_us(rows.get(f"{stack}-mtls"))
+        if plain and secure:
+            parts.append(
+                f"{name} {secure - plain:,.0f} µs ({plain:,.0f} -> {secure:,.0f} µs, "
+                f"{secure / plain:.2f}x)"
+            )
+    if parts:
+        out += [
+            "",
+            "Sidecar CPU per request (both sidecars) that mTLS adds on kept-alive connections: "
+            + "; ".join(parts)
+            + ".",
+        ]
+    parts = []
+    for stack, name in (("meshproxy", "meshproxy"), ("envoy", "Envoy")):
+        plain_r, secure_r = rows.get(f"{stack}-plain-newconn"), rows.get(f"{stack}-mtls-newconn")
+        plain, secure = _cpu_us(plain_r), _cpu_us(secure_r)
+        if plain and secure and secure_r is not None:
+            hs, res = _handshakes(secure_r)
+            counted = (
+                f", {res:,.0f} of {hs:,.0f} handshakes resumed"
+                if hs is not None and res is not None
+                else ""
+            )
+            parts.append(f"{name} {secure - plain:,.0f} µs{counted}")
+    if parts:
+        out += [
+            "",
+            "With a new sidecar-to-sidecar connection per request (table below), a TLS "
+            "connection costs, in CPU of both sidecars per request beyond a plaintext one: "
+            + "; ".join(parts)
+            + ".",
+        ]
+    return out
+
+
+def handshake_summary(r: dict[str, Any]) -> str:
+    """``handshakes / resumed`` seen by the client sidecar over the measured runs, from
+    Envoy's ``cluster.server.ssl.*`` or any meshproxy TLS counters; ``-`` when unknown."""
+    if not r.get("tls"):
+        return "-"
+    hs, res = _handshakes(r)
     if hs is None and res is None:
         return "- (not counted)"
     return f"{_n(hs)} / {_n(res)}"
@@ -1365,7 +1422,7 @@ def readme_section(doc: dict[str, Any]) -> str:
             "## mTLS cost: `mtls.py` (issue 4)",
             "",
             "```sh",
-            "python benchmarks/mtls.py          # full run, about 4 minutes; rewrites this section",
+            "python benchmarks/mtls.py          # full run, about 5 minutes; rewrites this section",
             "python benchmarks/mtls.py --quick  # smoke run; writes mtls/quick.{md,json} only",
             "python benchmarks/mtls.py --only envoy --no-newconn   # a subset",
             "```",
@@ -1380,7 +1437,10 @@ def readme_section(doc: dict[str, Any]) -> str:
             "name the client's SPIFFE id under mTLS and be absent in plaintext. The plaintext "
             "and mTLS pairs of a proxy run side by side and their saturation rounds alternate. "
             "Envoy runs without Istio's stats / metadata-exchange filters, meshproxy with its "
-            "metrics on (as in `run.py`). All figures, per round and per process, are in "
+            "metrics on (as in `run.py`). Both sidecars share one CPU, so their p99 includes "
+            "waiting for the other one's scheduler time slice (a few ms, the same for every "
+            "configuration): compare p50 and CPU per request. "
+            "All figures, per round and per process, are in "
             "`mtls/latest.json`; the theory of operation is in the docstring of `mtls.py`.",
             "",
             render_markdown(doc).rstrip("\n"),
@@ -1461,6 +1521,27 @@ def wait_quiet(limit: float, threshold: float = 0.3, window: float = 2.0) -> flo
         print(f"   waiting for a quiet machine: others use {share:.2f} CPU", flush=True)
 
 
+def rerender(path: Path, readme: str) -> int:
+    """``--from-json``: the Markdown of a saved run, next to it, and (unless ``--readme no``;
+    ``auto``: a full run's) the README section."""
+    try:
+        doc = json.loads(path.read_text())
+        add_ratios(doc)
+        md = render_markdown(doc)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"mtls.py: cannot re-render {path}: {exc!r}", file=sys.stderr)
+        return 2
+    print(md)
+    try:
+        path.with_suffix(".md").write_text(md)
+        if readme == "yes" or (readme == "auto" and not doc.get("quick")):
+            update_readme(HERE / "README.md", doc)
+    except OSError as exc:
+        print(f"mtls.py: cannot write: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description="The cost of mTLS between two sidecars: meshproxy and Envoy, plaintext "
@@ -1477,6 +1558,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load-cpus", default="1", help="CPU list for the app and the load [1]")
     ap.add_argument("--no-pin", action="store_true", help="do not pin anything")
     ap.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: re-render the Markdown (and the README section) of a saved run",
+    )
+    ap.add_argument(
         "--wait-quiet",
         type=float,
         help="wait up to this many seconds for other processes to leave the CPUs idle "
@@ -1490,6 +1577,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
 
+    if args.from_json is not None:
+        return rerender(args.from_json, args.readme)
     plan = QUICK if args.quick else FULL
     if args.rounds is not None:
         if args.rounds < 1:

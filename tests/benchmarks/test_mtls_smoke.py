@@ -436,6 +436,8 @@ def test_render_markdown_tables() -> None:
     mesh_hs = next(x for x in lines if x.startswith("| meshproxy mTLS | 750 |"))
     assert "| 10 / - |" in mesh_hs
     assert "commit `abc1234 subject`" in md
+    assert "kept-alive connections: meshproxy 10 µs (100 -> 110 µs, 1.10x)." in md
+    assert "beyond a plaintext one: meshproxy 900 µs; Envoy 1,050 µs, 699 of 1,900 handshakes" in md
     assert "Direct latency (subtracted above): p50 100 µs" in md
     # every table row has as many cells as its header
     tables: list[list[str]] = []
@@ -475,6 +477,19 @@ def test_update_readme_rewrites_only_its_section(tmp_path: Path) -> None:
     assert "12,345" in second and "| meshproxy plaintext | 10,000 |" not in second
     assert second.endswith("\ntrailing section\n")
     assert second.startswith("# title\n\nother text\n")
+
+
+def test_from_json_rerenders_a_saved_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    doc = _doc()
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps(doc))
+    assert mtls.main(["--from-json", str(saved), "--readme", "no"]) == 0
+    md = (tmp_path / "run.md").read_text()
+    assert md == capsys.readouterr().out.rstrip("\n") + "\n"
+    assert "| meshproxy mTLS / meshproxy plaintext | 0.90x | 1.10x |" in md
+    (tmp_path / "bad.json").write_text("{not json")
+    assert mtls.main(["--from-json", str(tmp_path / "bad.json"), "--readme", "no"]) == 2
+    assert "cannot re-render" in capsys.readouterr().err
 
 
 def test_bad_arguments_exit_2_without_traceback() -> None:
