@@ -966,8 +966,10 @@ class Pools:
         except ConnectFailure as e:
             self._tls_problem(cs, str(e))
             raise
-        if ctx is not tls.ctx and cs.tls is tls:
-            tls.ctx = ctx  # new files: new connections use them, pooled ones are retired
+        if ctx is not tls.ctx and cs.tls is tls and self._clusters.get(cs.name) is cs:
+            # new files: new connections use them, pooled ones are retired (only for the
+            # cluster's current definition: endpoint states are shared with a newer one)
+            tls.ctx = ctx
             for st in cs.endpoints:
                 st.set_tls_key(tls.key_for(st.key, st.tls_key))
         return ctx

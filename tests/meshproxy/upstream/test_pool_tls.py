@@ -947,3 +947,34 @@ def write_leaf(ca: CA, d: Path, uris: list[str]) -> None:
         )
     )
     (d / "ca.pem").write_bytes(ca.root_pem)
+
+
+async def test_redefinition_while_the_first_file_context_is_built(
+    web_ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """subjectAltNames are tightened while a SIMPLE connect of the old definition awaits its
+    context: that connection (verified under the old names) is never pooled for the new one."""
+    ca_file = write_ca(web_ca, tmp_path / "web-ca.pem")
+    p = pools()
+    loose = TlsPolicy(
+        mode=TlsMode.SIMPLE, ca_certificates=ca_file, subject_alt_names=("api.example.com",)
+    )
+    tight = replace(loose, subject_alt_names=("db.example.com",))
+    async with upstream(web_server_ctx(web_ca, "api.example.com")) as up:
+        c = cluster(up.port, loose, host="api.example.com")
+        real_get = p.file_contexts.get
+
+        async def get_then_redefine(spec: Any) -> ssl.SSLContext:
+            ctx = await real_get(spec)
+            p.cluster_state(redefine(c, tls=tight))
+            return ctx
+
+        monkeypatch.setattr(p.file_contexts, "get", get_then_redefine)
+        cs = p.cluster_state(c)
+        ep = cs.endpoints[0]
+        conn = await p.connect(cs, ep)  # verified under the old names
+        assert await request(conn) == ("-", True)
+        p.release(conn, True, cs)
+        assert p.take_idle(ep) is None
+        monkeypatch.setattr(p.file_contexts, "get", real_get)
+        await expect_tls_failure(p, redefine(c, tls=tight), "db.example.com")
