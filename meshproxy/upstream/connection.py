@@ -39,6 +39,9 @@ A TLS connection (made by ``Pools.connect``) carries ``tls_key``, the pool's
 accepted peer names; None for plaintext): the pool hands it out only while that key is still
 its endpoint's. ``tls_ctx`` is the context itself: after its first complete response the
 connection stores its TLS session on the endpoint with it, for resumption (``tls_pending``).
+A TLS error that ends the first exchange before any response head is reported as
+``Failure.TLS_FAILURE`` (TLS 1.3 servers refuse a client certificate after the client's side
+of the handshake has completed), any other loss as ``Failure.UPSTREAM_RESET``.
 """
 
 from __future__ import annotations
@@ -239,7 +242,22 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self.sink
         if sink is not None:
             self.sink = None
-            sink.on_upstream_lost(Failure.UPSTREAM_RESET)
+            sink.on_upstream_lost(self._lost_failure(exc))
+
+    def _lost_failure(self, exc: Exception | None) -> Failure:
+        """Why the request in flight was lost. A TLS error (the peer's alert) ending a TLS
+        connection's first exchange before any response head is the handshake failing: under
+        TLS 1.3 a server refuses our client certificate only after our side of the handshake
+        is complete, so its alert arrives with the first read (Envoy: 503 UF, TLS error)."""
+        if (
+            isinstance(exc, ssl.SSLError)
+            and self.tls_key is not None
+            and self.requests <= 1
+            and self.tls_pending
+            and not self._parser.get_status_code()
+        ):
+            return Failure.TLS_FAILURE
+        return Failure.UPSTREAM_RESET
 
     def pause_writing(self) -> None:
         if self.sink is not None:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -978,3 +980,91 @@ async def test_redefinition_while_the_first_file_context_is_built(
         assert p.take_idle(ep) is None
         monkeypatch.setattr(p.file_contexts, "get", real_get)
         await expect_tls_failure(p, redefine(c, tls=tight), "db.example.com")
+
+
+@contextmanager
+def alerting_server(ctx: ssl.SSLContext) -> Iterator[int]:
+    """A blocking TLS server on a thread: every handshake it refuses ends with OpenSSL's
+    alert sent to the client (asyncio's server aborts without flushing it)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                sock, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            sock.settimeout(2)
+            tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            try:
+                tls.do_handshake()  # refuses the client: the alert is written
+                tls.recv(1)
+            except OSError:  # ssl.SSLError included
+                pass
+            # close without a reset (the client's request unread would make one, and a
+            # reset can discard the alert before the client reads it): FIN, then drain
+            raw = socket.socket(fileno=tls.detach())
+            try:
+                raw.shutdown(socket.SHUT_WR)
+                while raw.recv(65536):
+                    pass
+            except OSError:
+                pass
+            finally:
+                raw.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+async def test_client_certificate_refused_after_the_handshake_is_a_tls_failure(
+    mesh_ca: CA, tmp_path: Path
+) -> None:
+    """TLS 1.3: the server's alert refusing our certificate arrives after start_tls returned;
+    the request in flight is lost as a TLS failure (503 UF), not as a reset (UC)."""
+    other = init_ca(tmp_path / "other", TD)
+    server_dir = issued(mesh_ca, tmp_path / "s", SERVER_ID)
+    ctx = make_server_context(
+        (server_dir / "cert.pem").read_bytes(),
+        (server_dir / "key.pem").read_bytes(),
+        other.root_pem,
+    )
+    p = pools(store_for(issued(mesh_ca, tmp_path / "c", CLIENT_ID)))
+    requested = 0
+    with alerting_server(ctx) as port:
+        for i in range(3):  # whichever read first sees the alert
+            cs = p.cluster_state(cluster(port, ISTIO, host=f"h{i}.shop"))
+            try:
+                conn = await p.connect(cs, cs.endpoints[0])
+            except ConnectFailure as e:  # the alert came in time for the handshake
+                assert e.tls
+                continue
+            requested += 1
+            with pytest.raises(ConnectionError, match=Failure.TLS_FAILURE.name):
+                await request(conn)
+    assert requested  # TLS 1.3: the client's side of the handshake completes first
+
+
+async def test_reset_after_the_first_response_is_not_a_tls_failure(
+    mesh_ca: CA, tmp_path: Path
+) -> None:
+    server_dir = issued(mesh_ca, tmp_path / "s", SERVER_ID)
+    p = pools(store_for(issued(mesh_ca, tmp_path / "c", CLIENT_ID)))
+    async with upstream(server_ctx(server_dir)) as up:
+        _, conn = await connect(p, cluster(up.port, ISTIO))
+        await request(conn)
+        sink = Sink()
+        conn.bind(sink, False)
+        up.transports[-1].abort()
+        with pytest.raises(ConnectionError, match=Failure.UPSTREAM_RESET.name):
+            await asyncio.wait_for(sink.done, 5)
