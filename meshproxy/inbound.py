@@ -73,6 +73,7 @@ from meshproxy.errors import Failure, local_reply
 from meshproxy.http.codec import TargetError, parse_target
 from meshproxy.http.server import HttpConnection, RequestHead, ServerContext
 from meshproxy.net.listen import BACKLOG, strip_brackets
+from meshproxy.net.tlsproto import TlsLayer
 from meshproxy.proxy import Exchange, ProxyContext
 from meshproxy.settings import Settings
 from meshproxy.state import State
@@ -488,32 +489,28 @@ class InboundListener:
     def _serve(self, conn: socket.socket, ctx: ssl.SSLContext | None) -> None:
         loop = self._loop
         assert loop is not None
-        server_ctx = self._server_ctx
+        inner = InboundConnection(self._server_ctx)
         if ctx is None:
-            task = loop.create_task(
-                loop.connect_accepted_socket(lambda: InboundConnection(server_ctx), conn)
-            )
+            proto: asyncio.Protocol = inner
         else:
-            task = loop.create_task(
-                loop.connect_accepted_socket(
-                    lambda: InboundConnection(server_ctx),
-                    conn,
-                    ssl=ctx,
-                    ssl_handshake_timeout=self._settings.tls_handshake_timeout,
-                )
-            )
+            layer = TlsLayer(ctx, inner, server_side=True, loop=loop)
+            timer = loop.call_later(self._settings.tls_handshake_timeout, layer.abort)
+            layer.handshake.add_done_callback(partial(self._handshake_done, timer))
+            proto = layer
+        task = loop.create_task(loop.connect_accepted_socket(lambda: proto, conn))
         self._handshakes.add(task)
         task.add_done_callback(partial(self._served, conn))
 
-    def _served(self, conn: socket.socket, task: asyncio.Task[Any]) -> None:
-        self._handshakes.discard(task)
-        if task.cancelled():
-            conn.close()
-            return
-        exc = task.exception()
+    def _handshake_done(self, timer: asyncio.TimerHandle, fut: asyncio.Future[None]) -> None:
+        timer.cancel()
+        exc = None if fut.cancelled() else fut.exception()
         if exc is not None:
             self.handshake_failures += 1
-            log.info("inbound: TLS handshake failed: %s", exc)
+            log.info("inbound: TLS handshake failed: %s", exc or type(exc).__name__)
+
+    def _served(self, conn: socket.socket, task: asyncio.Task[Any]) -> None:
+        self._handshakes.discard(task)
+        if task.cancelled() or task.exception() is not None:
             conn.close()
 
     def close(self) -> None:

@@ -42,8 +42,9 @@ once per cluster definition and workload-identity generation (:meth:`Pools._appl
 run for every cluster when :attr:`Pools.identity` swaps): the context (the identity's for
 ISTIO_MUTUAL and auto-mTLS, one built from the DestinationRule's files for SIMPLE / MUTUAL,
 cached by paths and (mtime, size, inode) in :class:`FileContexts` and built off the loop), the
-SNI, and the peer names to accept per endpoint. :meth:`Pools.connect` connects TCP, then runs
-the handshake with ``loop.start_tls`` (so a TCP failure is UF and everything after it a TLS failure,
+SNI, and the peer names to accept per endpoint. :meth:`Pools.connect` connects TCP with a
+:class:`~meshproxy.net.tlsproto.TlsLayer` as the transport's protocol, which runs the handshake
+and then carries the connection (a TCP failure is UF and everything after it a TLS failure,
 ``ConnectFailure(tls=True)``), all under the connect timeout, then checks the peer's SANs
 (any of them may match a configured name, as in Envoy) or SPIFFE id. Pools are keyed by what
 a connection was verified with, a :class:`TlsKey` (context, SNI, accepted names, the
@@ -57,8 +58,7 @@ changes and busy ones are closed instead of pooled when released (their in-fligh
 finishes on the old, still valid, session). The handshake uses the context the connect
 obtained, whatever happens to ``ClusterState.tls`` meanwhile. TLS sessions are
 resumed per endpoint: the session saved after a connection's first response (when TLS 1.3's
-ticket has arrived) is offered by the next handshake to that endpoint, through
-:data:`meshproxy.tls.RESUME_SESSION`.
+ticket has arrived) is offered by the next handshake to that endpoint (``session=``).
 """
 
 from __future__ import annotations
@@ -75,9 +75,9 @@ from typing import TYPE_CHECKING, Any
 from meshproxy.config.model import Cluster, ConnectionPool, Endpoint, Snapshot, TlsMode
 from meshproxy.core.balance import Picker, make_picker
 from meshproxy.core.outlier import HostHealth, OutlierDetector
+from meshproxy.net.tlsproto import TlsLayer
 from meshproxy.settings import Settings
 from meshproxy.tls import (
-    RESUME_SESSION,
     IdentityStore,
     WorkloadIdentity,
     make_client_context,
@@ -885,6 +885,7 @@ class Pools:
             self.reserve(cs, ep)
         tls = cs.tls
         proto: UpstreamConnection | None = None
+        layer: TlsLayer | None = None
         try:
             async with asyncio.timeout(cs.cluster.pool.connect_timeout):
                 if tls is None:
@@ -901,27 +902,33 @@ class Pools:
                     peer = tls.expected_peer(ep.key)
                     if key is None or not key.matches(tls, ctx, peer):
                         key = TlsKey(tls, ctx, peer)
-                    # the session to offer, set before the TCP transport exists: uvloop runs
-                    # start_tls's handshake in the context the transport was created in
                     saved = ep.tls_session
-                    token = RESUME_SESSION.set(
-                        saved[1] if saved is not None and saved[0] is ctx else None
-                    )
+                    session = saved[1] if saved is not None and saved[0] is ctx else None
+                    inner = UpstreamConnection(ep, s.high_water, s.low_water)
                     try:
-                        _, proto = await loop.create_connection(
-                            lambda: UpstreamConnection(ep, s.high_water, s.low_water),
-                            ep.address,
-                            ep.port,
+                        layer = TlsLayer(
+                            ctx,
+                            inner,
+                            server_side=False,
+                            server_hostname=tls.sni,
+                            session=session,
+                            loop=loop,
                         )
-                        await self._handshake(loop, ep, tls, ctx, key, proto)
-                    finally:
-                        RESUME_SESSION.reset(token)
+                    except (ValueError, ssl.SSLError) as e:  # an SNI ssl cannot encode
+                        raise ConnectFailure(f"{ep.key}: TLS: {_ssl_reason(e)}", tls=True) from None
+                    await loop.create_connection(lambda: layer, ep.address, ep.port)
+                    proto = inner  # TCP is up: from here on a failure is a TLS failure
+                    await self._handshake(ep, tls, ctx, key, layer)
         except ConnectFailure:
+            if layer is not None:
+                layer.abort()
             if proto is not None:
                 proto.abort()
             ep.connection_closed()
             raise
         except (OSError, TimeoutError, ValueError, RuntimeError) as e:
+            if layer is not None:
+                layer.abort()
             if proto is None and isinstance(e, ValueError | RuntimeError):
                 ep.connection_closed()
                 raise  # not a network outcome: a bug, reported as such by the caller
@@ -929,13 +936,14 @@ class Pools:
                 proto.abort()
             ep.connection_closed()  # the slot is free again (a waiter may connect)
             if proto is not None:
-                # TCP was up: the handshake failed or timed out (ValueError: an SNI ssl
-                # cannot encode; RuntimeError: the transport closed under start_tls)
+                # TCP was up: the handshake failed or timed out
                 raise ConnectFailure(
                     f"{ep.key}: TLS handshake: {_ssl_reason(e)}", tls=True
                 ) from None
             raise ConnectFailure(f"{ep.key}: {e or type(e).__name__}") from None
         except BaseException:  # cancelled: the attempt was abandoned
+            if layer is not None:
+                layer.abort()
             if proto is not None:
                 proto.abort()
             ep.connection_closed()
@@ -976,23 +984,18 @@ class Pools:
 
     async def _handshake(
         self,
-        loop: asyncio.AbstractEventLoop,
         ep: EndpointState,
         tls: ClientTls,
         ctx: ssl.SSLContext,
         key: TlsKey,
-        proto: UpstreamConnection,
+        layer: TlsLayer,
     ) -> None:
-        """TLS with ``ctx`` over ``proto``'s TCP transport (offering the session the caller
-        put in RESUME_SESSION), then the peer check; ``proto`` is re-attached to the TLS
-        transport and pooled under ``key``."""
-        if proto.transport is None:  # lost between connection_made and here
-            raise ConnectFailure(f"{ep.key}: closed before the TLS handshake", tls=True)
-        transport = await loop.start_tls(proto.transport, proto, ctx, server_hostname=tls.sni)
-        if transport is None:
-            raise ConnectFailure(f"{ep.key}: closed during the TLS handshake", tls=True)
-        proto.connection_made(transport)
-        obj = transport.get_extra_info("ssl_object")
+        """Wait for ``layer``'s handshake (``ctx``, offering the endpoint's saved session),
+        then check the peer; the connection is pooled under ``key``."""
+        await layer.handshake
+        proto = layer.inner
+        assert isinstance(proto, UpstreamConnection)
+        obj = layer.ssl_object
         peer = tls.check_peer(ep, obj)  # raises on a wrong peer
         proto.tls_key = key
         proto.tls_ctx = ctx
@@ -1000,7 +1003,7 @@ class Pools:
         info = tls.info
         info["peer"] = peer
         info["handshakes"] += 1
-        if obj is not None and obj.session_reused:
+        if obj.session_reused:
             info["resumed"] += 1
 
     def release(self, conn: UpstreamConnection, reusable: bool, cs: ClusterState) -> None:
