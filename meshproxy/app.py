@@ -117,7 +117,7 @@ class Proxy:
         except OSError as e:
             raise UsageError(f"cannot listen on admin {format_addr(self.opts.admin)}: {e}") from e
         try:
-            await asyncio.to_thread(self.certs.load_initial)
+            await self.certs.load_initial_async()
         except IdentityError as e:
             await self.admin.close()
             raise UsageError(f"--cert-dir: {e}") from None

@@ -13,9 +13,9 @@ virtual inbound listener does for a pod. Three layers, each decided once and che
    first bytes). The workload's PeerAuthentication mode for the application's port (resolved
    once per snapshot) then decides: STRICT closes a plaintext connection without a byte of
    answer, PERMISSIVE serves both, DISABLE serves plaintext only (TLS bytes then fail HTTP
-   parsing: 400). A TLS connection is handed to the event loop with the current identity's
-   server context (``loop.connect_accepted_socket(..., ssl=...)``): the handshake requires a
-   client certificate chaining to ``ca.pem`` (another CA, an expired certificate or none: the
+   parsing: 400). A TLS connection is handed to the event loop as a plain transport under a
+   :class:`~meshproxy.net.tlsproto.TlsLayer` with the current identity's server context: the
+   handshake requires a client certificate chaining to ``ca.pem`` (another CA, an expired certificate or none: the
    handshake fails and the connection is closed). A certificate rotation swaps the context
    for new connections only; established ones keep their session until they close.
 2. **Per connection** (:class:`InboundConnection`): the verified peer's SPIFFE id, read once

@@ -164,10 +164,12 @@ class TlsLayer(asyncio.Protocol):
                 raw.write(self._out.read())
             return
         except (ssl.SSLError, OSError, ValueError) as e:
-            if self._out.pending:  # the alert, so the peer knows why
-                raw.write(self._out.read())
             self.handshake.set_exception(e)
-            raw.abort()
+            if self._out.pending:  # the alert, so the peer knows why: sent before a FIN
+                raw.write(self._out.read())
+                raw.close()
+            else:
+                raw.abort()
             return
         if self._out.pending:
             raw.write(self._out.read())
