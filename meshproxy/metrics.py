@@ -361,7 +361,15 @@ class Metrics:
         s = self._series.get((id(cluster), code, flags))
         if s is None:
             s = self._new_series(cluster, code, flags)
-        _observe(s, duration_s, request_bytes, response_bytes)
+        # _observe inlined: this runs once per outbound request (a call is ~0.2 us here)
+        ms = duration_s * 1000.0
+        s[0] += 1
+        s[1] += ms
+        s[2] += request_bytes
+        s[3] += response_bytes
+        s[_DUR0 + bisect_left(DURATION_BUCKETS_MS, ms)] += 1
+        s[_REQ0 + (bisect_left(SIZE_BUCKETS, request_bytes) if request_bytes else 0)] += 1
+        s[_RESP0 + bisect_left(SIZE_BUCKETS, response_bytes)] += 1
 
     def record_inbound(
         self,
