@@ -15,9 +15,10 @@ virtual inbound listener does for a pod. Three layers, each decided once and che
    answer, PERMISSIVE serves both, DISABLE serves plaintext only (TLS bytes then fail HTTP
    parsing: 400). A TLS connection is handed to the event loop as a plain transport under a
    :class:`~meshproxy.net.tlsproto.TlsLayer` with the current identity's server context: the
-   handshake requires a client certificate chaining to ``ca.pem`` (another CA, an expired certificate or none: the
-   handshake fails and the connection is closed). A certificate rotation swaps the context
-   for new connections only; established ones keep their session until they close.
+   handshake requires a client certificate chaining to ``ca.pem`` (another CA, an expired
+   certificate or none: the handshake fails and the connection is closed). A certificate
+   rotation swaps the context for new connections only; established ones keep their session
+   until they close.
 2. **Per connection** (:class:`InboundConnection`): the verified peer's SPIFFE id, read once
    from the peer certificate's URI SAN after the handshake.
 3. **Per request** (:class:`InboundExchange`): a client-supplied ``x-forwarded-client-cert``
@@ -360,6 +361,12 @@ def _headers_for_authz(head: RequestHead) -> Mapping[str, str]:
     return out
 
 
+def _handshake_timeout(layer: TlsLayer) -> None:
+    if not layer.handshake.done():
+        layer.handshake.set_exception(TimeoutError("TLS handshake timed out"))
+    layer.abort()
+
+
 class InboundListener:
     """Accepts, sniffs TLS from plaintext by the first byte, and hands each connection to the
     event loop with or without the current identity's server TLS context."""
@@ -494,7 +501,7 @@ class InboundListener:
             proto: asyncio.Protocol = inner
         else:
             layer = TlsLayer(ctx, inner, server_side=True, loop=loop)
-            timer = loop.call_later(self._settings.tls_handshake_timeout, layer.abort)
+            timer = loop.call_later(self._settings.tls_handshake_timeout, _handshake_timeout, layer)
             layer.handshake.add_done_callback(partial(self._handshake_done, timer))
             proto = layer
         task = loop.create_task(loop.connect_accepted_socket(lambda: proto, conn))
@@ -506,7 +513,14 @@ class InboundListener:
         exc = None if fut.cancelled() else fut.exception()
         if exc is not None:
             self.handshake_failures += 1
-            log.info("inbound: TLS handshake failed: %s", exc or type(exc).__name__)
+            n = self.handshake_failures
+            # a scanner must not flood the log: the first, then every 1000th at info level
+            log.log(
+                logging.INFO if n == 1 or n % 1000 == 0 else logging.DEBUG,
+                "inbound: TLS handshake failed (%d so far): %s",
+                n,
+                exc or type(exc).__name__,
+            )
 
     def _served(self, conn: socket.socket, task: asyncio.Task[Any]) -> None:
         self._handshakes.discard(task)

@@ -44,6 +44,11 @@ _WantRead = ssl.SSLWantReadError
 _ZeroReturn = ssl.SSLZeroReturnError
 
 
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 class TlsLayer(asyncio.Protocol):
     """TLS for ``inner`` over a plain transport (see the module docstring)."""
 
@@ -58,6 +63,7 @@ class TlsLayer(asyncio.Protocol):
         "_out",
         "_raw",
         "_started",
+        "_wrote_eof",
         "handshake",
         "inner",
     )
@@ -86,23 +92,31 @@ class TlsLayer(asyncio.Protocol):
         self._raw: asyncio.Transport | None = None
         self._started = False  # handshake done, inner protocol connected
         self._closing = False
+        self._wrote_eof = False
         self._eof = False
         self._lost = False
         self._error: Exception | None = None  # a TLS error that ended the connection
         loop = loop or asyncio.get_running_loop()
         self.handshake: asyncio.Future[None] = loop.create_future()
+        # nobody may be waiting when a connect is abandoned: never "exception never retrieved"
+        self.handshake.add_done_callback(_retrieve)
 
     # ------------------------------------------------------------------ plain side (protocol)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._raw = transport  # type: ignore[assignment]
+        if self._closing:  # aborted before the transport existed
+            transport.abort()  # type: ignore[attr-defined]
+            return
         self._step_handshake()  # the client speaks first; a server just waits
 
     def data_received(self, data: bytes) -> None:
+        if self._closing:  # closed or aborted by the inner protocol: nothing more for it
+            return
         self._in.write(data)
         if not self._started:
             self._step_handshake()
-            if not self._started or not self._in.pending:
+            if not self._started or self._closing or not self._in.pending:
                 return
         c = self._c
         inner = self.inner
@@ -121,7 +135,7 @@ class TlsLayer(asyncio.Protocol):
                 self._peer_closed()
                 return
             inner.data_received(chunk)
-            if self._lost or (not self._in.pending and not c.pending()):
+            if self._closing or self._lost or (not self._in.pending and not c.pending()):
                 break
         out = self._out
         if out.pending and self._raw is not None:  # key updates, session tickets
@@ -130,6 +144,8 @@ class TlsLayer(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if not self._started:
             return False
+        if self._eof:  # close_notify came first: the inner protocol was told already
+            return True
         self._eof = True
         return self.inner.eof_received()
 
@@ -189,6 +205,7 @@ class TlsLayer(asyncio.Protocol):
         """A TLS error (a bad record, the peer's alert): the inner protocol's
         ``connection_lost`` gets it as the reason."""
         self._error = exc
+        self._closing = True
         if self._raw is not None:
             self._raw.abort()
 
@@ -196,7 +213,7 @@ class TlsLayer(asyncio.Protocol):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         raw = self._raw
-        if raw is None or self._closing or self._lost:
+        if raw is None or self._closing or self._wrote_eof or self._lost:
             return
         try:
             self._c.write(data)
@@ -213,7 +230,7 @@ class TlsLayer(asyncio.Protocol):
         if raw is None or self._closing:
             return
         self._closing = True
-        if self._started and not self._lost:
+        if self._started and not self._lost and not self._wrote_eof:
             try:
                 self._obj.unwrap()  # queues close_notify; the peer's is not waited for
             except (ssl.SSLError, ValueError):
@@ -249,7 +266,22 @@ class TlsLayer(asyncio.Protocol):
         return 0 if self._raw is None else self._raw.get_write_buffer_size()
 
     def can_write_eof(self) -> bool:
-        return False
+        return True
+
+    def write_eof(self) -> None:
+        """close_notify, then a FIN; reading goes on (the inner protocol may linger)."""
+        raw = self._raw
+        if raw is None or self._closing or self._wrote_eof or self._lost or not self._started:
+            return
+        try:
+            self._obj.unwrap()
+        except (ssl.SSLError, ValueError):
+            pass
+        if self._out.pending:
+            raw.write(self._out.read())
+        self._wrote_eof = True  # no more writes; reads still go to the inner protocol
+        if raw.can_write_eof():
+            raw.write_eof()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "ssl_object":

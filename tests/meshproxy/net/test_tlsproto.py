@@ -260,3 +260,129 @@ def test_layer_module_has_no_socket_needs(tmp_path: Path) -> None:
 
     layer = asyncio.run(build())
     assert not layer.handshake.done() and "handshaking" in repr(layer)
+
+
+class FakeRaw:
+    """A plain transport stand-in: collects writes, records aborts and closes."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.aborted = False
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.aborted or self.closed
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+def _pair(
+    ids: dict[str, WorkloadIdentity], inner: asyncio.Protocol
+) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, TlsLayer, FakeRaw]:
+    """A client SSLObject (memory BIOs) and a server TlsLayer on a FakeRaw, handshake pending."""
+    ci, co = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = ids["client"].client_context.wrap_bio(ci, co, server_hostname="x")
+    layer = TlsLayer(ids["server"].server_context, inner, server_side=True)
+    raw = FakeRaw()
+    layer.connection_made(raw)  # type: ignore[arg-type]
+    return client, ci, co, layer, raw
+
+
+def _client_handshake(
+    client: ssl.SSLObject,
+    ci: ssl.MemoryBIO,
+    co: ssl.MemoryBIO,
+    layer: TlsLayer,
+    raw: FakeRaw,
+    then: bytes = b"",
+) -> None:
+    """Drive the handshake; the client's last flight goes with ``then`` in one segment."""
+    for _ in range(5):
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            layer.data_received(co.read())
+            ci.write(bytes(raw.out))
+            raw.out.clear()
+    if then:
+        client.write(then)
+    layer.data_received(co.read())
+
+
+async def test_no_data_reaches_an_inner_protocol_that_aborted_in_connection_made(
+    ids: dict[str, WorkloadIdentity],
+) -> None:
+    class Refuses(Recorder):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            transport.abort()
+
+    inner = Refuses()
+    client, ci, co, layer, raw = _pair(ids, inner)
+    _client_handshake(client, ci, co, layer, raw, then=b"GET / HTTP/1.1\r\n\r\n")
+    assert layer.handshake.done() and raw.aborted
+    assert bytes(inner.data) == b""  # the request in the same segment was not delivered
+
+
+async def test_finished_and_data_in_one_segment_are_delivered(
+    ids: dict[str, WorkloadIdentity],
+) -> None:
+    inner = Recorder()
+    client, ci, co, layer, raw = _pair(ids, inner)
+    _client_handshake(client, ci, co, layer, raw, then=b"hello")
+    assert bytes(inner.data) == b"hello"
+
+
+async def test_close_notify_then_fin_is_one_eof(ids: dict[str, WorkloadIdentity]) -> None:
+    calls = []
+
+    class CountsEof(Recorder):
+        def eof_received(self) -> bool:
+            calls.append(1)
+            return True
+
+    inner = CountsEof()
+    client, ci, co, layer, raw = _pair(ids, inner)
+    _client_handshake(client, ci, co, layer, raw)
+    try:
+        client.unwrap()
+    except ssl.SSLWantReadError:
+        pass
+    layer.data_received(co.read())  # close_notify
+    assert layer.eof_received() is True  # then the FIN
+    assert calls == [1]
+
+
+async def test_write_eof_sends_close_notify_and_stops_writes(
+    ids: dict[str, WorkloadIdentity],
+) -> None:
+    inner = Recorder()
+    client, ci, co, layer, raw = _pair(ids, inner)
+    _client_handshake(client, ci, co, layer, raw)
+    ci.write(bytes(raw.out))  # the session tickets sent after the handshake
+    raw.out.clear()
+    layer.write(b"431 answer")
+    layer.write_eof()
+    sent = bytes(raw.out)
+    layer.write(b"late")
+    assert bytes(raw.out) == sent and raw.closed
+    ci.write(sent)
+    assert client.read(100) == b"431 answer"
+    assert client.read(100) == b""  # close_notify: the end of the stream
