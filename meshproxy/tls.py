@@ -120,6 +120,9 @@ class ResumingContext(ssl.SSLContext):
 def _harden(ctx: ssl.SSLContext) -> None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION
+    # no TLS 1.2 renegotiation (BoringSSL, so Envoy, refuses it too): a record layer over
+    # memory BIOs would have to handle a write that needs a read first
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     # OpenSSL 3's default groups (X25519, P-256, ...) and ECDHE suites are the fast ones
     ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
 
