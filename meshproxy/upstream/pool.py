@@ -919,35 +919,23 @@ class Pools:
                     await loop.create_connection(lambda: layer, ep.address, ep.port)
                     proto = inner  # TCP is up: from here on a failure is a TLS failure
                     await self._handshake(ep, tls, ctx, key, layer)
-        except ConnectFailure:
+        except BaseException as e:
             if layer is not None:
                 layer.abort()
-            if proto is not None:
-                proto.abort()
-            ep.connection_closed()
-            raise
-        except (OSError, TimeoutError, ValueError, RuntimeError) as e:
-            if layer is not None:
-                layer.abort()
-            if proto is None and isinstance(e, ValueError | RuntimeError):
-                ep.connection_closed()
-                raise  # not a network outcome: a bug, reported as such by the caller
             if proto is not None:
                 proto.abort()
             ep.connection_closed()  # the slot is free again (a waiter may connect)
-            if proto is not None:
-                # TCP was up: the handshake failed or timed out
+            if isinstance(e, ConnectFailure) or not isinstance(
+                e, OSError | TimeoutError | ValueError | RuntimeError
+            ):
+                raise  # already classified, or cancelled (the attempt was abandoned)
+            if proto is None and isinstance(e, ValueError | RuntimeError):
+                raise  # not a network outcome: a bug, reported as such by the caller
+            if proto is not None:  # TCP was up: the handshake failed or timed out
                 raise ConnectFailure(
                     f"{ep.key}: TLS handshake: {_ssl_reason(e)}", tls=True
                 ) from None
             raise ConnectFailure(f"{ep.key}: {e or type(e).__name__}") from None
-        except BaseException:  # cancelled: the attempt was abandoned
-            if layer is not None:
-                layer.abort()
-            if proto is not None:
-                proto.abort()
-            ep.connection_closed()
-            raise
         ep.opened += 1
         self._metrics.upstream_connection_opened(cs.name)
         assert isinstance(proto, UpstreamConnection)
