@@ -22,7 +22,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import uvloop
 
 from certs.ca import init_ca, issue, write_issued
 from control.istio import build_snapshot
@@ -34,20 +33,15 @@ from meshproxy.metrics import Metrics
 from meshproxy.settings import Settings
 from meshproxy.state import State
 from meshproxy.tls import IdentityStore
+from tests.support import loops
 
-pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy" fixture')
+pytestmark = loops.OVERRIDE_WARNING
+event_loop_policy = loops.event_loop_policy  # every async test here runs on both loops
 
 TD = "cluster.local"
 APP_ID = f"spiffe://{TD}/ns/app-ns/sa/web"
 CLIENT_ID = f"spiffe://{TD}/ns/client-ns/sa/client"
 WORKLOAD = ProxyIdentity(namespace="app-ns", labels={"app": "web"})
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    if request.param == "uvloop":
-        return uvloop.EventLoopPolicy()
-    return asyncio.DefaultEventLoopPolicy()
 
 
 @pytest.fixture(scope="module")

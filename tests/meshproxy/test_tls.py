@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import trustme
-import uvloop
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -41,20 +40,14 @@ from meshproxy.tls import (
     san_matches,
     session_of,
 )
+from tests.support import loops
 
-pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy" fixture')
+pytestmark = loops.OVERRIDE_WARNING
+event_loop_policy = loops.event_loop_policy  # every async test here runs on both loops
 
 TD = "cluster.local"
 SERVER_ID = f"spiffe://{TD}/ns/shop/sa/server"
 CLIENT_ID = f"spiffe://{TD}/ns/shop/sa/client"
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    """Every async test runs on both loops (the proxy runs on uvloop)."""
-    if request.param == "uvloop":
-        return uvloop.EventLoopPolicy()
-    return asyncio.DefaultEventLoopPolicy()
 
 
 @pytest.fixture(scope="module")

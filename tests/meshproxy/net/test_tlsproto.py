@@ -14,22 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
 
 from certs.ca import init_ca, issue, write_issued
 from meshproxy.net.tlsproto import READ_SIZE, TlsLayer
 from meshproxy.tls import WorkloadIdentity, load_identity
+from tests.support import loops
 
-pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy" fixture')
+pytestmark = loops.OVERRIDE_WARNING
+event_loop_policy = loops.event_loop_policy  # every async test here runs on both loops
 
 TD = "cluster.local"
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    if request.param == "uvloop":
-        return uvloop.EventLoopPolicy()
-    return asyncio.DefaultEventLoopPolicy()
 
 
 @pytest.fixture(scope="module")

@@ -48,24 +48,17 @@ from meshproxy.state import State
 from meshproxy.tls import IdentityStore, make_server_context, peer_spiffe_id
 from meshproxy.upstream.connection import UpstreamConnection
 from meshproxy.upstream.pool import ClusterState, ConnectFailure, Pools, istio_sni
-from tests.support import fakes, rawhttp
+from tests.support import fakes, loops, rawhttp
 from tests.support.fakes import FakeMetrics
 
-pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy" fixture')
+pytestmark = loops.OVERRIDE_WARNING
+event_loop_policy = loops.event_loop_policy  # every async test here runs on both loops
 
 TD = "cluster.local"
 SERVER_ID = f"spiffe://{TD}/ns/shop/sa/server"
 CLIENT_ID = f"spiffe://{TD}/ns/front/sa/client"
 CLIENT2_ID = f"spiffe://{TD}/ns/front/sa/client-v2"
 HOST = "reviews.shop.svc.cluster.local"
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    """Every async test runs on both loops (the proxy runs on uvloop)."""
-    if request.param == "uvloop":
-        return uvloop.EventLoopPolicy()
-    return asyncio.DefaultEventLoopPolicy()
 
 
 async def test_runs_on_the_requested_loop(event_loop_policy: object) -> None:
