@@ -177,6 +177,51 @@ def meshproxy_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "meshproxy", *args]
 
 
+async def kill_process(proc: asyncio.subprocess.Process | None) -> None:
+    """SIGKILL ``proc`` by its PID, unless it has exited already, and reap it."""
+    if proc is not None and proc.returncode is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
+async def start_listening(
+    argv: Sequence[str], log_path: Path, what: str
+) -> tuple[asyncio.subprocess.Process, dict[str, str]]:
+    """Start ``python -m meshproxy ARGV`` (stderr to ``log_path``, run from the repository) and
+    read its first stdout line, ``listening outbound=... [inbound=...] admin=...``; returns the
+    process and that line's fields. A process that does not print the line within
+    START_TIMEOUT, or prints another one, is killed and the test fails naming ``what`` with
+    what the process wrote to stderr."""
+
+    def stderr() -> str:
+        return log_path.read_text(errors="replace") if log_path.exists() else ""
+
+    log = open(log_path, "wb")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *meshproxy_argv(*argv),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log,
+            cwd=REPO,
+        )
+    finally:
+        log.close()
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
+    except TimeoutError:
+        await kill_process(proc)
+        raise AssertionError(f"{what} did not start:\n{stderr()}") from None
+    text = line.decode().strip()
+    if not text.startswith("listening "):
+        await kill_process(proc)
+        raise AssertionError(
+            f"{what}: unexpected first line {text!r} (exit {proc.returncode}):\n{stderr()}"
+        )
+    return proc, dict(p.split("=", 1) for p in text.split()[1:])
+
+
 @dataclass
 class MeshProxy:
     """``python -m meshproxy run`` as a subprocess; ``outbound`` / ``admin`` from its line."""
@@ -194,28 +239,7 @@ class MeshProxy:
             argv += ["--config", str(c)]
         argv += ["--outbound", "127.0.0.1:0", "--admin", self.admin or "127.0.0.1:0", *self.extra]
         assert self.log_path is not None
-        log = open(self.log_path, "wb")
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *meshproxy_argv(*argv),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-                cwd=REPO,
-            )
-        finally:
-            log.close()
-        assert self.proc.stdout is not None
-        try:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), START_TIMEOUT)
-        except TimeoutError:
-            await self.kill()
-            raise AssertionError(f"meshproxy did not start:\n{self.stderr()}") from None
-        text = line.decode().strip()
-        if not text.startswith("listening "):
-            await self.kill()
-            raise AssertionError(f"unexpected first line {text!r}:\n{self.stderr()}")
-        fields = dict(p.split("=", 1) for p in text.split()[1:])
+        self.proc, fields = await start_listening(argv, self.log_path, "meshproxy")
         self.outbound, self.admin = fields["outbound"], fields["admin"]
         return self
 
@@ -235,9 +259,7 @@ class MeshProxy:
         return await asyncio.wait_for(self.proc.wait(), timeout)
 
     async def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            await self.proc.wait()
+        await kill_process(self.proc)
 
     async def stop(self) -> int:
         """SIGTERM, wait for exit; SIGKILL if it does not stop."""

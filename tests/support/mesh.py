@@ -57,7 +57,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certs.ca import IssuedCert, generate_key, load_ca, write_issued
-from tests.integration.proxyproc import REPO, meshproxy_argv, request_samples, wait_until
+from tests.integration.proxyproc import (
+    REPO,
+    kill_process,
+    meshproxy_argv,
+    request_samples,
+    start_listening,
+    wait_until,
+)
 from tests.support.rawhttp import Response, get, read_response
 from tests.support.upstream import Recorded, Reply, UpstreamServer
 
@@ -65,7 +72,6 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "mtls"
 TRUST_DOMAIN = "cluster.local"
 WEB_HOST = "web.app-ns.svc.cluster.local"
 PLACEHOLDER = "59501"
-START_TIMEOUT = 20.0
 READY_TIMEOUT = 10.0
 IO_TIMEOUT = 5.0
 
@@ -329,34 +335,12 @@ class Sidecar:
         return [*argv, *self.extra]
 
     async def start(self) -> Sidecar:
-        log = open(self.log_path, "wb")
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *meshproxy_argv(*self.argv()),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-                cwd=REPO,
-            )
-        finally:
-            log.close()
-        assert self.proc.stdout is not None
-        try:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), START_TIMEOUT)
-        except TimeoutError:
-            await self.kill()
-            raise AssertionError(f"sidecar {self.name} did not start:\n{self.stderr()}") from None
-        text = line.decode().strip()
-        if not text.startswith("listening "):
-            await self.kill()
-            raise AssertionError(
-                f"sidecar {self.name}: first line {text!r} (exit {self.proc.returncode}):\n"
-                f"{self.stderr()}"
-            )
-        fields = dict(p.split("=", 1) for p in text.split()[1:])
+        self.proc, fields = await start_listening(
+            self.argv(), self.log_path, f"sidecar {self.name}"
+        )
         self.outbound, self.admin = fields["outbound"], fields["admin"]
         if self.app_port is not None:
-            assert "inbound" in fields, f"sidecar {self.name}: no inbound= in {text!r}"
+            assert "inbound" in fields, f"sidecar {self.name}: no inbound= in {fields!r}"
             self.inbound = fields["inbound"]
 
         async def ready() -> bool:
@@ -378,9 +362,7 @@ class Sidecar:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     async def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            await self.proc.wait()
+        await kill_process(self.proc)
 
     async def stop(self) -> int:
         """SIGTERM by PID and wait; SIGKILL if it does not exit in time."""
