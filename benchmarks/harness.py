@@ -12,10 +12,16 @@ Load is produced in separate processes pinned to the load CPU: ``wrk`` (closed l
 saturation) and ``loadgen.py`` (open loop at a fixed rate, for latency; closed loop, for
 stalls). Their outputs are parsed into plain dicts. Nothing here asserts a timing: this is
 measurement, and failures become ``error`` strings in the results, never tracebacks.
+
+The frame every benchmark script (``run.py``, ``mtls.py``) shares lives here too: tool
+versions and the CPU model for the results' environment, waiting for a quiet machine before a
+full run, the ``--wait-quiet`` / ``--readme`` options, the check for wrk and nginx, and SIGTERM
+turned into KeyboardInterrupt so that every ``finally`` stops what it started.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -237,6 +243,23 @@ def run_wrk(
     script: Path | None = None,
     script_args: list[str] | None = None,
 ) -> dict[str, float | int]:
+    return parse_wrk(wrk_output(port, seconds, connections, cpus, host, path, script, script_args))
+
+
+def wrk_output(
+    port: int,
+    seconds: float,
+    connections: int,
+    cpus: str | None,
+    host: str = "bench.local",
+    path: str = "/",
+    script: Path | None = None,
+    script_args: list[str] | None = None,
+    options: list[str] | None = None,
+) -> str:
+    """Run ``wrk -t1`` (pinned to ``cpus``) for ``seconds`` over ``connections`` connections
+    to ``127.0.0.1:port``; its stdout. ``options`` are more wrk options (``--latency``,
+    ``-H 'Connection: close'``); a wrk that is missing, hangs or fails is a BenchError."""
     wrk = shutil.which("wrk")
     if wrk is None:
         raise BenchError("wrk not found (apt-get install -y wrk)")
@@ -249,6 +272,7 @@ def run_wrk(
         "5s",
         "-H",
         f"Host: {host}",
+        *(options or []),
     ]
     if script is not None:
         argv += ["-s", str(script)]
@@ -263,7 +287,7 @@ def run_wrk(
         raise BenchError(f"wrk did not finish within {seconds + 30:.0f}s") from exc
     if done.returncode != 0:
         raise BenchError(f"wrk failed ({done.returncode}): {done.stderr.strip()[-400:]}")
-    return parse_wrk(done.stdout)
+    return done.stdout
 
 
 # --------------------------------------------------------------------------- loadgen
@@ -348,3 +372,94 @@ def git_head() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() or None
+
+
+# --------------------------------------------------------------------------- the run's frame
+
+
+def tool_version(argv: list[str]) -> str | None:
+    """The version a program prints for ``argv`` (``wrk -v``, ``nginx -v``, ``haproxy -v``,
+    ``envoy --version``), or its first line; None when it is missing or does not answer."""
+    if shutil.which(argv[0]) is None and not os.path.exists(argv[0]):
+        return None
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (done.stdout + done.stderr).strip()
+    m = re.search(r"^wrk (\S+)|version:? (\S+)", text, re.I)  # wrk, nginx, haproxy, envoy
+    if m:
+        return (m.group(1) or m.group(2)).removeprefix("nginx/")[:80]
+    return text.splitlines()[0][:80] if text else None
+
+
+def cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def wait_quiet(limit: float, threshold: float = 0.3, window: float = 2.0) -> float | None:
+    """Wait (up to ``limit`` s) until the machine's busy CPU, with nothing of ours running, is
+    below ``threshold`` CPUs over ``window`` s; returns the last share seen (None: no wait)."""
+    import procstat  # a sibling, imported by name as the scripts import this module
+
+    if limit <= 0:
+        return None
+    deadline = time.monotonic() + limit
+    while True:
+        b0 = procstat.machine_busy_seconds()
+        time.sleep(window)
+        share = (procstat.machine_busy_seconds() - b0) / window
+        if share < threshold or time.monotonic() >= deadline:
+            return round(share, 2)
+        print(f"   waiting for a quiet machine: others use {share:.2f} CPU", flush=True)
+
+
+def add_quiet_and_readme_options(
+    ap: argparse.ArgumentParser, full_wait: float, readme_help: str
+) -> None:
+    """``--wait-quiet`` (default: ``full_wait`` s on a full run, none with ``--quick``; see
+    :func:`quiet_limit`) and ``--readme auto|yes|no``, shared by the benchmark scripts."""
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        help="wait up to this many seconds for other processes to leave the CPUs idle "
+        f"[full run: {full_wait:g}, --quick: 0]",
+    )
+    ap.add_argument(
+        "--readme",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help=readme_help,
+    )
+
+
+def quiet_limit(args: argparse.Namespace, full_wait: float) -> float:
+    """How long to wait for a quiet machine: ``--wait-quiet``, else none on a quick run."""
+    if args.wait_quiet is not None:
+        return float(args.wait_quiet)
+    return 0.0 if args.quick else full_wait
+
+
+def missing_tools(prog: str, tools: tuple[str, ...] = ("wrk", "nginx")) -> bool:
+    """Whether one of ``tools`` is not installed (said on stderr, prefixed with ``prog``)."""
+    for tool in tools:
+        if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
+            print(f"{prog}: {tool} is required (apt-get install -y {tool})", file=sys.stderr)
+            return True
+    return False
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM raise KeyboardInterrupt, which unwinds through every ``finally`` (processes
+    stopped by PID, temp dirs removed) as Ctrl-C does."""
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)

@@ -75,7 +75,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -96,18 +95,24 @@ from harness import (  # noqa: E402
     REPO,
     BenchError,
     Proc,
+    add_quiet_and_readme_options,
+    cpu_model,
     free_port,
     git_head,
     http_get,
+    interrupt_on_sigterm,
+    missing_tools,
     parse_wrk,
-    pinned,
+    quiet_limit,
     run_loadgen,
     run_wrk,
     start,
-    wait_serving,
+    tool_version,
+    wait_quiet,
     wait_until,
+    wrk_output,
 )
-from peers import Upstream, _nginx_head, connections_between, envoy_binary  # noqa: E402
+from peers import Upstream, connections_between, envoy_binary  # noqa: E402
 
 APP_HOST = "app.bench.svc.cluster.local"
 APP_PORT = 80  # the service port of the ServiceEntry (the endpoint's port is B's inbound)
@@ -121,6 +126,7 @@ SNI = f"outbound_.{APP_PORT}_._.{APP_HOST}"  # Istio's SNI for an ISTIO_MUTUAL c
 XFCC_PATH = "/__xfcc"
 README_BEGIN = "<!-- mtls:begin (written by benchmarks/mtls.py; do not edit) -->"
 README_END = "<!-- mtls:end -->"
+QUIET_WAIT = 60.0  # s to wait for a quiet machine before a full run (--wait-quiet)
 TARGET_COST = 0.15  # the issue's target: mTLS costs <= 15 % throughput on kept-alive connections
 
 
@@ -263,6 +269,21 @@ def _tls_params() -> dict[str, str]:
     return {"tls_minimum_protocol_version": "TLSv1_2", "tls_maximum_protocol_version": "TLSv1_3"}
 
 
+def _common_tls(cert_dir: Path, **validation: Any) -> dict[str, Any]:
+    """A ``CommonTlsContext`` presenting the workload certificate in ``cert_dir`` and
+    validating the peer against its ``ca.pem`` (plus ``validation``, e.g. a SAN match)."""
+    return {
+        "tls_params": _tls_params(),
+        "tls_certificates": [
+            {
+                "certificate_chain": {"filename": str(cert_dir / "cert.pem")},
+                "private_key": {"filename": str(cert_dir / "key.pem")},
+            }
+        ],
+        "validation_context": {"trusted_ca": {"filename": str(cert_dir / "ca.pem")}, **validation},
+    }
+
+
 def _hcm(name: str, domains: list[str], cluster: str, xfcc: bool) -> dict[str, Any]:
     config: dict[str, Any] = {
         "@type": f"type.googleapis.com/{_HCM}",
@@ -343,21 +364,12 @@ def envoy_client_config(
             "typed_config": {
                 "@type": f"type.googleapis.com/{_UP_TLS}",
                 "sni": SNI,
-                "common_tls_context": {
-                    "tls_params": _tls_params(),
-                    "tls_certificates": [
-                        {
-                            "certificate_chain": {"filename": str(cert_dir / "cert.pem")},
-                            "private_key": {"filename": str(cert_dir / "key.pem")},
-                        }
+                "common_tls_context": _common_tls(
+                    cert_dir,
+                    match_typed_subject_alt_names=[
+                        {"san_type": "URI", "matcher": {"exact": SERVER_ID}}
                     ],
-                    "validation_context": {
-                        "trusted_ca": {"filename": str(cert_dir / "ca.pem")},
-                        "match_typed_subject_alt_names": [
-                            {"san_type": "URI", "matcher": {"exact": SERVER_ID}}
-                        ],
-                    },
-                },
+                ),
             },
         }
     if conn_per_request:
@@ -383,16 +395,7 @@ def envoy_server_config(
             "typed_config": {
                 "@type": f"type.googleapis.com/{_DOWN_TLS}",
                 "require_client_certificate": True,
-                "common_tls_context": {
-                    "tls_params": _tls_params(),
-                    "tls_certificates": [
-                        {
-                            "certificate_chain": {"filename": str(cert_dir / "cert.pem")},
-                            "private_key": {"filename": str(cert_dir / "key.pem")},
-                        }
-                    ],
-                    "validation_context": {"trusted_ca": {"filename": str(cert_dir / "ca.pem")}},
-                },
+                "common_tls_context": _common_tls(cert_dir),
             },
         }
     listener = {
@@ -410,31 +413,10 @@ class App(Upstream):
     """nginx as the app: ``200 Hello, World!``, ``/__status`` (accepted connections) and
     ``/__xfcc`` (the ``x-forwarded-client-cert`` it received, empty when none)."""
 
-    def start(self) -> None:
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        if not os.path.exists(nginx):
-            raise BenchError("nginx not found (apt-get install -y nginx-light)")
-        d = self.workdir / "app"
-        d.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        conf = f"""{_nginx_head(d)}
-  server {{
-    listen 127.0.0.1:{self.port} backlog=4096;
-    default_type text/plain;
-    location = /__status {{ stub_status; }}
-    location = {XFCC_PATH} {{ return 200 "$http_x_forwarded_client_cert"; }}
-    location / {{ return 200 "Hello, World!"; }}
-  }}
-}}
-"""
-        (d / "nginx.conf").write_text(conf)
-        self.proc = start(
-            "app",
-            [nginx, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")],
-            d,
-            self.cpus,
-        )
-        wait_serving(self.proc, self.port, timeout=15)
+    NAME = "app"
+    EXTRA_LOCATIONS = (
+        f'    location = {XFCC_PATH} {{ return 200 "$http_x_forwarded_client_cert"; }}\n'
+    )
 
 
 # =========================================================================== certificates
@@ -919,33 +901,10 @@ def parse_wrk_latency(text: str) -> dict[str, float]:
 
 def run_wrk_close(port: int, seconds: float, connections: int, cpus: str | None) -> dict:
     """wrk with ``Connection: close``: a new client connection for every request."""
-    wrk = shutil.which("wrk")
-    if wrk is None:
-        raise BenchError("wrk not found (apt-get install -y wrk)")
-    argv = [
-        wrk,
-        "-t1",
-        f"-c{connections}",
-        f"-d{max(1, round(seconds))}s",
-        "--timeout",
-        "5s",
-        "--latency",
-        "-H",
-        f"Host: {APP_HOST}",
-        "-H",
-        "Connection: close",
-        f"http://127.0.0.1:{port}/",
-    ]
-    try:
-        done = subprocess.run(
-            pinned(cpus, argv), capture_output=True, text=True, timeout=seconds + 30
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"wrk did not finish within {seconds + 30:.0f}s") from exc
-    if done.returncode != 0:
-        raise BenchError(f"wrk failed ({done.returncode}): {done.stderr.strip()[-400:]}")
-    out: dict[str, Any] = dict(parse_wrk(done.stdout))
-    out["latency_us"] = parse_wrk_latency(done.stdout)
+    options = ["--latency", "-H", "Connection: close"]
+    text = wrk_output(port, seconds, connections, cpus, host=APP_HOST, options=options)
+    out: dict[str, Any] = dict(parse_wrk(text))
+    out["latency_us"] = parse_wrk_latency(text)
     return out
 
 
@@ -1465,60 +1424,21 @@ def update_readme(path: Path, doc: dict[str, Any]) -> None:
 # =========================================================================== command line
 
 
-def _version(argv: list[str]) -> str | None:
-    if shutil.which(argv[0]) is None and not os.path.exists(argv[0]):
-        return None
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    text = (done.stdout + done.stderr).strip()
-    m = re.search(r"^wrk (\S+)|version:? (\S+)", text, re.I)
-    if m:
-        return (m.group(1) or m.group(2)).removeprefix("nginx/")[:80]
-    return text.splitlines()[0][:80] if text else None
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 def environment(plan: Plan, ctx: Ctx) -> dict[str, Any]:
     envoy = envoy_binary()
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "cpus": os.cpu_count(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "python": sys.version.split()[0],
-        "nginx": _version(["nginx", "-v"]),
-        "envoy": _version([envoy, "--version"]) if envoy else None,
-        "wrk": _version(["wrk", "-v"]),
+        "nginx": tool_version(["nginx", "-v"]),
+        "envoy": tool_version([envoy, "--version"]) if envoy else None,
+        "wrk": tool_version(["wrk", "-v"]),
         "pinning": {"proxies": ctx.proxy_cpus, "load_and_app": ctx.load_cpus},
         "plan": asdict(plan),
         "git": (git_head() or "")[:160] or None,
         "load_average": os.getloadavg()[0],
     }
-
-
-def wait_quiet(limit: float, threshold: float = 0.3, window: float = 2.0) -> float | None:
-    """Wait (up to ``limit`` s) until the machine's busy CPU, with nothing of ours running, is
-    below ``threshold`` CPUs over ``window`` s; returns the last share seen (None: no wait)."""
-    if limit <= 0:
-        return None
-    deadline = time.monotonic() + limit
-    while True:
-        b0 = procstat.machine_busy_seconds()
-        time.sleep(window)
-        share = (procstat.machine_busy_seconds() - b0) / window
-        if share < threshold or time.monotonic() >= deadline:
-            return round(share, 2)
-        print(f"   waiting for a quiet machine: others use {share:.2f} CPU", flush=True)
 
 
 def rerender(path: Path, readme: str) -> int:
@@ -1563,17 +1483,8 @@ def main(argv: list[str] | None = None) -> int:
         metavar="JSON",
         help="measure nothing: re-render the Markdown (and the README section) of a saved run",
     )
-    ap.add_argument(
-        "--wait-quiet",
-        type=float,
-        help="wait up to this many seconds for other processes to leave the CPUs idle "
-        "[full run: 60, --quick: 0]",
-    )
-    ap.add_argument(
-        "--readme",
-        choices=["auto", "yes", "no"],
-        default="auto",
-        help="rewrite the mTLS section of benchmarks/README.md [auto: full runs only]",
+    add_quiet_and_readme_options(
+        ap, QUIET_WAIT, "rewrite the mTLS section of benchmarks/README.md [auto: full runs only]"
     )
     args = ap.parse_args(argv)
 
@@ -1593,15 +1504,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mtls.py: unknown stacks: {', '.join(sorted(unknown))}", file=sys.stderr)
             return 2
         stacks = [s for s in STACKS if s in wanted]
-    for tool in ("wrk", "nginx"):
-        if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
-            print(f"mtls.py: {tool} is required (apt-get install -y {tool})", file=sys.stderr)
-            return 2
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # unwinds through every finally: processes stopped
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    if missing_tools("mtls.py"):
+        return 2
+    interrupt_on_sigterm()  # unwinds through every finally: processes stopped
     pin = not args.no_pin
     workdir = Path(tempfile.mkdtemp(prefix="meshproxy-mtls-"))
     load_cpus = args.load_cpus if pin else None
@@ -1613,9 +1518,7 @@ def main(argv: list[str] | None = None) -> int:
         if "envoy" in stacks
         else "not selected (--only)",
     }
-    quiet = wait_quiet(
-        args.wait_quiet if args.wait_quiet is not None else (0.0 if args.quick else 60.0)
-    )
+    quiet = wait_quiet(quiet_limit(args, QUIET_WAIT))
     t0 = time.monotonic()
     doc: dict[str, Any] = {"quick": args.quick, "plan": asdict(plan), "other_cpu_at_start": quiet}
     try:

@@ -88,7 +88,11 @@ http {{
 
 
 class Upstream:
-    """nginx as the fast upstream; counts accepted connections."""
+    """nginx as the fast upstream; counts accepted connections. A subclass may serve more
+    (``EXTRA_LOCATIONS``, nginx ``location`` lines) from its own directory (``NAME``)."""
+
+    NAME = "upstream"  # its process's name and the directory under the workdir
+    EXTRA_LOCATIONS = ""
 
     def __init__(self, workdir: Path, cpus: str | None) -> None:
         self.workdir = workdir
@@ -100,7 +104,7 @@ class Upstream:
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         if not os.path.exists(nginx):
             raise BenchError("nginx not found (apt-get install -y nginx-light)")
-        d = self.workdir / "upstream"
+        d = self.workdir / self.NAME
         d.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         conf = f"""{_nginx_head(d)}
@@ -108,13 +112,13 @@ class Upstream:
     listen 127.0.0.1:{self.port} backlog=4096;
     default_type text/plain;
     location = /__status {{ stub_status; }}
-    location / {{ return 200 "Hello, World!"; }}
+{self.EXTRA_LOCATIONS}    location / {{ return 200 "Hello, World!"; }}
   }}
 }}
 """
         (d / "nginx.conf").write_text(conf)
         self.proc = start(
-            "upstream",
+            self.NAME,
             [nginx, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")],
             d,
             self.cpus,

@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -40,7 +38,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import procstat
-from harness import HERE, BenchError, git_head, run_loadgen, run_wrk
+from harness import (
+    HERE,
+    BenchError,
+    add_quiet_and_readme_options,
+    cpu_model,
+    git_head,
+    interrupt_on_sigterm,
+    missing_tools,
+    quiet_limit,
+    run_loadgen,
+    run_wrk,
+    tool_version,
+    wait_quiet,
+)
 from peers import (
     Running,
     Upstream,
@@ -74,6 +85,7 @@ class Plan:
 FULL = Plan(10, 2, 64, 10, 1, 1000, 16, 10_000, 2.0, 10.0)
 QUICK = Plan(3, 1, 64, 3, 0.5, 1000, 16, 10_000, 1.0, 10.0)
 
+QUIET_WAIT = 30.0  # s to wait for a quiet machine before a full run (--wait-quiet)
 PEERS = ["direct", "meshproxy-1w", "meshproxy-2w", "nginx", "haproxy", "envoy"]
 
 
@@ -233,33 +245,18 @@ def add_ratios(results: list[dict]) -> None:
 
 
 def environment(plan: Plan, ctx: Context) -> dict:
-    def version(argv: list[str]) -> str | None:
-        import subprocess
-
-        if shutil.which(argv[0]) is None and not os.path.exists(argv[0]):
-            return None
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        text = (done.stdout + done.stderr).strip()
-        m = re.search(r"^wrk (\S+)|version:? (\S+)", text, re.I)  # wrk, nginx, haproxy, envoy
-        if m:
-            return (m.group(1) or m.group(2)).removeprefix("nginx/")[:80]
-        return text.splitlines()[0][:80] if text else None
-
     envoy = envoy_binary()
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "host": platform.node(),
         "cpus": os.cpu_count(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "python": platform.python_version(),
         "kernel": platform.release(),
-        "nginx": version(["nginx", "-v"]),
-        "haproxy": version(["haproxy", "-v"]),
-        "envoy": version([envoy, "--version"]) if envoy else None,
-        "wrk": version(["wrk", "-v"]),
+        "nginx": tool_version(["nginx", "-v"]),
+        "haproxy": tool_version(["haproxy", "-v"]),
+        "envoy": tool_version([envoy, "--version"]) if envoy else None,
+        "wrk": tool_version(["wrk", "-v"]),
         "pinning": {
             "proxy": ctx.proxy_cpus,
             "proxy_multi_worker": ctx.multi_cpus,
@@ -268,33 +265,6 @@ def environment(plan: Plan, ctx: Context) -> dict:
         "plan": plan.__dict__,
         "git": git_head(),
     }
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def wait_quiet(limit: float, threshold: float = 0.3, window: float = 2.0) -> float | None:
-    """Wait (up to ``limit`` s) until the machine's busy CPU, with nothing of ours running, is
-    below ``threshold`` CPUs over ``window`` s; returns the last share seen (None: no wait)."""
-    if limit <= 0:
-        return None
-    deadline = time.monotonic() + limit
-    share = 0.0
-    while True:
-        b0 = procstat.machine_busy_seconds()
-        time.sleep(window)
-        share = (procstat.machine_busy_seconds() - b0) / window
-        if share < threshold or time.monotonic() >= deadline:
-            break
-        print(f"   waiting for a quiet machine: others use {share:.2f} CPU", flush=True)
-    return round(share, 2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,17 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--multi-cpus", default="0,1", help="CPU list for meshproxy-2w [0,1]")
     ap.add_argument("--load-cpus", default="1", help="CPU list for wrk/loadgen/upstream [1]")
     ap.add_argument("--no-pin", action="store_true", help="do not pin anything")
-    ap.add_argument(
-        "--wait-quiet",
-        type=float,
-        help="wait up to this many seconds for other processes to leave the CPUs idle "
-        "[full run: 30, --quick: 0]",
-    )
-    ap.add_argument(
-        "--readme",
-        choices=["auto", "yes", "no"],
-        default="auto",
-        help="rewrite the figures in benchmarks/README.md [auto: full runs only]",
+    add_quiet_and_readme_options(
+        ap, QUIET_WAIT, "rewrite the figures in benchmarks/README.md [auto: full runs only]"
     )
     args = ap.parse_args(argv)
 
@@ -340,19 +301,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run.py: unknown peers: {', '.join(sorted(unknown))}", file=sys.stderr)
             return 2
         peers = [p for p in PEERS if p in wanted or p == "direct"]
-    for tool in ("wrk", "nginx"):
-        if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
-            print(f"run.py: {tool} is required (apt-get install -y {tool})", file=sys.stderr)
-            return 2
+    if missing_tools("run.py"):
+        return 2
     pin = not args.no_pin
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # unwinds through every finally: peers stopped, temp dir removed
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    interrupt_on_sigterm()  # unwinds through every finally: peers stopped, temp dir removed
     t_start = time.monotonic()
-    wait = args.wait_quiet if args.wait_quiet is not None else (0.0 if args.quick else 30.0)
-    quiet = wait_quiet(wait)
+    quiet = wait_quiet(quiet_limit(args, QUIET_WAIT))
     workdir = Path(tempfile.mkdtemp(prefix="meshproxy-bench-"))
     upstream = Upstream(workdir, args.load_cpus if pin else None)
     ctx = Context(
