@@ -112,7 +112,13 @@ from harness import (  # noqa: E402
     wait_until,
     wrk_output,
 )
-from peers import Upstream, connections_between, envoy_binary  # noqa: E402
+from peers import (  # noqa: E402
+    Upstream,
+    connections_between,
+    envoy_binary,
+    meshproxy_env,
+    spawn_meshproxy,
+)
 
 APP_HOST = "app.bench.svc.cluster.local"
 APP_PORT = 80  # the service port of the ServiceEntry (the endpoint's port is B's inbound)
@@ -422,18 +428,11 @@ class App(Upstream):
 # =========================================================================== certificates
 
 
-def _meshproxy_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def _meshproxy_cli(args: list[str], timeout: float = 60.0) -> str:
     argv = [sys.executable, "-m", "meshproxy", *args]
     try:
         done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, env=_meshproxy_env(), cwd=REPO
+            argv, capture_output=True, text=True, timeout=timeout, env=meshproxy_env(), cwd=REPO
         )
     except subprocess.TimeoutExpired as exc:
         what = " ".join(args[:2])
@@ -500,19 +499,6 @@ class Ctx:
     live: list[Pair] = field(default_factory=list)
 
 
-_ADDR = re.compile(r"(\w+)=([\d.]+):(\d+)")
-
-
-def parse_listening(text: str) -> dict[str, int] | None:
-    """The ports of meshproxy's ``listening outbound=H:P [inbound=H:P] admin=H:P`` line."""
-    for line in text.splitlines():
-        if line.startswith("listening "):
-            ports = {m.group(1): int(m.group(3)) for m in _ADDR.finditer(line)}
-            if "outbound" in ports and "admin" in ports:
-                return ports
-    return None
-
-
 def meshproxy_missing() -> str | None:
     """None when ``meshproxy run`` has what this benchmark needs, else what it lacks."""
     if not (REPO / "meshproxy" / "__main__.py").exists():
@@ -528,42 +514,8 @@ def meshproxy_missing() -> str | None:
 def _start_meshproxy(
     name: str, config: Path, extra: list[str], ctx: Ctx, timeout: float = 60.0
 ) -> tuple[Proc, dict[str, int]]:
-    d = ctx.workdir / name
-    argv = [
-        sys.executable,
-        "-m",
-        "meshproxy",
-        "run",
-        "--config",
-        str(config),
-        "--outbound",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--log-level",
-        "warning",
-        *extra,
-    ]
-    proc = start(name, argv, d, ctx.proxy_cpus, env=_meshproxy_env(), cwd=REPO)
-    try:
-        found = wait_until(
-            lambda: parse_listening(proc.stdout_path.read_text(errors="replace")),
-            time.monotonic() + timeout,
-            proc,
-            f"waiting for {name}'s 'listening ...' line",
-        )
-        assert isinstance(found, dict)
-        admin = found["admin"]
-        wait_until(
-            lambda: http_get(admin, "/ready", timeout=5.0).status == 200,
-            time.monotonic() + timeout,
-            proc,
-            f"waiting for {name} /ready",
-        )
-    except BaseException:
-        proc.stop()
-        raise
-    return proc, found
+    extra = ["--log-level", "warning", *extra]
+    return spawn_meshproxy(name, config, extra, ctx.workdir / name, ctx.proxy_cpus, timeout)
 
 
 def start_meshproxy_pair(variant: Variant, ctx: Ctx) -> Pair:

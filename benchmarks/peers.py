@@ -348,7 +348,56 @@ spec:
 """
 
 
-_LISTENING = re.compile(r"listening .*outbound=([\d.]+):(\d+).*admin=([\d.]+):(\d+)")
+_ADDR = re.compile(r"(\w+)=([\d.]+):(\d+)")
+
+
+def parse_listening(text: str) -> dict[str, int] | None:
+    """The ports of meshproxy's ``listening outbound=H:P [inbound=H:P] admin=H:P`` line."""
+    for line in text.splitlines():
+        if line.startswith("listening "):
+            ports = {m.group(1): int(m.group(3)) for m in _ADDR.finditer(line)}
+            if "outbound" in ports and "admin" in ports:
+                return ports
+    return None
+
+
+def meshproxy_env() -> dict[str, str]:
+    """The environment of a ``python -m meshproxy`` child: this checkout importable, output
+    unbuffered (its ``listening ...`` line is read from a file while it runs)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def spawn_meshproxy(
+    name: str, config: Path, extra: list[str], d: Path, cpus: str | None, timeout: float
+) -> tuple[Proc, dict[str, int]]:
+    """Start ``python -m meshproxy run --config CONFIG`` (outbound and admin on port 0, then
+    ``extra``) pinned to ``cpus``, its files in ``d``; wait for its ``listening ...`` line and
+    for ``/ready``. Returns the process and the line's ports; stops it if it never gets there."""
+    argv = [sys.executable, "-m", "meshproxy", "run", "--config", str(config)]
+    argv += ["--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0", *extra]
+    proc = start(name, argv, d, cpus, env=meshproxy_env(), cwd=REPO)
+    try:
+        found = wait_until(
+            lambda: parse_listening(proc.stdout_path.read_text(errors="replace")),
+            time.monotonic() + timeout,
+            proc,
+            f"waiting for {name}'s 'listening ...' line",
+        )
+        assert isinstance(found, dict)
+        admin = found["admin"]
+        wait_until(
+            lambda: http_get(admin, "/ready", timeout=5.0).status == 200,
+            time.monotonic() + timeout,
+            proc,
+            f"waiting for {name} /ready",
+        )
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, found
 
 
 def start_meshproxy(
@@ -362,46 +411,11 @@ def start_meshproxy(
     check_host: str = BENCH_HOST,
 ) -> Running:
     """Start ``python -m meshproxy run`` on ``config_dir`` and wait until it serves."""
-    d = workdir / name
-    d.mkdir(parents=True, exist_ok=True)
-    argv = [
-        sys.executable,
-        "-m",
-        "meshproxy",
-        "run",
-        "--config",
-        str(config_dir),
-        "--outbound",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-    ]
-    if workers != 1:
-        argv += ["--workers", str(workers)]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
+    extra = ["--workers", str(workers)] if workers != 1 else []
     t0 = time.monotonic()
-    proc = start(name, argv, d, cpus, env=env, cwd=REPO)
+    proc, ports = spawn_meshproxy(name, config_dir, extra, workdir / name, cpus, ready_timeout)
+    port, admin = ports["outbound"], ports["admin"]
     try:
-
-        def listening() -> tuple[int, int] | None:
-            m = _LISTENING.search(proc.stdout_path.read_text(errors="replace"))
-            return (int(m.group(2)), int(m.group(4))) if m else None
-
-        found = wait_until(
-            listening,
-            time.monotonic() + ready_timeout,
-            proc,
-            f"waiting for {name}'s 'listening outbound=... admin=...' line",
-        )
-        assert isinstance(found, tuple)
-        port, admin = found
-
-        def ready() -> bool:
-            return http_get(admin, "/ready", timeout=5.0).status == 200
-
-        wait_until(ready, time.monotonic() + ready_timeout, proc, f"waiting for {name} /ready")
         wait_serving(proc, port, host=check_host, path=check_path, timeout=ready_timeout)
     except BaseException:
         proc.stop()

@@ -41,6 +41,7 @@ def _load() -> ModuleType:
 
 
 mtls = _load()
+peers = sys.modules["peers"]  # the sibling mtls.py imports by name (shared with run.py)
 
 HAVE_NGINX = shutil.which("nginx") is not None or Path("/usr/sbin/nginx").exists()
 HAVE_WRK = shutil.which("wrk") is not None
@@ -214,13 +215,13 @@ def test_parse_listening_reads_every_address() -> None:
     text = (
         "starting\nlistening outbound=127.0.0.1:4001 inbound=127.0.0.1:4002 admin=127.0.0.1:4003\n"
     )
-    assert mtls.parse_listening(text) == {"outbound": 4001, "inbound": 4002, "admin": 4003}
-    assert mtls.parse_listening("listening outbound=127.0.0.1:1 admin=127.0.0.1:2") == {
+    assert peers.parse_listening(text) == {"outbound": 4001, "inbound": 4002, "admin": 4003}
+    assert peers.parse_listening("listening outbound=127.0.0.1:1 admin=127.0.0.1:2") == {
         "outbound": 1,
         "admin": 2,
     }
-    assert mtls.parse_listening("listening inbound=127.0.0.1:4002\n") is None
-    assert mtls.parse_listening("") is None
+    assert peers.parse_listening("listening inbound=127.0.0.1:4002\n") is None
+    assert peers.parse_listening("") is None
 
 
 WRK_OUT = """Running 2s test @ http://127.0.0.1:4000/
