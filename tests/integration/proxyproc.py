@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -175,6 +176,14 @@ def write_config(path: Path, text: str) -> None:
 
 def meshproxy_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "meshproxy", *args]
+
+
+def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``python -m meshproxy ARGS`` run to completion from the repository, output captured as
+    text (a one-shot command: ``validate``, ``ca ...``)."""
+    return subprocess.run(
+        meshproxy_argv(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 async def kill_process(proc: asyncio.subprocess.Process | None) -> None:

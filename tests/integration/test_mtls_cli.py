@@ -23,12 +23,11 @@ import json
 import os
 import re
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.integration.proxyproc import REPO, meshproxy_argv, wait_until
+from tests.integration.proxyproc import REPO, meshproxy_argv, run_cli, wait_until
 from tests.support.mesh import (
     CLIENT_ID,
     DATA,
@@ -111,13 +110,7 @@ def flags_of(entry: dict[str, object]) -> set[str]:
 def test_fixtures_are_valid_istio_yaml() -> None:
     """Each sidecar's config in tests/data/mtls passes ``meshproxy validate`` on its own."""
     for name in sorted(p.name for p in DATA.glob("*.yaml")):
-        p = subprocess.run(
-            meshproxy_argv("validate", str(DATA / name)),
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=REPO,
-        )
+        p = run_cli("validate", str(DATA / name), timeout=30)
         assert p.returncode == 0, f"{name}: {p.stdout}{p.stderr}"
         assert p.stdout == "", p.stdout
 

@@ -42,7 +42,6 @@ import os
 import re
 import signal
 import ssl
-import subprocess
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -53,18 +52,18 @@ from typing import Any
 
 import aiohttp
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from certs.ca import IssuedCert, generate_key, load_ca, write_issued
+from certs.ca import load_ca
 from tests.integration.proxyproc import (
     REPO,
     kill_process,
     meshproxy_argv,
     request_samples,
+    run_cli,
     start_listening,
     wait_until,
 )
+from tests.support.forge import forge_identity
 from tests.support.rawhttp import Response, get, read_response
 from tests.support.upstream import Recorded, Reply, UpstreamServer
 
@@ -91,9 +90,7 @@ EXPECTED_XFCC = f"By={WEB_ID};URI={CLIENT_ID}"
 
 def ca_cli(*args: str) -> str:
     """``meshproxy ca ARGS`` as a subprocess; its stdout (fails the test on a non-zero exit)."""
-    p = subprocess.run(
-        meshproxy_argv("ca", *args), capture_output=True, text=True, timeout=30, cwd=REPO
-    )
+    p = run_cli("ca", *args, timeout=30)
     assert p.returncode == 0, f"meshproxy ca {' '.join(args)}: {p.returncode}\n{p.stderr}"
     return p.stdout
 
@@ -131,51 +128,11 @@ async def ca_issue_async(ca_dir: Path, spiffe_id: str, out: Path, ttl: str = "24
 def expired_identity(ca_dir: Path, spiffe_id: str, out: Path) -> Path:
     """A workload identity signed by the CA in ``ca_dir`` (shaped as ``ca issue`` makes them)
     whose certificate expired an hour ago. :func:`certs.ca.issue` refuses a clock before the
-    CA's own validity, so the certificate is built here with the CA's signing key."""
-    ca = load_ca(ca_dir)
-    key = generate_key()
+    CA's own validity, so the certificate is forged with the CA's signing key."""
     now = datetime.now(UTC)
-    usage = x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=True,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
+    return forge_identity(
+        load_ca(ca_dir), out, [spiffe_id], now - timedelta(hours=2), now - timedelta(hours=1)
     )
-    eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(ca.signer.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=2))
-        .not_valid_after(now - timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(usage, critical=True)
-        .add_extension(eku, critical=False)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
-            critical=True,
-        )
-        .sign(ca.signer_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    issued = IssuedCert(
-        spiffe_id=spiffe_id,
-        cert_pem=cert.public_bytes(pem) + ca.chain_pem,
-        key_pem=key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ),
-        ca_pem=ca.root_pem,
-        not_after=cert.not_valid_after_utc,
-    )
-    write_issued(out, issued)
-    return out
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,6 @@ from typing import Any
 import pytest
 import trustme
 import uvloop
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certs.ca import CA, init_ca, issue, write_issued
 from meshproxy.config.model import (
@@ -50,6 +46,7 @@ from meshproxy.upstream.connection import UpstreamConnection
 from meshproxy.upstream.pool import ClusterState, ConnectFailure, Pools, istio_sni
 from tests.support import fakes, loops, rawhttp
 from tests.support.fakes import FakeMetrics
+from tests.support.forge import forge_identity
 
 pytestmark = loops.OVERRIDE_WARNING
 event_loop_policy = loops.event_loop_policy  # every async test here runs on both loops
@@ -82,10 +79,10 @@ def store_for(d: Path) -> IdentityStore:
     return store
 
 
-def server_ctx(d: Path) -> ssl.SSLContext:
-    return make_server_context(
-        (d / "cert.pem").read_bytes(), (d / "key.pem").read_bytes(), (d / "ca.pem").read_bytes()
-    )
+def server_ctx(d: Path, trust: bytes | None = None) -> ssl.SSLContext:
+    """A server presenting the identity in ``d`` and trusting its ``ca.pem`` (or ``trust``)."""
+    bundle = trust if trust is not None else (d / "ca.pem").read_bytes()
+    return make_server_context((d / "cert.pem").read_bytes(), (d / "key.pem").read_bytes(), bundle)
 
 
 # --------------------------------------------------------------------------- an upstream
@@ -321,12 +318,7 @@ async def test_server_refusing_our_certificate(mesh_ca: CA, tmp_path: Path) -> N
     """The server trusts another CA only: TLS 1.3 reports it after the client's Finished;
     the connect (or the first request) fails, never silently."""
     other = init_ca(tmp_path / "other", TD)
-    server_dir = issued(mesh_ca, tmp_path / "s", SERVER_ID)
-    ctx = make_server_context(
-        (server_dir / "cert.pem").read_bytes(),
-        (server_dir / "key.pem").read_bytes(),
-        other.root_pem,
-    )
+    ctx = server_ctx(issued(mesh_ca, tmp_path / "s", SERVER_ID), trust=other.root_pem)
     p = pools(store_for(issued(mesh_ca, tmp_path / "c", CLIENT_ID)))
     async with upstream(ctx) as up:
         cs = p.cluster_state(cluster(up.port, ISTIO))
@@ -894,7 +886,14 @@ async def test_istio_mutual_san_matches_any_uri(mesh_ca: CA, tmp_path: Path) -> 
     accept it (Envoy matches any SAN, not only the first SPIFFE id)."""
     alias = f"spiffe://{TD}/ns/shop/sa/server-alias"
     server_dir = tmp_path / "s"
-    write_leaf(mesh_ca, server_dir, [SERVER_ID, alias])
+    now = datetime.now(UTC)
+    forge_identity(
+        mesh_ca,
+        server_dir,
+        [SERVER_ID, alias],
+        now - timedelta(minutes=1),
+        now + timedelta(hours=1),
+    )
     p = pools(store_for(issued(mesh_ca, tmp_path / "c", CLIENT_ID)))
     async with upstream(server_ctx(server_dir)) as up:
         for i, wanted in enumerate((alias, SERVER_ID)):
@@ -905,43 +904,6 @@ async def test_istio_mutual_san_matches_any_uri(mesh_ca: CA, tmp_path: Path) -> 
             conn.close()
         nope = TlsPolicy(mode=TlsMode.ISTIO_MUTUAL, subject_alt_names=(CLIENT_ID,))
         await expect_tls_failure(p, cluster(up.port, nope, host="h3.shop"), CLIENT_ID)
-
-
-def write_leaf(ca: CA, d: Path, uris: list[str]) -> None:
-    """A workload certificate (as ``ca issue`` makes them) naming several URIs."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(ca.signer.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(now + timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
-            critical=True,
-        )
-        .sign(ca.signer_key, hashes.SHA256())
-    )
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM) + ca.chain_pem)
-    (d / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    (d / "ca.pem").write_bytes(ca.root_pem)
 
 
 async def test_redefinition_while_the_first_file_context_is_built(
@@ -1026,12 +988,7 @@ async def test_client_certificate_refused_after_the_handshake_is_a_tls_failure(
     """TLS 1.3: the server's alert refusing our certificate arrives after start_tls returned;
     the request in flight is lost as a TLS failure (503 UF), not as a reset (UC)."""
     other = init_ca(tmp_path / "other", TD)
-    server_dir = issued(mesh_ca, tmp_path / "s", SERVER_ID)
-    ctx = make_server_context(
-        (server_dir / "cert.pem").read_bytes(),
-        (server_dir / "key.pem").read_bytes(),
-        other.root_pem,
-    )
+    ctx = server_ctx(issued(mesh_ca, tmp_path / "s", SERVER_ID), trust=other.root_pem)
     p = pools(store_for(issued(mesh_ca, tmp_path / "c", CLIENT_ID)))
     requested = 0
     with alerting_server(ctx) as port:
