@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -233,6 +234,17 @@ def parse_wrk(text: str) -> dict[str, float | int]:
     return out
 
 
+_WRK_DIST = re.compile(r"^\s*(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
+
+
+def parse_wrk_latency(text: str) -> dict[str, float]:
+    """wrk ``--latency``'s distribution in µs: ``{"p50": ..., "p75": ..., "p90", "p99"}``."""
+    scale = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
+    return {
+        f"p{m.group(1)}": float(m.group(2)) * scale[m.group(3)] for m in _WRK_DIST.finditer(text)
+    }
+
+
 def run_wrk(
     port: int,
     seconds: float,
@@ -242,24 +254,12 @@ def run_wrk(
     path: str = "/",
     script: Path | None = None,
     script_args: list[str] | None = None,
-) -> dict[str, float | int]:
-    return parse_wrk(wrk_output(port, seconds, connections, cpus, host, path, script, script_args))
-
-
-def wrk_output(
-    port: int,
-    seconds: float,
-    connections: int,
-    cpus: str | None,
-    host: str = "bench.local",
-    path: str = "/",
-    script: Path | None = None,
-    script_args: list[str] | None = None,
-    options: list[str] | None = None,
-) -> str:
-    """Run ``wrk -t1`` (pinned to ``cpus``) for ``seconds`` over ``connections`` connections
-    to ``127.0.0.1:port``; its stdout. ``options`` are more wrk options (``--latency``,
-    ``-H 'Connection: close'``); a wrk that is missing, hangs or fails is a BenchError."""
+    headers: list[str] | None = None,
+    latency: bool = False,
+) -> dict[str, Any]:
+    """``wrk -t1`` (pinned to ``cpus``) for ``seconds`` over ``connections`` connections to
+    ``127.0.0.1:port``, parsed by :func:`parse_wrk`. ``headers`` are more request headers
+    (``"Connection: close"``); with ``latency``, wrk's distribution is ``latency_us`` too."""
     wrk = shutil.which("wrk")
     if wrk is None:
         raise BenchError("wrk not found (apt-get install -y wrk)")
@@ -272,8 +272,11 @@ def wrk_output(
         "5s",
         "-H",
         f"Host: {host}",
-        *(options or []),
     ]
+    for header in headers or []:
+        argv += ["-H", header]
+    if latency:
+        argv.append("--latency")
     if script is not None:
         argv += ["-s", str(script)]
     argv.append(f"http://127.0.0.1:{port}{path}")
@@ -287,7 +290,10 @@ def wrk_output(
         raise BenchError(f"wrk did not finish within {seconds + 30:.0f}s") from exc
     if done.returncode != 0:
         raise BenchError(f"wrk failed ({done.returncode}): {done.stderr.strip()[-400:]}")
-    return done.stdout
+    out: dict[str, Any] = dict(parse_wrk(done.stdout))
+    if latency:
+        out["latency_us"] = parse_wrk_latency(done.stdout)
+    return out
 
 
 # --------------------------------------------------------------------------- loadgen

@@ -102,7 +102,6 @@ from harness import (  # noqa: E402
     http_get,
     interrupt_on_sigterm,
     missing_tools,
-    parse_wrk,
     quiet_limit,
     run_loadgen,
     run_wrk,
@@ -110,7 +109,6 @@ from harness import (  # noqa: E402
     tool_version,
     wait_quiet,
     wait_until,
-    wrk_output,
 )
 from peers import (  # noqa: E402
     Upstream,
@@ -840,24 +838,17 @@ def latency(pair: Pair, ctx: Ctx, seconds: float, rate: float, connections: int)
     return lat
 
 
-_WRK_DIST = re.compile(r"^\s*(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
-
-
-def parse_wrk_latency(text: str) -> dict[str, float]:
-    """wrk ``--latency``'s distribution in µs: ``{"p50": ..., "p75": ..., "p90", "p99"}``."""
-    scale = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
-    return {
-        f"p{m.group(1)}": float(m.group(2)) * scale[m.group(3)] for m in _WRK_DIST.finditer(text)
-    }
-
-
 def run_wrk_close(port: int, seconds: float, connections: int, cpus: str | None) -> dict:
     """wrk with ``Connection: close``: a new client connection for every request."""
-    options = ["--latency", "-H", "Connection: close"]
-    text = wrk_output(port, seconds, connections, cpus, host=APP_HOST, options=options)
-    out: dict[str, Any] = dict(parse_wrk(text))
-    out["latency_us"] = parse_wrk_latency(text)
-    return out
+    return run_wrk(
+        port,
+        seconds,
+        connections,
+        cpus,
+        host=APP_HOST,
+        headers=["Connection: close"],
+        latency=True,
+    )
 
 
 def _median(values: list[float]) -> float | None:

@@ -41,7 +41,9 @@ def _load() -> ModuleType:
 
 
 mtls = _load()
-peers = sys.modules["peers"]  # the sibling mtls.py imports by name (shared with run.py)
+# the siblings mtls.py imports by name (shared with run.py)
+harness = sys.modules["harness"]
+peers = sys.modules["peers"]
 
 HAVE_NGINX = shutil.which("nginx") is not None or Path("/usr/sbin/nginx").exists()
 HAVE_WRK = shutil.which("wrk") is not None
@@ -239,13 +241,13 @@ Requests/sec:   2500.00
 
 
 def test_parse_wrk_latency_in_microseconds() -> None:
-    assert mtls.parse_wrk_latency(WRK_OUT) == {
+    assert harness.parse_wrk_latency(WRK_OUT) == {
         "p50": 750.0,
         "p75": 1020.0,
         "p90": 1500.0,
         "p99": 2_000_000.0,
     }
-    assert mtls.parse_wrk_latency("Requests/sec: 1\n") == {}
+    assert harness.parse_wrk_latency("Requests/sec: 1\n") == {}
 
 
 def test_meshproxy_counters_keep_inbound_security_policy_and_tls_samples() -> None:
