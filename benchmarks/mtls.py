@@ -1097,6 +1097,20 @@ def _us(r: dict[str, Any], q: str) -> str:
     return _n(added)
 
 
+def _not_ok_row(r: dict[str, Any], columns: int) -> str:
+    """A table row of ``columns`` cells for a configuration that did not run: its label, then
+    its status and the first line of its error, then empty cells."""
+    err = str(r.get("error", "")).splitlines()[0][:140] if r.get("error") else ""
+    return f"| {r['label']} | {r['status']}: {err} |" + " |" * (columns - 2)
+
+
+def _cpu_cell(total: float | None, client: float | None, server: float | None) -> str:
+    """CPU s / 1k requests, both sidecars, then split ``(client + server)``."""
+    if total is None:
+        return "-"
+    return f"{total:.4f} ({_n(client, 4)} + {_n(server, 4)})"
+
+
 def render_markdown(doc: dict[str, Any]) -> str:
     """The tables of one run (also what goes between the README markers)."""
     env, plan = doc["environment"], doc["plan"]
@@ -1125,8 +1139,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
     plain = {r["stack"]: r for r in doc["kept_alive"] if not r["tls"] and r["status"] == "ok"}
     for r in rows:
         if r.get("status") != "ok":
-            err = str(r.get("error", "")).splitlines()[0][:140] if r.get("error") else ""
-            lines.append(f"| {r['label']} | {r['status']}: {err} |" + " |" * 10)
+            lines.append(_not_ok_row(r, 12))
             continue
         sat = r["saturation"]
         base = plain.get(r["stack"])
@@ -1135,12 +1148,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
             vs = _x(sat["rps"] / base["saturation"]["rps"])
         elif r["stack"] != "direct" and not r["tls"]:
             vs = "1.00x"
-        cpu = "-"
-        if sat.get("cpu_s_per_1k") is not None:
-            cpu = (
-                f"{sat['cpu_s_per_1k']:.4f} ({_n(sat.get('cpu_s_per_1k_client'), 4)} + "
-                f"{_n(sat.get('cpu_s_per_1k_server'), 4)})"
-            )
+        cpu = _cpu_cell(
+            sat.get("cpu_s_per_1k"), sat.get("cpu_s_per_1k_client"), sat.get("cpu_s_per_1k_server")
+        )
         rss = "-"
         if r.get("peak_rss_kib"):
             p = r["peak_rss_kib"]
@@ -1219,21 +1229,15 @@ def render_markdown(doc: dict[str, Any]) -> str:
     }
     for r in doc["new_connection"]:
         if r.get("status") != "ok":
-            err = str(r.get("error", "")).splitlines()[0][:140] if r.get("error") else ""
-            lines.append(f"| {r['label']} | {r['status']}: {err} |" + " |" * 6)
+            lines.append(_not_ok_row(r, 8))
             continue
         sat = r["saturation"]
         base = plain_nc.get(r["stack"])
         vs = "1.00x"
         if r["tls"]:
             vs = _x(sat["rps"] / base["saturation"]["rps"]) if base else "-"
-        cpu = "-"
-        if sat.get("cpu_s_per_1k") is not None:
-            by_role = sat.get("cpu_s_per_1k_by_role", {})
-            cpu = (
-                f"{sat['cpu_s_per_1k']:.4f} ({_n(by_role.get('client'), 4)} + "
-                f"{_n(by_role.get('server'), 4)})"
-            )
+        by_role = sat.get("cpu_s_per_1k_by_role", {})
+        cpu = _cpu_cell(sat.get("cpu_s_per_1k"), by_role.get("client"), by_role.get("server"))
         lines.append(
             f"| {r['label']} | {_n(sat['rps'])} | {vs} | {_us(r, 'p50')} | {_us(r, 'p99')} | "
             f"{cpu} | {handshake_summary(r)} | "
