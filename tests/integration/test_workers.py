@@ -13,8 +13,10 @@ import pytest
 from tests.integration.proxyproc import (
     MeshProxy,
     Upstream,
+    kill_process,
     request_samples,
     reviews_yaml,
+    start_listening,
     wait_until,
 )
 
@@ -108,3 +110,49 @@ async def test_sigterm_stops_supervisor_and_workers(proxy: MeshProxy) -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+async def test_workers_share_the_inbound_listener(tmp_path: Path) -> None:
+    """``--workers 2 --inbound ... --app ...``: the supervisor reserves the inbound port, every
+    worker serves it (SO_REUSEPORT), and the destination-side metrics are summed."""
+    app = await Upstream("app").start()
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text("")
+    proc, fields = await start_listening(
+        [
+            "run", "--config", str(cfg), "--workers", "2",
+            "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+            "--inbound", "127.0.0.1:0", "--app", f"127.0.0.1:{app.port}",
+            "--namespace", "shop", "--labels", "app=web",
+        ],
+        tmp_path / "meshproxy.log",
+        "meshproxy --workers 2 --inbound",
+    )  # fmt: skip
+    try:
+        inbound, admin = fields["inbound"], fields["admin"]
+        assert inbound.rsplit(":", 1)[1] != "0"
+        for _ in range(N_REQUESTS):  # a fresh connection per request: both workers serve
+            async with aiohttp.ClientSession() as s, s.get(f"http://{inbound}/x") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["name"] == "app"
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://{admin}/workers") as resp:
+                rows = (await resp.json())["workers"]
+            per_worker = []
+            for r in rows:
+                async with s.get(f"http://{r['admin']}/stats/prometheus") as resp:
+                    samples = request_samples(await resp.text())
+                per_worker.append(
+                    sum(x.value for x in samples if x.labels["reporter"] == "destination")
+                )
+            async with s.get(f"http://{admin}/stats/prometheus") as resp:
+                merged = request_samples(await resp.text())
+        assert sum(per_worker) == N_REQUESTS
+        assert all(n > 0 for n in per_worker), f"a worker served nothing: {per_worker}"
+        dest = [x for x in merged if x.labels["reporter"] == "destination"]
+        assert sum(x.value for x in dest) == N_REQUESTS
+        assert {x.labels["connection_security_policy"] for x in dest} == {"none"}
+        assert {x.labels["destination_workload_namespace"] for x in dest} == {"shop"}
+    finally:
+        await kill_process(proc)
+        await app.close()
