@@ -4,9 +4,11 @@ and admin, and runs the process lifecycle (start, serve, drain, exit).
 Theory of operation
 -------------------
 :func:`run` runs :class:`Proxy` on uvloop: it starts the admin server (``/ready`` is 503 from
-then on), builds the first snapshot in a thread (bad config -> exit 2 with the problem lines),
-starts the outbound listener, prints ``listening outbound=HOST:PORT admin=HOST:PORT``
-(flushed; ``/ready`` turns 200) and watches the config files.
+then on), loads the workload identity (``--cert-dir``: a bad one is exit 2) off the loop,
+builds the first snapshot in a thread (bad config -> exit 2 with the problem lines), starts the
+outbound listener and, with ``--inbound``/``--app``, the inbound one, prints
+``listening outbound=HOST:PORT [inbound=HOST:PORT] admin=HOST:PORT`` (flushed; ``/ready``
+turns 200) and watches the config files and the certificate files.
 
 Lifecycle of :class:`Proxy`::
 
