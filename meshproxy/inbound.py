@@ -497,6 +497,8 @@ class InboundListener:
         loop = self._loop
         assert loop is not None
         inner = InboundConnection(self._server_ctx)
+        layer: TlsLayer | None = None
+        timer: asyncio.TimerHandle | None = None
         if ctx is None:
             proto: asyncio.Protocol = inner
         else:
@@ -506,7 +508,7 @@ class InboundListener:
             proto = layer
         task = loop.create_task(loop.connect_accepted_socket(lambda: proto, conn))
         self._handshakes.add(task)
-        task.add_done_callback(partial(self._served, conn))
+        task.add_done_callback(partial(self._served, conn, layer, timer))
 
     def _handshake_done(self, timer: asyncio.TimerHandle, fut: asyncio.Future[None]) -> None:
         timer.cancel()
@@ -522,10 +524,20 @@ class InboundListener:
                 exc or type(exc).__name__,
             )
 
-    def _served(self, conn: socket.socket, task: asyncio.Task[Any]) -> None:
+    def _served(
+        self,
+        conn: socket.socket,
+        layer: TlsLayer | None,
+        timer: asyncio.TimerHandle | None,
+        task: asyncio.Task[Any],
+    ) -> None:
         self._handshakes.discard(task)
         if task.cancelled() or task.exception() is not None:
             conn.close()
+            if timer is not None:
+                timer.cancel()
+            if layer is not None and not layer.handshake.done():
+                layer.handshake.set_exception(ConnectionAbortedError("not served"))
 
     def close(self) -> None:
         """Stop accepting; connections still sniffing are closed, established ones stay."""

@@ -63,6 +63,7 @@ class TlsLayer(asyncio.Protocol):
         "_out",
         "_raw",
         "_started",
+        "_write_paused",
         "_wrote_eof",
         "handshake",
         "inner",
@@ -93,6 +94,7 @@ class TlsLayer(asyncio.Protocol):
         self._started = False  # handshake done, inner protocol connected
         self._closing = False
         self._wrote_eof = False
+        self._write_paused = False
         self._eof = False
         self._lost = False
         self._error: Exception | None = None  # a TLS error that ended the connection
@@ -160,10 +162,12 @@ class TlsLayer(asyncio.Protocol):
             self.inner.connection_lost(exc or self._error)
 
     def pause_writing(self) -> None:
+        self._write_paused = True
         if self._started:
             self.inner.pause_writing()
 
     def resume_writing(self) -> None:
+        self._write_paused = False
         if self._started:
             self.inner.resume_writing()
 
@@ -192,6 +196,8 @@ class TlsLayer(asyncio.Protocol):
         self._started = True
         self.handshake.set_result(None)
         self.inner.connection_made(self)
+        if self._write_paused:  # the plain transport filled up during the handshake
+            self.inner.pause_writing()
 
     def _peer_closed(self) -> None:
         if self._eof:

@@ -380,3 +380,25 @@ async def test_write_eof_sends_close_notify_and_stops_writes(
     ci.write(sent)
     assert client.read(100) == b"431 answer"
     assert client.read(100) == b""  # close_notify: the end of the stream
+
+
+async def test_pause_writing_during_the_handshake_reaches_the_inner_protocol(
+    ids: dict[str, WorkloadIdentity],
+) -> None:
+    events: list[str] = []
+
+    class Flow(Recorder):
+        def pause_writing(self) -> None:
+            events.append("pause")
+
+        def resume_writing(self) -> None:
+            events.append("resume")
+
+    inner = Flow()
+    client, ci, co, layer, raw = _pair(ids, inner)
+    layer.pause_writing()  # the plain transport filled up before the inner protocol existed
+    assert events == []
+    _client_handshake(client, ci, co, layer, raw)
+    assert inner.transport is layer and events == ["pause"]
+    layer.resume_writing()
+    assert events == ["pause", "resume"]
