@@ -338,15 +338,16 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _save_session(self) -> None:
         """Keep this connection's TLS session on its endpoint: the next handshake to the
-        endpoint offers it (with the context it belongs to)."""
+        endpoint offers it, if it is made under the same TLS key (the same context, SNI and
+        accepted peer names: a resumed TLS 1.2 session keeps the SNI it was made with)."""
         self.tls_pending = False
-        ctx = self.tls_ctx
-        if ctx is None or self.transport is None:
+        key = self.tls_key
+        if key is None or self.transport is None:
             return
         obj = self.transport.get_extra_info("ssl_object")
         session = obj.session if obj is not None else None
         if session is not None:
-            self.endpoint.tls_session = (ctx, session)
+            self.endpoint.tls_session = (key, session)
 
     # ------------------------------------------------------------------ idle bookkeeping
 

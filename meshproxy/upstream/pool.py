@@ -432,8 +432,9 @@ class EndpointState:
         # the TLS key new connections get (None: plaintext only): pooled connections made
         # with another one are never handed out (TlsKey)
         self.tls_key: TlsKey | None = None
-        # (context, session) of the last handshake, offered by the next one (resumption)
-        self.tls_session: tuple[ssl.SSLContext, ssl.SSLSession] | None = None
+        # (key, session) of the last handshake, offered by the next one made under the same
+        # key (resumption)
+        self.tls_session: tuple[TlsKey, ssl.SSLSession] | None = None
 
     def set_tls_key(self, key: TlsKey | None) -> None:
         """New connections get ``key``: idle ones made with another are closed (busy ones
@@ -903,7 +904,7 @@ class Pools:
                     if key is None or not key.matches(tls, ctx, peer):
                         key = TlsKey(tls, ctx, peer)
                     saved = ep.tls_session
-                    session = saved[1] if saved is not None and saved[0] is ctx else None
+                    session = saved[1] if saved is not None and saved[0] is key else None
                     inner = UpstreamConnection(ep, s.high_water, s.low_water)
                     try:
                         layer = TlsLayer(

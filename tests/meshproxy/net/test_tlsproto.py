@@ -102,7 +102,7 @@ async def test_layer_to_layer_echo_across_many_records(ids: dict[str, WorkloadId
     server, port, layers = await layer_server(ids["server"], inner, echo=True)
     try:
         layer, r = await layer_client(ids["client"], port)
-        assert layer.ssl_object.version() == "TLSv1.3"
+        assert layer.ssl_object.version() == "TLSv1.2"  # our clients' maximum, as Envoy's
         payload = bytes(range(256)) * 1024  # 256 KiB: many 16 KiB records
         layer.write(payload[:1000])
         layer.write(memoryview(payload)[1000:])
