@@ -199,29 +199,33 @@ def _ensure_dir(path: Path, mode: int) -> None:
         raise CAError(f"{path}: cannot create directory: {e.strerror or e}") from None
 
 
-def _read(path: Path) -> bytes:
+def read_file(path: Path, error: type[Exception] = CAError) -> bytes:
+    """``path``'s bytes; a file that cannot be read raises ``error`` with a message naming it
+    (for the CA's files, and for the workload identity ``meshproxy.tls`` loads)."""
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise CAError(f"{path}: no such file") from None
+        raise error(f"{path}: no such file") from None
     except PermissionError:
-        raise CAError(f"{path}: permission denied") from None
+        raise error(f"{path}: permission denied") from None
     except IsADirectoryError:
-        raise CAError(f"{path}: is a directory, expected a file") from None
+        raise error(f"{path}: is a directory, expected a file") from None
     except OSError as e:
-        raise CAError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise error(f"{path}: cannot read: {e.strerror or e}") from None
+
+
 
 
 def _load_cert(path: Path) -> x509.Certificate:
     try:
-        return x509.load_pem_x509_certificate(_read(path))
+        return x509.load_pem_x509_certificate(read_file(path))
     except ValueError:
         raise CAError(f"{path}: not a PEM certificate") from None
 
 
 def _load_key(path: Path) -> PrivateKey:
     try:
-        key = serialization.load_pem_private_key(_read(path), password=None)
+        key = serialization.load_pem_private_key(read_file(path), password=None)
     except (ValueError, TypeError):
         raise CAError(f"{path}: not an unencrypted PEM private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
@@ -433,7 +437,7 @@ def load_ca(directory: str | os.PathLike[str]) -> CA:
     meta_path = d / CA_META
     if meta_path.exists():
         try:
-            meta = json.loads(_read(meta_path))
+            meta = json.loads(read_file(meta_path))
             trust_domain = meta["trust_domain"] if isinstance(meta, dict) else None
         except (ValueError, KeyError):
             raise CAError(f"{meta_path}: not valid CA metadata") from None

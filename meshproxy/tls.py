@@ -33,13 +33,10 @@ Writers that replace files one at a time (cert first, key second) make a
 key/cert mismatch visible for a moment: that is "transient" and only retried at the next poll
 (logged at debug level, error level only when it persists for ``mismatch_grace`` polls).
 
-Outbound TLS session resumption: asyncio and uvloop take no ``session=`` argument, but both
-call ``self._sslcontext.wrap_bio(...)`` at the Python level when a TLS transport starts. Our
-client contexts are :class:`ResumingContext`, whose ``wrap_bio`` takes the session to offer
-from the :data:`RESUME_SESSION` context variable, set by the connecting task around
-``create_connection`` (the transport's callbacks run in a copy of that task's context, so
-concurrent connects never see each other's value). A session belongs to the context that
-made it (``ssl`` refuses others), so callers keep ``(context, session)`` pairs.
+Outbound TLS session resumption needs no help from here: the data plane's record layer
+(:class:`meshproxy.net.tlsproto.TlsLayer`) passes the saved session to ``wrap_bio`` itself; a
+session belongs to the context that made it, so the pool keeps it with the TLS key it was
+made under.
 
 Peer names: :func:`san_matches` implements the post-handshake check of configured
 ``subjectAltNames`` (URI exact, DNS with a certificate wildcard in the leftmost label, IP).
@@ -49,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import hashlib
 import ipaddress
 import logging
@@ -67,17 +63,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from certs.ca import read_file
+
 log = logging.getLogger(__name__)
 
 CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
 CA_FILE = "ca.pem"
 IDENTITY_FILES = (CERT_FILE, KEY_FILE, CA_FILE)
-
-RESUME_SESSION: contextvars.ContextVar[ssl.SSLSession | None] = contextvars.ContextVar(
-    "meshproxy_resume_session", default=None
-)
-"""The session a client handshake started in this context offers (see ResumingContext)."""
 
 
 class IdentityError(Exception):
@@ -92,29 +85,6 @@ class IdentityError(Exception):
 
 
 # --------------------------------------------------------------------------- contexts
-
-
-class ResumingContext(ssl.SSLContext):
-    """A client context whose TLS objects offer the session in :data:`RESUME_SESSION`.
-
-    Called by asyncio's and uvloop's SSL protocols when a connection starts; a session made
-    by another context is ignored (``ssl`` would raise), so a stale cache entry after a
-    rotation just means a full handshake."""
-
-    def wrap_bio(  # type: ignore[override]
-        self,
-        incoming: ssl.MemoryBIO,
-        outgoing: ssl.MemoryBIO,
-        server_side: bool = False,
-        server_hostname: str | bytes | None = None,
-        session: ssl.SSLSession | None = None,
-    ) -> ssl.SSLObject:
-        if session is None and not server_side:
-            session = RESUME_SESSION.get()
-        try:
-            return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
-        except ValueError:  # "Session refers to a different SSLContext": no resumption
-            return super().wrap_bio(incoming, outgoing, server_side, server_hostname, None)
 
 
 #: Envoy's default cipher suites for TLS 1.2, in its order of preference.
@@ -160,11 +130,11 @@ def make_client_context(
     ca_pem: bytes | None = None,
     verify: bool = True,
     system_roots: bool = False,
-) -> ResumingContext:
-    """A client context (a :class:`ResumingContext`): our chain if given, the server verified
+) -> ssl.SSLContext:
+    """A client context: our chain if given, the server verified
     against ``ca_pem`` (or the system roots), never a hostname check (names are checked by
     the caller after the handshake)."""
-    ctx = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     _harden(ctx)
     ctx.maximum_version = CLIENT_MAX_VERSION
     ctx.check_hostname = False
@@ -208,7 +178,7 @@ class WorkloadIdentity:
     serial: int
     fingerprint: str  # sha256 of the leaf's DER, hex
     server_context: ssl.SSLContext = field(repr=False)
-    client_context: ResumingContext = field(repr=False)
+    client_context: ssl.SSLContext = field(repr=False)
     cert_dir: str = ""
     roots: int = 1  # certificates in ca.pem
     chain_length: int = 1  # certificates in cert.pem
@@ -229,19 +199,6 @@ class WorkloadIdentity:
     def spiffe_id_for(self, namespace: str, service_account: str) -> str:
         """``spiffe://<our trust domain>/ns/<namespace>/sa/<service account>``."""
         return f"spiffe://{self.trust_domain}/ns/{namespace}/sa/{service_account}"
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise IdentityError(f"{path}: no such file") from None
-    except PermissionError:
-        raise IdentityError(f"{path}: permission denied") from None
-    except IsADirectoryError:
-        raise IdentityError(f"{path}: is a directory, expected a PEM file") from None
-    except OSError as e:
-        raise IdentityError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
 def _certs(path: Path, data: bytes) -> list[x509.Certificate]:
@@ -329,9 +286,9 @@ def _load_identity(d: Path, now: datetime | None) -> WorkloadIdentity:
     if not d.is_dir():
         raise IdentityError(f"{d}: not a directory (--cert-dir)")
     cert_path, key_path, ca_path = (d / n for n in IDENTITY_FILES)
-    cert_pem = _read(cert_path)
-    key_pem = _read(key_path)
-    ca_pem = _read(ca_path)
+    cert_pem = read_file(cert_path, IdentityError)
+    key_pem = read_file(key_path, IdentityError)
+    ca_pem = read_file(ca_path, IdentityError)
     chain = _certs(cert_path, cert_pem)
     if not chain:
         raise IdentityError(f"{cert_path}: no certificate in it")
@@ -632,14 +589,4 @@ def san_matches(peercert: dict[str, Any] | None, wanted: Iterable[str]) -> str |
                 return w
         elif any(_dns_match(p, w) for p in dns):
             return w
-    return None
-
-
-def session_of(transport: asyncio.BaseTransport) -> ssl.SSLSession | None:
-    """The TLS session of a client transport (for resumption), if any."""
-    obj = transport.get_extra_info("ssl_object")
-    if obj is None:
-        return None
-    with contextlib.suppress(AttributeError, ValueError):
-        return obj.session
     return None

@@ -2,7 +2,7 @@
 file), the contexts it builds (real handshakes on 127.0.0.1, both loops, uvloop's accepted-socket
 path included), the IdentityStore's reloads (rotation, bad files kept out, a writer caught
 between the cert and the key), peer SPIFFE ids, SAN matching and session resumption through
-ResumingContext; a parser's exception (malformed SAN, unsupported algorithm) is an
+the record layer; a parser's exception (malformed SAN, unsupported algorithm) is an
 IdentityError, the watcher survives anything a poll raises, and load_initial_async calls
 subscribers on the loop."""
 
@@ -29,8 +29,8 @@ from cryptography.x509.oid import ExtensionOID, NameOID
 
 from certs.ca import CA, atomic_write, init_ca, issue, write_issued
 from meshproxy import tls as tls_module
+from meshproxy.net.tlsproto import TlsLayer
 from meshproxy.tls import (
-    RESUME_SESSION,
     IdentityError,
     IdentityStore,
     WorkloadIdentity,
@@ -38,7 +38,6 @@ from meshproxy.tls import (
     make_client_context,
     peer_spiffe_id,
     san_matches,
-    session_of,
 )
 from tests.support import loops
 
@@ -232,21 +231,19 @@ class Client(asyncio.Protocol):
 
 async def roundtrip(
     port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None
-) -> asyncio.Transport:
+) -> TlsLayer:
+    """One ping over a client TLS connection made as the pool makes them (a TlsLayer offering
+    ``session``)."""
     loop = asyncio.get_running_loop()
-    token = RESUME_SESSION.set(session)
-    try:
-        transport, proto = await asyncio.wait_for(
-            loop.create_connection(
-                Client, "127.0.0.1", port, ssl=ctx, server_hostname="outbound_.80_._.svc.a"
-            ),
-            5,
-        )
-    finally:
-        RESUME_SESSION.reset(token)
-    transport.write(b"ping")
+    proto = Client()
+    layer = TlsLayer(
+        ctx, proto, server_side=False, server_hostname="outbound_.80_._.svc.a", session=session
+    )
+    await asyncio.wait_for(loop.create_connection(lambda: layer, "127.0.0.1", port), 5)
+    await asyncio.wait_for(layer.handshake, 5)
+    layer.write(b"ping")
     assert await asyncio.wait_for(proto.got, 5) == b"ping"
-    return transport  # type: ignore[return-value]
+    return layer
 
 
 async def test_mutual_tls_and_resumption(mesh_ca: CA, tmp_path: Path) -> None:
@@ -261,7 +258,7 @@ async def test_mutual_tls_and_resumption(mesh_ca: CA, tmp_path: Path) -> None:
         assert obj.cipher()[0] == "ECDHE-ECDSA-AES128-GCM-SHA256"
         assert peer_spiffe_id(obj) == SERVER_ID
         assert not obj.session_reused
-        session = session_of(t1)  # after data was read: the ticket is in
+        session = t1.ssl_object.session  # after data was read: the ticket is in
         assert session is not None and session.has_ticket
         t1.close()
         t2 = await roundtrip(port, client.client_context, session)
@@ -273,12 +270,11 @@ async def test_mutual_tls_and_resumption(mesh_ca: CA, tmp_path: Path) -> None:
         t3 = await roundtrip(port, client.client_context)
         assert not t3.get_extra_info("ssl_object").session_reused
         t3.close()
-        # a session of another context is ignored, not an error
+        # a session belongs to its context (which is why the pool keeps it with its TLS key)
         other = load_identity(str(issued(mesh_ca, tmp_path / "c2", CLIENT_ID)))
-        t4 = await roundtrip(port, other.client_context, session)
-        assert not t4.get_extra_info("ssl_object").session_reused
-        t4.close()
-    assert seen == [CLIENT_ID] * 4
+        with pytest.raises(ValueError):
+            await roundtrip(port, other.client_context, session)
+    assert seen == [CLIENT_ID] * 3
 
 
 async def test_server_refuses_other_ca_and_no_client_cert(mesh_ca: CA, tmp_path: Path) -> None:
