@@ -37,8 +37,8 @@ sent request.
 A TLS connection (made by ``Pools.connect``) carries ``tls_key``, the pool's
 :class:`~meshproxy.upstream.pool.TlsKey` for what it was made and verified with (context, SNI,
 accepted peer names; None for plaintext): the pool hands it out only while that key is still
-its endpoint's. ``tls_ctx`` is the context itself: after its first complete response the
-connection stores its TLS session on the endpoint with it, for resumption (``tls_pending``).
+its endpoint's. After its first complete response the connection stores its TLS session on
+the endpoint with that key, for resumption (``tls_pending``).
 A TLS error that ends the first exchange before any response head is reported as
 ``Failure.TLS_FAILURE`` (TLS 1.3 servers refuse a client certificate after the client's side
 of the handshake has completed), any other loss as ``Failure.UPSTREAM_RESET``.
@@ -97,7 +97,6 @@ class UpstreamConnection(asyncio.Protocol):
         "idle_since",
         "requests",
         "sink",
-        "tls_ctx",
         "tls_key",
         "tls_pending",
         "transport",
@@ -124,11 +123,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._done: tuple[ResponseSink, bool] | None = None
         self._stray = False  # bytes after the end of the response: never reuse
         self.clean_eof = False  # the connection ended by EOF (not a reset)
-        # TLS: the pool key it was made and verified under (None: plaintext) and its context;
+        # TLS: the pool key it was made and verified under (None: plaintext);
         # tls_pending: its session is saved for resumption after the first response (TLS 1.3
         # tickets arrive after the handshake, read with the response)
         self.tls_key: TlsKey | None = None
-        self.tls_ctx: ssl.SSLContext | None = None
         self.tls_pending = False
 
     # ------------------------------------------------------------------ called by the owner

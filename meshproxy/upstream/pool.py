@@ -919,7 +919,7 @@ class Pools:
                         raise ConnectFailure(f"{ep.key}: TLS: {_ssl_reason(e)}", tls=True) from None
                     await loop.create_connection(lambda: layer, ep.address, ep.port)
                     proto = inner  # TCP is up: from here on a failure is a TLS failure
-                    await self._handshake(ep, tls, ctx, key, layer)
+                    await self._handshake(ep, tls, key, layer)
         except BaseException as e:
             if layer is not None:
                 layer.abort()
@@ -975,19 +975,17 @@ class Pools:
         self,
         ep: EndpointState,
         tls: ClientTls,
-        ctx: ssl.SSLContext,
         key: TlsKey,
         layer: TlsLayer,
     ) -> None:
-        """Wait for ``layer``'s handshake (``ctx``, offering the endpoint's saved session),
-        then check the peer; the connection is pooled under ``key``."""
+        """Wait for ``layer``'s handshake (offering the endpoint's saved session), then check
+        the peer; the connection is pooled under ``key``."""
         await layer.handshake
         proto = layer.inner
         assert isinstance(proto, UpstreamConnection)
         obj = layer.ssl_object
         peer = tls.check_peer(ep, obj)  # raises on a wrong peer
         proto.tls_key = key
-        proto.tls_ctx = ctx
         proto.tls_pending = True  # save the session after the first response (its ticket)
         info = tls.info
         info["peer"] = peer
