@@ -217,11 +217,15 @@ class InboundContext(ProxyContext):
         return partial(InboundExchange, self)
 
     def record(self, ex: Exchange, code: int, flags: str) -> None:
-        conn = ex.conn
-        peer = conn.peer_id if isinstance(conn, InboundConnection) else None
-        mtls = conn.mtls if isinstance(conn, InboundConnection) else False
+        conn: InboundConnection = ex.conn  # type: ignore[assignment]  # this listener's
         self.metrics.record_inbound(
-            peer, mtls, code, flags, time.monotonic() - ex.head.t0, ex.req_bytes, ex.resp_bytes
+            conn.peer_id,
+            conn.mtls,
+            code,
+            flags,
+            time.monotonic() - ex.head.t0,
+            ex.req_bytes,
+            ex.resp_bytes,
         )
 
 
