@@ -19,6 +19,7 @@ from meshproxy.mirror import Mirrorer, shadow_authority, shadow_request_head
 from meshproxy.settings import Settings
 from meshproxy.upstream.connection import UpstreamConnection
 from meshproxy.upstream.pool import ClusterState, EndpointState, Pools
+from tests.support import loops
 from tests.support.fakes import FakeMetrics, cluster
 from tests.support.upstream import Handler, Reply, UpstreamServer
 
@@ -89,17 +90,10 @@ def test_shadow_request_head_any_case_and_spacing_and_no_host() -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-# pytest-asyncio 1.x prefers a conftest ``pytest_asyncio_loop_factories`` hook (not this
-# module's to add); test_runs_on_the_requested_loop fails if the override stops working.
-pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy" fixture')
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    """Every async test runs on both loops (the proxy runs on uvloop)."""
-    if request.param == "uvloop":
-        return uvloop.EventLoopPolicy()
-    return asyncio.DefaultEventLoopPolicy()
+# every async test here runs on both loops; test_runs_on_the_requested_loop fails if the
+# override stops working
+pytestmark = loops.OVERRIDE_WARNING
+event_loop_policy = loops.event_loop_policy
 
 
 async def test_runs_on_the_requested_loop(event_loop_policy: object) -> None:
