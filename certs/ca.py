@@ -22,6 +22,8 @@ receives the whole chain; ``ca_pem`` is the root, the trust anchor a peer verifi
 :func:`sign_csr` does the same for a CSR (the control plane's signing path): it checks the
 CSR's self-signature, that its only SAN is exactly the entitled SPIFFE id, and that its key is
 acceptable; anything else is refused with :class:`CAError` and nothing is signed.
+:func:`issue_server` is :func:`issue` plus DNS/IP SANs, for the control plane's own TLS
+certificate (clients check its hostname as well as the mesh chain).
 
 Validity: ``not_before`` is back-dated by :data:`CLOCK_SKEW` so a peer with a slightly slow
 clock accepts a fresh certificate; ``not_after`` is ``now + ttl`` and must not outlive the
@@ -37,8 +39,10 @@ mode, it is never chmod'ed after the key is in it.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
+import re
 import secrets
 import tempfile
 from dataclasses import dataclass
@@ -67,6 +71,10 @@ CLOCK_SKEW = timedelta(minutes=1)
 MIN_RSA_BITS = 2048
 ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 TOKEN_KEY_BYTES = 32
+_DNS_NAME_RE = re.compile(
+    r"(?:\*\.)?[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca-key.pem"
@@ -101,10 +109,13 @@ __all__ = [
     "IssuedCert",
     "atomic_write",
     "generate_key",
+    "host_sans",
     "init_ca",
     "issue",
+    "issue_server",
     "load_ca",
     "make_csr",
+    "remaining_lifetime",
     "sign_csr",
     "sign_csr_for_token",
     "spiffe_ids_of",
@@ -212,8 +223,6 @@ def read_file(path: Path, error: type[Exception] = CAError) -> bytes:
         raise error(f"{path}: is a directory, expected a file") from None
     except OSError as e:
         raise error(f"{path}: cannot read: {e.strerror or e}") from None
-
-
 
 
 def _load_cert(path: Path) -> x509.Certificate:
@@ -488,6 +497,7 @@ def _workload_cert(
     sid: SpiffeId,
     ttl: timedelta,
     now: datetime,
+    extra_sans: tuple[x509.GeneralName, ...] = (),
 ) -> x509.Certificate:
     not_after = _check_ttl(ca, ttl, now)
     not_before = max(now - CLOCK_SKEW, ca.signer.not_valid_before_utc)
@@ -521,7 +531,7 @@ def _workload_cert(
             critical=False,
         )
         .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(sid.uri)]),
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(sid.uri), *extra_sans]),
             critical=True,  # the subject is empty (RFC 5280 4.2.1.6)
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
@@ -550,6 +560,64 @@ def issue(
         ca_pem=ca.root_pem,
         not_after=cert.not_valid_after_utc,
     )
+
+
+def host_sans(hosts: list[str] | tuple[str, ...]) -> tuple[x509.GeneralName, ...]:
+    """DNS and IP SANs for ``hosts`` (names or literal addresses, ``[v6]`` allowed), in order,
+    without duplicates; the unspecified addresses (``0.0.0.0``, ``::``, empty) are skipped,
+    since no client connects to them. Raises :class:`CAError` for a name that is not a valid
+    DNS name."""
+    out: list[x509.GeneralName] = []
+    for raw in hosts:
+        h = raw.strip().strip("[]").rstrip(".")
+        if not h:
+            continue
+        try:
+            ip = ipaddress.ip_address(h)
+        except ValueError:
+            if not _DNS_NAME_RE.fullmatch(h) or len(h) > 253:
+                raise CAError(f"{raw!r} is neither an IP address nor a DNS name") from None
+            name: x509.GeneralName = x509.DNSName(h.lower())
+        else:
+            if ip.is_unspecified:
+                continue
+            name = x509.IPAddress(ip)
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def issue_server(
+    ca: CA,
+    spiffe_id: str,
+    hosts: list[str] | tuple[str, ...],
+    ttl: timedelta = DEFAULT_WORKLOAD_TTL,
+    *,
+    now: datetime | None = None,
+) -> IssuedCert:
+    """Like :func:`issue`, for a server that clients reach by name or address (the control
+    plane's API): the SPIFFE URI first, then a DNS or IP SAN for each of ``hosts`` (see
+    :func:`host_sans`), so a client checking the hostname (Python's ``check_hostname``) and a
+    mesh peer checking the SPIFFE id both accept it (blocking)."""
+    sid = parse_spiffe_id(spiffe_id, ca.trust_domain)
+    extra = host_sans(hosts)
+    t = _now(now)
+    _check_ttl(ca, ttl, t)
+    key = generate_key()
+    cert = _workload_cert(ca, key.public_key(), sid, ttl, t, extra)
+    return IssuedCert(
+        spiffe_id=sid.uri,
+        cert_pem=_cert_pem(cert) + ca.chain_pem,
+        key_pem=_key_pem(key),
+        ca_pem=ca.root_pem,
+        not_after=cert.not_valid_after_utc,
+    )
+
+
+def remaining_lifetime(ca: CA, now: datetime | None = None) -> timedelta:
+    """How long the signing CA certificate stays valid from ``now`` (the longest TTL it can
+    still sign; zero or negative once it expired)."""
+    return ca.signer.not_valid_after_utc - _now(now)
 
 
 def write_issued(out_dir: str | os.PathLike[str], issued: IssuedCert) -> list[Path]:

@@ -144,8 +144,19 @@ def decode_token(
         raise TokenError("malformed token") from None
     if not hmac.compare_digest(given, expected):
         raise TokenError("token signature does not verify")
+    claims = _parse_payload(parts[1])
+    t = time.time() if now is None else now
+    if t >= claims.expires_at:
+        raise TokenError("token expired")
+    if trust_domain is not None and claims.trust_domain != trust_domain:
+        raise TokenError(f"token is for trust domain {claims.trust_domain!r}, not {trust_domain!r}")
+    return claims
+
+
+def _parse_payload(payload: str) -> TokenClaims:
+    """The claims of a token's (base64url) payload part; :class:`TokenError` if malformed."""
     try:
-        raw = json.loads(_b64d(parts[1]))
+        raw = json.loads(_b64d(payload))
         claims = TokenClaims(
             trust_domain=raw["td"],
             namespace=raw["ns"],
@@ -162,12 +173,33 @@ def decode_token(
         for v in (claims.issued_at, claims.expires_at)
     ):
         raise TokenError("malformed token payload")
-    t = time.time() if now is None else now
-    if t >= claims.expires_at:
-        raise TokenError("token expired")
-    if trust_domain is not None and claims.trust_domain != trust_domain:
-        raise TokenError(f"token is for trust domain {claims.trust_domain!r}, not {trust_domain!r}")
     return claims
+
+
+def unverified_claims(token: str) -> TokenClaims:
+    """The claims ``token`` *says* it carries, its MAC NOT checked and its expiry not either.
+
+    For the bearer (a proxy cannot check the MAC: only the CA holds the key) to know which
+    SPIFFE id to ask for, and for the CA's logs to name what a refused token claimed. Never a
+    basis for granting anything: :func:`decode_token` is. Raises :class:`TokenError` for a
+    token that is not shaped like one, or whose names are not valid SPIFFE parts."""
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_LEN:
+        raise TokenError("malformed token")
+    parts = token.strip().split(".")
+    if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
+        raise TokenError("malformed token")
+    claims = _parse_payload(parts[1])
+    try:
+        claims.spiffe_id  # noqa: B018 -- validates the trust domain and both names
+    except CAError as e:
+        raise TokenError(f"malformed token payload: {e}") from None
+    return claims
+
+
+def token_identity(token: str) -> SpiffeId:
+    """The SPIFFE id ``token`` entitles its bearer to, read without checking the MAC (see
+    :func:`unverified_claims`)."""
+    return unverified_claims(token).spiffe_id
 
 
 def verify_token(

@@ -33,6 +33,10 @@ Writers that replace files one at a time (cert first, key second) make a
 key/cert mismatch visible for a moment: that is "transient" and only retried at the next poll
 (logged at debug level, error level only when it persists for ``mismatch_grace`` polls).
 
+An identity that does not come from files (the control plane signs it: see
+:mod:`meshproxy.certclient`) is checked the same way by :func:`identity_from_pem` and made
+live with :meth:`IdentityStore.publish`, which swaps and notifies exactly as a reload does.
+
 Outbound TLS session resumption needs no help from here: the data plane's record layer
 (:class:`meshproxy.net.tlsproto.TlsLayer`) passes the saved session to ``wrap_bio`` itself; a
 session belongs to the context that made it, so the pool keeps it with the TLS key it was
@@ -151,6 +155,22 @@ def make_client_context(
     return ctx
 
 
+def make_plain_server_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+    """A server context presenting our chain, no client certificate asked for, TLS >= 1.2 (a
+    server its clients verify, such as the control plane's API). :func:`load_chain` on it
+    again replaces the certificate for every later handshake."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(ctx)
+    _load_chain(ctx, cert_pem, key_pem)
+    return ctx
+
+
+def load_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    """(Re)load ``ctx``'s certificate chain and key from PEM bytes (blocking): new handshakes
+    present them, established connections are untouched. Raises ``ssl.SSLError``."""
+    _load_chain(ctx, cert_pem, key_pem)
+
+
 def _load_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
     """``load_cert_chain`` from bytes: through a private temporary directory (0700), so the
     context holds exactly the bytes that were checked, whatever happens to the files now."""
@@ -182,6 +202,7 @@ class WorkloadIdentity:
     cert_dir: str = ""
     roots: int = 1  # certificates in ca.pem
     chain_length: int = 1  # certificates in cert.pem
+    source: str = ""  # where an identity not read from cert_dir came from (identity_from_pem)
 
     def view(self) -> dict[str, Any]:
         """For admin output: what identity is live."""
@@ -194,14 +215,14 @@ class WorkloadIdentity:
             "not_after": self.not_after.isoformat(),
             "roots": self.roots,
             "cert_dir": self.cert_dir,
-        }
+        } | ({"source": self.source} if self.source else {})
 
     def spiffe_id_for(self, namespace: str, service_account: str) -> str:
         """``spiffe://<our trust domain>/ns/<namespace>/sa/<service account>``."""
         return f"spiffe://{self.trust_domain}/ns/{namespace}/sa/{service_account}"
 
 
-def _certs(path: Path, data: bytes) -> list[x509.Certificate]:
+def _certs(path: Path | str, data: bytes) -> list[x509.Certificate]:
     if b"-----BEGIN CERTIFICATE-----" not in data:
         return []
     try:
@@ -270,7 +291,7 @@ def _describe(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _about(path: Path, what: str) -> Iterator[None]:
+def _about(path: Path | str, what: str) -> Iterator[None]:
     """Any non-:class:`IdentityError` raised inside is one about ``path``."""
     try:
         yield
@@ -289,6 +310,56 @@ def _load_identity(d: Path, now: datetime | None) -> WorkloadIdentity:
     cert_pem = read_file(cert_path, IdentityError)
     key_pem = read_file(key_path, IdentityError)
     ca_pem = read_file(ca_path, IdentityError)
+    return _identity_from_bytes(
+        cert_pem, key_pem, ca_pem, (cert_path, key_path, ca_path), d, now, cert_dir=str(d)
+    )
+
+
+def identity_from_pem(
+    cert_pem: bytes,
+    key_pem: bytes,
+    ca_pem: bytes,
+    *,
+    source: str,
+    expect_spiffe_id: str | None = None,
+    now: datetime | None = None,
+) -> WorkloadIdentity:
+    """A :class:`WorkloadIdentity` from PEM bytes that did not come from a ``--cert-dir``
+    (e.g. a certificate the control plane signed), checked exactly as :func:`load_identity`
+    checks files: the key matches the leaf, a SPIFFE URI SAN, valid now, the chain reaches a
+    root of ``ca_pem``, the TLS library accepts it. ``source`` names where the bytes came from
+    in every message (and in :meth:`WorkloadIdentity.view`); with ``expect_spiffe_id`` the
+    leaf's SPIFFE id must be exactly that one. Blocking; raises :class:`IdentityError`."""
+    labels = (f"{source} (cert)", f"{source} (key)", f"{source} (ca)")
+    try:
+        ident = _identity_from_bytes(
+            cert_pem, key_pem, ca_pem, labels, source, now, cert_dir="", source=source
+        )
+    except IdentityError as e:
+        raise IdentityError(str(e)) from None  # never "transient": nothing will rewrite it
+    except Exception as e:  # a parser's complaint about bytes we were handed
+        raise IdentityError(f"{source}: cannot use the certificate: {_describe(e)}") from e
+    if expect_spiffe_id is not None and ident.spiffe_id != expect_spiffe_id:
+        raise IdentityError(
+            f"{source} (cert): the certificate is for {ident.spiffe_id}, not {expect_spiffe_id}"
+        )
+    return ident
+
+
+def _identity_from_bytes(
+    cert_pem: bytes,
+    key_pem: bytes,
+    ca_pem: bytes,
+    labels: tuple[Path | str, Path | str, Path | str],
+    d: Path | str,
+    now: datetime | None,
+    *,
+    cert_dir: str,
+    source: str = "",
+) -> WorkloadIdentity:
+    """The checks and contexts of :func:`load_identity`; ``labels`` name the cert, key and
+    bundle in messages, ``d`` the whole set."""
+    cert_path, key_path, ca_path = labels
     chain = _certs(cert_path, cert_pem)
     if not chain:
         raise IdentityError(f"{cert_path}: no certificate in it")
@@ -350,9 +421,10 @@ def _load_identity(d: Path, now: datetime | None) -> WorkloadIdentity:
         fingerprint=fingerprint,
         server_context=server,
         client_context=client,
-        cert_dir=str(d),
+        cert_dir=cert_dir,
         roots=len(roots),
         chain_length=len(chain),
+        source=source,
     )
 
 
@@ -421,6 +493,12 @@ class IdentityStore:
         self._signature = sig
         self._swap(ident)
         return ident
+
+    def publish(self, identity: WorkloadIdentity) -> None:
+        """Make ``identity`` the live one (``generation`` + 1, subscribers called), for
+        identities that do not come from ``cert_dir`` -- the certificate client's. Call it on
+        the loop's thread, as the watcher swaps."""
+        self._swap(identity)
 
     def subscribe(self, callback: IdentityListener) -> None:
         self._listeners.append(callback)
