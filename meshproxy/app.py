@@ -35,6 +35,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -46,6 +47,7 @@ from meshproxy.config.model import ProxyIdentity
 from meshproxy.metrics import Export, Metrics
 from meshproxy.settings import Settings
 from meshproxy.sources.file import ConfigError, FileSource
+from meshproxy.sources.stream import StreamSource
 from meshproxy.state import State
 from meshproxy.tls import IdentityError, IdentityStore, WorkloadIdentity
 
@@ -66,7 +68,20 @@ def settings_for(opts: RunOptions) -> Settings:
 
 
 def identity_for(opts: RunOptions) -> ProxyIdentity:
-    return ProxyIdentity(namespace=opts.namespace, labels=dict(opts.labels))
+    return ProxyIdentity(
+        namespace=opts.namespace, labels=dict(opts.labels), node_id=opts.node_id or ""
+    )
+
+
+def control_plane_context(ca_file: str | None) -> ssl.SSLContext | None:
+    """How an https control plane is verified: its chain against ``--control-plane-ca`` (the
+    mesh root) and its name against the URL's host; without the flag, the system roots."""
+    if ca_file is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (ssl.SSLError, OSError) as e:
+        raise UsageError(f"--control-plane-ca {ca_file}: {e}") from None
 
 
 class Proxy:
@@ -81,7 +96,19 @@ class Proxy:
         self.state = State()
         self.metrics = Metrics(self.identity)
         self.state.subscribe(self.metrics.on_snapshot)
-        self.source = FileSource(opts.config, self.identity, self.state, settings, self.metrics)
+        self.source: FileSource | StreamSource
+        if opts.control_plane is not None:
+            self.source = StreamSource(
+                opts.control_plane,
+                opts.node_id or "",
+                self.identity,
+                self.state,
+                settings,
+                self.metrics,
+                ssl_context=control_plane_context(opts.control_plane_ca),
+            )
+        else:
+            self.source = FileSource(opts.config, self.identity, self.state, settings, self.metrics)
         try:
             self.access_log = AccessLog.open(opts.access_log)
         except AccessLogError as e:
@@ -124,7 +151,8 @@ class Proxy:
             await self.admin.close()
             raise UsageError(f"--cert-dir: {e}") from None
         try:
-            await self.source.load_initial_async()
+            if isinstance(self.source, FileSource):
+                await self.source.load_initial_async()
         except ConfigError as e:
             await self.admin.close()
             raise UsageError(
@@ -221,7 +249,10 @@ class Proxy:
     async def _watch_config(self) -> None:
         while True:
             try:
-                await self.source.watch()
+                if isinstance(self.source, StreamSource):
+                    await self.source.run()
+                else:
+                    await self.source.watch()
                 return
             except asyncio.CancelledError:
                 raise
@@ -263,6 +294,8 @@ class Proxy:
             snapshot_dump, snapshot, last_error=last_error, listeners=listeners
         )
         dump["pid"] = os.getpid()
+        if isinstance(self.source, StreamSource):
+            dump["control_plane"] = self.source.view()
         ident = self.certs.current
         if ident is not None:
             dump["identity"] = ident.view() | {

@@ -161,6 +161,10 @@ class RunOptions:
     """Everything ``meshproxy run`` was asked to do, typed."""
 
     config: tuple[str, ...]
+    control_plane: str | None = None  # subscribe to this control plane instead of --config
+    node_id: str | None = None
+    control_plane_ca: str | None = None  # root CA file verifying an https control plane
+    token_file: str | None = None  # bootstrap token: certificates from the control plane
     outbound: Addr = ("127.0.0.1", 15001)
     admin: Addr = ("127.0.0.1", 15000)
     inbound: Addr | None = None  # the sidecar inbound listener (with ``app``)
@@ -193,15 +197,40 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="run the proxy",
-        description="Run the proxy in standalone mode: read Istio YAML from --config and "
-        "re-apply it when the files change.",
+        description="Run the proxy: standalone, reading Istio YAML from --config and "
+        "re-applying it when the files change, or as a sidecar of a control plane "
+        "(--control-plane URL --node-id ID).",
     )
     run.add_argument(
         "--config",
         action="append",
-        required=True,
+        default=None,
         metavar="PATH",
         help="Istio YAML file or directory (read recursively for *.yaml/*.yml); repeatable",
+    )
+    run.add_argument(
+        "--control-plane",
+        default=None,
+        metavar="URL",
+        help="subscribe to this control plane (http(s)://HOST:PORT of meshproxy control) "
+        "instead of reading --config",
+    )
+    run.add_argument(
+        "--node-id", default=None, metavar="ID", help="this proxy's name at the control plane"
+    )
+    run.add_argument(
+        "--control-plane-ca",
+        default=None,
+        metavar="FILE",
+        help="root CA file (the mesh CA's ca.pem) that an https control plane's certificate "
+        "must chain to",
+    )
+    run.add_argument(
+        "--token-file",
+        default=None,
+        metavar="FILE",
+        help="bootstrap token (meshproxy ca token): without --cert-dir, obtain this "
+        "workload's certificate from the control plane and renew it at half its lifetime",
     )
     run.add_argument(
         "--outbound",
@@ -310,9 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     val.add_argument("paths", nargs="+", metavar="PATH", help="files or directories")
 
+    from control.cli import add_control_parsers
     from meshproxy.ca_cli import add_ca_parser
 
     add_ca_parser(sub)
+    add_control_parsers(sub)
     return parser
 
 
@@ -320,6 +351,37 @@ def _check_paths(paths: Sequence[str]) -> None:
     for p in paths:
         if not os.path.exists(p):
             raise UsageError(f"{p}: no such file or directory")
+
+
+def _check_source(opts: RunOptions) -> None:
+    """Exactly one config source; the control-plane flags only with --control-plane."""
+    if opts.control_plane is None:
+        if not opts.config:
+            raise UsageError("one of --config PATH or --control-plane URL is required")
+        for flag, value in (
+            ("--node-id", opts.node_id),
+            ("--control-plane-ca", opts.control_plane_ca),
+            ("--token-file", opts.token_file),
+        ):
+            if value is not None:
+                raise UsageError(f"{flag} goes with --control-plane")
+        return
+    if opts.config:
+        raise UsageError("--config and --control-plane are exclusive: choose one config source")
+    if not opts.node_id:
+        raise UsageError("--control-plane needs --node-id ID (this proxy's name)")
+    from meshproxy.sources.stream import parse_control_url
+
+    try:
+        parse_control_url(opts.control_plane)
+    except ValueError as e:
+        raise UsageError(f"--control-plane {opts.control_plane}: {e}") from None
+    files = (("--control-plane-ca", opts.control_plane_ca), ("--token-file", opts.token_file))
+    for flag, path in files:
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"{flag} {path}: no such file")
+    if opts.token_file is not None and opts.cert_dir is not None:
+        raise UsageError("--token-file and --cert-dir are exclusive: one identity source")
 
 
 def setup_logging(level: str) -> None:
@@ -344,7 +406,11 @@ def _validate(paths: Sequence[str]) -> int:
 
 def _run(ns: argparse.Namespace) -> int:
     opts = RunOptions(
-        config=tuple(ns.config),
+        config=tuple(ns.config or ()),
+        control_plane=ns.control_plane,
+        node_id=ns.node_id,
+        control_plane_ca=ns.control_plane_ca,
+        token_file=ns.token_file,
         outbound=ns.outbound,
         admin=ns.admin,
         inbound=ns.inbound,
@@ -363,6 +429,7 @@ def _run(ns: argparse.Namespace) -> int:
         parent_pid=ns.parent_pid,
     )
     _check_paths(opts.config)
+    _check_source(opts)
     if (opts.inbound is None) != (opts.app is None):
         raise UsageError("--inbound and --app go together: the inbound listener fronts --app")
     if opts.cert_dir is not None and not os.path.isdir(opts.cert_dir):
@@ -388,6 +455,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from meshproxy.ca_cli import run_ca
 
             return run_ca(ns)
+        if ns.command == "control":
+            from control.cli import run_control
+
+            return run_control(ns)
+        if ns.command == "status":
+            from control.cli import run_status
+
+            return run_status(ns)
         return _run(ns)
     except UsageError as e:
         print(f"meshproxy: error: {e}", file=sys.stderr)

@@ -48,6 +48,7 @@ class Settings:
     # lifecycle
     drain_seconds: float = 5.0
     reload_debounce: float = 0.1  # quiet time after a config file change before reloading
+    control_heartbeat: float = 15.0  # WebSocket ping interval on the control-plane stream
     # write-side flow control (bytes buffered in a transport before we pause the other side)
     high_water: int = 256 * 1024
     low_water: int = 64 * 1024

@@ -69,10 +69,10 @@ import os
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from meshproxy.config.model import Cluster, ConnectionPool, Endpoint, Snapshot, TlsMode
+from meshproxy.config.model import Cluster, ConnectionPool, Endpoint, Snapshot, TlsMode, TlsPolicy
 from meshproxy.core.balance import Picker, make_picker
 from meshproxy.core.outlier import HostHealth, OutlierDetector
 from meshproxy.net.tlsproto import TlsLayer
@@ -306,6 +306,38 @@ def _build_file_context(spec: FileSpec) -> tuple[Stamps, ssl.SSLContext]:
     except (ssl.SSLError, ValueError) as e:
         raise ConnectFailure(f"TLS files {spec[:3]}: {e}", tls=True) from None
     return stamps, ctx
+
+
+def tls_file_spec(pol: TlsPolicy) -> FileSpec:
+    """The files (and whether to verify) of a SIMPLE / MUTUAL policy."""
+    mutual = pol.mode is TlsMode.MUTUAL
+    return (
+        pol.ca_certificates,
+        pol.client_certificate if mutual else None,
+        pol.private_key if mutual else None,
+        not pol.insecure_skip_verify,
+    )
+
+
+def check_tls_files(clusters: Iterable[Cluster]) -> list[str]:
+    """Blocking (run in a thread): one line per SIMPLE / MUTUAL cluster whose files cannot be
+    read or do not make a TLS context -- what Envoy NACKs a cluster for."""
+    problems: list[str] = []
+    seen: dict[FileSpec, str | None] = {}
+    for c in clusters:
+        pol = c.tls
+        if pol is None or pol.mode not in (TlsMode.SIMPLE, TlsMode.MUTUAL):
+            continue
+        spec = tls_file_spec(pol)
+        if spec not in seen:
+            try:
+                _build_file_context(spec)
+                seen[spec] = None
+            except ConnectFailure as e:
+                seen[spec] = str(e)
+        if seen[spec] is not None:
+            problems.append(f"cluster {c.name}: tls: {seen[spec]}")
+    return problems
 
 
 def _stamps(spec: FileSpec) -> Stamps:
@@ -710,12 +742,7 @@ class Pools:
                 generation=store.generation if store is not None else 0,
             )
         verify = not pol.insecure_skip_verify
-        files: FileSpec = (
-            pol.ca_certificates,
-            pol.client_certificate if pol.mode is TlsMode.MUTUAL else None,
-            pol.private_key if pol.mode is TlsMode.MUTUAL else None,
-            verify,
-        )
+        files = tls_file_spec(pol)
         host = cluster.host
         sni = pol.sni or (None if host.startswith("*") else host)
         # insecureSkipVerify skips the name check too (no verified certificate to read)

@@ -1,0 +1,253 @@
+"""``meshproxy control`` and ``meshproxy status``: argparse wiring and the two commands.
+
+Theory of operation
+-------------------
+:func:`add_control_parsers` registers both commands on :mod:`meshproxy.cli`'s subparsers.
+``control`` loads DIR once synchronously (problems: exit 2 with one line per problem, like
+every command's bad config at start-up), optionally loads the CA (``--ca-dir``: signing and a
+TLS serving certificate), starts the aiohttp server on ``--listen``, prints
+``listening control=HOST:PORT`` (flushed) and watches DIR until SIGTERM/SIGINT, which close
+every stream and exit 0. ``status`` fetches ``/status`` and prints one row per proxy, like
+``istioctl proxy-status``; ``--json`` prints the object as it came.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import ssl
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime, timedelta
+from typing import Any
+
+from meshproxy.cli import LOG_LEVELS, UsageError, format_addr, parse_addr, setup_logging
+
+log = logging.getLogger("meshproxy.control")
+
+DEFAULT_LISTEN = "127.0.0.1:15010"
+
+
+def _ttl(text: str) -> timedelta:
+    from certs.spiffe import CAError, parse_duration
+
+    try:
+        return parse_duration(text, "TTL")
+    except CAError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_control_parsers(sub: Any) -> None:
+    ctl = sub.add_parser(
+        "control",
+        help="run the control plane",
+        description="Watch DIR (Istio YAML), validate it, and push versioned per-proxy config "
+        "to every proxy connected on /v1/stream; GET /status tells who runs what.",
+    )
+    ctl.add_argument(
+        "--config", action="append", required=True, metavar="DIR", help="Istio YAML; repeatable"
+    )
+    ctl.add_argument(
+        "--listen",
+        type=parse_addr,
+        default=DEFAULT_LISTEN,
+        metavar="ADDR",
+        help=f"HOST:PORT to serve on (port 0: OS-chosen) [{DEFAULT_LISTEN}]",
+    )
+    ctl.add_argument(
+        "--ca-dir",
+        default=None,
+        metavar="DIR",
+        help="the mesh CA (meshproxy ca init): sign workload CSRs on POST /v1/certificates "
+        "and serve this API over TLS with a certificate from that CA",
+    )
+    ctl.add_argument(
+        "--cert-ttl",
+        type=_ttl,
+        default=timedelta(hours=24),
+        metavar="DURATION",
+        help="lifetime of the workload certificates it signs [24h]",
+    )
+    ctl.add_argument(
+        "--debounce",
+        type=float,
+        default=0.1,
+        metavar="S",
+        help="quiet time after a file change before reloading [0.1]",
+    )
+    ctl.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="[info]")
+
+    st = sub.add_parser(
+        "status",
+        help="which proxy runs which config (like istioctl proxy-status)",
+        description="Ask a control plane which config version each connected proxy runs.",
+    )
+    st.add_argument("--control-plane", required=True, metavar="URL", help="http(s)://HOST:PORT")
+    st.add_argument(
+        "--control-plane-ca",
+        default=None,
+        metavar="FILE",
+        help="root CA file to verify an https control plane (the mesh CA's ca.pem)",
+    )
+    st.add_argument("--json", action="store_true", help="print the /status object as is")
+
+
+# --------------------------------------------------------------------------- control
+
+
+def run_control(ns: argparse.Namespace) -> int:
+    for p in ns.config:
+        if not os.path.exists(p):
+            raise UsageError(f"{p}: no such file or directory")
+    if ns.ca_dir is not None and not os.path.isdir(ns.ca_dir):
+        raise UsageError(f"--ca-dir {ns.ca_dir}: no such directory")
+    if ns.debounce < 0:
+        raise UsageError("--debounce must be >= 0")
+    setup_logging(ns.log_level)
+    import uvloop
+
+    return uvloop.run(_control_main(ns))
+
+
+async def _control_main(ns: argparse.Namespace) -> int:
+    from control.server import ControlPlane, ControlSettings
+
+    signer = None
+    ssl_ctx: ssl.SSLContext | None = None
+    host, port = ns.listen
+    if ns.ca_dir is not None:
+        from certs.spiffe import CAError
+        from control.signing import Signer, serving_context
+
+        try:
+            signer = await asyncio.to_thread(Signer.load, ns.ca_dir, ns.cert_ttl)
+            ssl_ctx = await asyncio.to_thread(serving_context, signer.ca, _serving_hosts(host))
+        except CAError as e:
+            raise UsageError(f"--ca-dir {ns.ca_dir}: {e}") from None
+    cp = ControlPlane(ns.config, ControlSettings(debounce=ns.debounce), signer=signer)
+    outcome = await asyncio.to_thread(cp.load_initial)
+    if outcome.config is None:
+        raise UsageError("invalid config:\n" + "\n".join(f"  {p}" for p in outcome.problems))
+    try:
+        addr = await cp.start(host, port, ssl_ctx)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {format_addr(ns.listen)}: {e}") from None
+    print(f"listening control={format_addr(addr)}", flush=True)
+    log.info(
+        "control plane on %s%s: config %s, %d resource(s)",
+        format_addr(addr),
+        " (TLS)" if ssl_ctx is not None else "",
+        outcome.config.version,
+        len(outcome.config.resources),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(cp.watch(stop), name="config-watch")
+    await stop.wait()
+    log.info("stopping")
+    watcher.cancel()
+    try:
+        await watcher
+    except asyncio.CancelledError:
+        pass
+    await cp.close()
+    return 0
+
+
+def _serving_hosts(listen_host: str) -> list[str]:
+    hosts = ["localhost", "127.0.0.1", "::1"]
+    if listen_host not in ("", "0.0.0.0", "::") and listen_host not in hosts:
+        hosts.insert(0, listen_host)
+    return hosts
+
+
+# --------------------------------------------------------------------------- status
+
+
+def _age(since: str | None, now: float) -> str:
+    if not since:
+        return "-"
+    try:
+        t = datetime.fromisoformat(since.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return "-"
+    s = max(0, int(now - t))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60}m"
+    return f"{s // 86400}d{s % 86400 // 3600}h"
+
+
+def format_status(status: dict[str, Any], now: float | None = None) -> str:
+    """The ``meshproxy status`` table for a ``/status`` object."""
+    now = time.time() if now is None else now
+    rows = [("NODE", "NAMESPACE", "STATUS", "VERSION", "EXPECTED", "AGE")]
+    for p in status.get("proxies", []):
+        rows.append(
+            (
+                str(p.get("node_id", "")),
+                str(p.get("namespace", "")),
+                str(p.get("status", "")),
+                str(p.get("acked_version") or "-"),
+                str(p.get("expected_version") or "-"),
+                _age(p.get("connected_since"), now),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    out = [f"control plane version {status.get('version') or '-'}", *lines]
+    for p in status.get("proxies", []):
+        if p.get("nacked"):
+            out.append(f"NACK {p.get('node_id')}: {p['nacked']}")
+    errors = status.get("errors") or []
+    if errors:
+        out.append(f"{len(errors)} config problem(s), not pushed:")
+        out.extend(f"  {e}" for e in errors)
+    return "\n".join(out)
+
+
+def fetch_status(url: str, ca_file: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
+    base = url.rstrip("/")
+    if "://" not in base:
+        base = "http://" + base
+    ctx = None
+    if base.startswith("https://"):
+        ctx = ssl.create_default_context(cafile=ca_file) if ca_file else None
+    try:
+        with urllib.request.urlopen(base + "/status", timeout=timeout, context=ctx) as resp:
+            data = resp.read()
+    except urllib.error.HTTPError as e:
+        raise UsageError(f"{base}/status answered {e.code}") from None
+    except (urllib.error.URLError, OSError, ssl.SSLError) as e:
+        reason = getattr(e, "reason", e)
+        raise UsageError(f"cannot reach the control plane at {base}: {reason}") from None
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise UsageError(f"{base}/status did not answer JSON") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"{base}/status did not answer a JSON object")
+    return obj
+
+
+def run_status(ns: argparse.Namespace) -> int:
+    if ns.control_plane_ca is not None and not os.path.isfile(ns.control_plane_ca):
+        raise UsageError(f"--control-plane-ca {ns.control_plane_ca}: no such file")
+    status = fetch_status(ns.control_plane, ns.control_plane_ca)
+    if ns.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(format_status(status))
+    sys.stdout.flush()
+    return 0
