@@ -116,6 +116,7 @@ __all__ = [
     "load_ca",
     "make_csr",
     "remaining_lifetime",
+    "renewal_time",
     "sign_csr",
     "sign_csr_for_token",
     "spiffe_ids_of",
@@ -618,6 +619,14 @@ def remaining_lifetime(ca: CA, now: datetime | None = None) -> timedelta:
     """How long the signing CA certificate stays valid from ``now`` (the longest TTL it can
     still sign; zero or negative once it expired)."""
     return ca.signer.not_valid_after_utc - _now(now)
+
+
+def renewal_time(issued_at: datetime, not_after: datetime) -> datetime:
+    """When a certificate received at ``issued_at`` should be renewed: half way to
+    ``not_after``. Measured from when it was obtained, not from ``notBefore``, which is
+    back-dated by :data:`CLOCK_SKEW` and would make a short-lived certificate look half spent
+    the moment it arrives."""
+    return issued_at + max(not_after - issued_at, timedelta(0)) / 2
 
 
 def write_issued(out_dir: str | os.PathLike[str], issued: IssuedCert) -> list[Path]:
