@@ -18,7 +18,8 @@ copies each worker's stdout lines after its ``listening`` line (access log lines
 own stdout, once its own ``listening`` line is out. The supervisor checks that PATH can be
 opened before starting any worker (exit 2 otherwise).
 
-Every worker watches the config files itself (same files, same translation, same version).
+Every worker watches the config files itself (same files, same translation, same version);
+with ``--control-plane`` every worker subscribes itself, as node ``ID.wK`` (K = its index).
 The supervisor's admin answers by asking the workers' admins: ``/ready`` is 200 only when every
 worker is; ``/stats/prometheus`` sums the workers' raw exports (``/stats?format=json``) with
 :func:`meshproxy.metrics.merge_exports`; ``/clusters`` sums ``active_requests`` per endpoint;
@@ -158,11 +159,18 @@ class Supervisor:
 
     # ------------------------------------------------------------------ workers
 
-    def worker_argv(self) -> list[str]:
+    def worker_argv(self, index: int = 0) -> list[str]:
         o = self.opts
         argv = [sys.executable, "-m", "meshproxy", "run"]
         for p in o.config:
             argv += ["--config", os.path.abspath(p)]
+        if o.control_plane is not None:
+            # each worker is its own stream, so its own node at the control plane
+            argv += ["--control-plane", o.control_plane, "--node-id", f"{o.node_id}.w{index}"]
+            if o.control_plane_ca is not None:
+                argv += ["--control-plane-ca", os.path.abspath(o.control_plane_ca)]
+            if o.token_file is not None:
+                argv += ["--token-file", os.path.abspath(o.token_file)]
         argv += [
             "--outbound",
             format_addr(self.outbound),
@@ -199,7 +207,7 @@ class Supervisor:
         # Own session: a terminal's Ctrl-C reaches only the supervisor, which then stops each
         # worker exactly once (a second signal would cut the worker's drain short).
         proc = await asyncio.create_subprocess_exec(
-            *self.worker_argv(),
+            *self.worker_argv(w.index),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             start_new_session=True,
@@ -452,10 +460,11 @@ def supervise(opts: RunOptions) -> int:
     except AccessLogError as e:
         raise UsageError(str(e)) from None
     # Validate once here, so a bad config is exit 2 with its problems, not N dead workers.
-    source = FileSource(opts.config, identity_for(opts), State(), settings_for(opts))
-    result = source.build()
-    if result.snapshot is None:
-        raise UsageError("invalid config:\n" + "\n".join(f"  {p}" for p in result.problems))
+    if opts.control_plane is None:
+        source = FileSource(opts.config, identity_for(opts), State(), settings_for(opts))
+        result = source.build()
+        if result.snapshot is None:
+            raise UsageError("invalid config:\n" + "\n".join(f"  {p}" for p in result.problems))
     if opts.cert_dir is not None:  # a bad identity is exit 2 here too, not N dead workers
         from meshproxy.tls import IdentityError, load_identity
 

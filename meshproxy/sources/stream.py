@@ -211,7 +211,7 @@ class StreamSource:
             self.url.stream,
             heartbeat=self.settings.control_heartbeat,
             max_msg_size=MAX_MESSAGE,
-            ssl=self.ssl_context if self.url.tls else None,
+            ssl=self.ssl_context if self.ssl_context is not None else True,
         ) as ws:
             self.connected = True
             self.connects += 1
