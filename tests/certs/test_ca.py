@@ -432,3 +432,56 @@ def test_sign_csr_for_token(tmp_path: Path) -> None:
     forged = token[:-10] + flipped + token[-9:]
     with pytest.raises(TokenError, match="signature"):
         sign_csr_for_token(ca, make_csr(key, ID), forged, now=NOW)
+
+
+# --------------------------------------------------------------------------- server certificates
+
+
+def test_host_sans() -> None:
+    from certs.ca import host_sans
+
+    got = host_sans(["cp.Example.com.", "127.0.0.1", "[::1]", "0.0.0.0", "::", "", "127.0.0.1"])
+    assert [str(n.value) for n in got] == ["cp.example.com", "127.0.0.1", "::1"]
+    assert isinstance(got[0], x509.DNSName) and isinstance(got[1], x509.IPAddress)
+    assert host_sans(["*.mesh.local"]) == (x509.DNSName("*.mesh.local"),)
+    for bad in ("a b", "-x.com", "x..y", "a" * 64 + ".com", "http://x"):
+        with pytest.raises(CAError, match="neither an IP address nor a DNS name"):
+            host_sans([bad])
+
+
+def test_issue_server_has_the_spiffe_id_then_the_hosts(tmp_path: Path) -> None:
+    from certs.ca import issue_server
+
+    ca = init_ca(tmp_path / "ca", now=NOW, intermediate=True)
+    sid = "spiffe://cluster.local/ns/istio-system/sa/meshproxy-control"
+    got = issue_server(ca, sid, ["localhost", "10.0.0.1"], timedelta(hours=2), now=NOW)
+    chain = certs_of(got.cert_pem)
+    assert len(chain) == 2
+    leaf = chain[0]
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert san.critical
+    first, *rest = san.value
+    assert first == x509.UniformResourceIdentifier(sid)
+    assert [str(n.value) for n in rest] == ["localhost", "10.0.0.1"]
+    assert leaf.not_valid_after_utc == NOW + timedelta(hours=2)
+    # a server profile verifier accepts it for its DNS name
+    from cryptography.x509.verification import PolicyBuilder, Store
+
+    verifier = (
+        PolicyBuilder()
+        .store(Store([ca.root]))
+        .time(NOW)
+        .build_server_verifier(x509.DNSName("localhost"))
+    )
+    verifier.verify(leaf, chain[1:])
+    with pytest.raises(CAError, match="outlives the CA"):
+        issue_server(ca, sid, ["localhost"], timedelta(days=100_000), now=NOW)
+
+
+def test_remaining_lifetime_and_renewal_time(tmp_path: Path) -> None:
+    from certs.ca import remaining_lifetime, renewal_time
+
+    ca = init_ca(tmp_path / "ca", now=NOW)
+    assert remaining_lifetime(ca, NOW) == ROOT_LIFETIME
+    assert renewal_time(NOW, NOW + timedelta(seconds=4)) == NOW + timedelta(seconds=2)
+    assert renewal_time(NOW, NOW - timedelta(seconds=4)) == NOW  # expired: renew now

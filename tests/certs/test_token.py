@@ -108,3 +108,43 @@ def test_key_errors(tmp_path: Path) -> None:
         load_token_key(tmp_path)
     with pytest.raises(CAError, match="too short"):
         load_token_key(b"short")
+
+
+def test_token_identity_reads_without_the_key() -> None:
+    from certs.token import token_identity, unverified_claims
+
+    tok = make_token(KEY, "cluster.local", "shop", "cart", timedelta(seconds=5), now=T0)
+    assert token_identity(tok).uri == "spiffe://cluster.local/ns/shop/sa/cart"
+    # neither the MAC nor the expiry is checked: the bearer cannot, the CA does
+    forged = tok[:-3] + "xyz"
+    assert token_identity(f"  {forged}\n").uri == "spiffe://cluster.local/ns/shop/sa/cart"
+    assert unverified_claims(tok).expires_at == int(T0) + 5
+    with pytest.raises(TokenError):
+        decode_token(KEY, forged, now=T0)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "mpt1.x",
+        "jwt.a.b",
+        "mpt1.!!!.sig",
+        "mpt1." + base64.urlsafe_b64encode(b'{"td":"t"}').decode().rstrip("=") + ".s",
+        "x" * 5000,
+    ],
+)
+def test_token_identity_malformed(token: str) -> None:
+    from certs.token import token_identity
+
+    with pytest.raises(TokenError):
+        token_identity(token)
+
+
+def test_token_identity_refuses_names_no_spiffe_id_can_carry() -> None:
+    from certs.token import token_identity
+
+    raw = {"td": "Bad Domain", "ns": "a", "sa": "b", "iat": 1, "exp": 2}
+    payload = base64.urlsafe_b64encode(json.dumps(raw).encode()).decode().rstrip("=")
+    with pytest.raises(TokenError, match="malformed token payload: trust domain"):
+        token_identity(f"mpt1.{payload}.sig")

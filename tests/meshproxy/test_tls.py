@@ -627,3 +627,93 @@ async def test_load_initial_async_errors_and_no_dir(tmp_path: Path) -> None:
     with pytest.raises(IdentityError, match="no such directory"):
         await store.load_initial_async()
     assert store.current is None and store.generation == 0
+
+
+# --------------------------------------------------------------------------- identity_from_pem
+
+
+def test_identity_from_pem_checks_like_files(mesh_ca: CA, tmp_path: Path) -> None:
+    got = issue(mesh_ca, SERVER_ID, timedelta(hours=1))
+    ident = tls_module.identity_from_pem(
+        got.cert_pem, got.key_pem, got.ca_pem, source="from a test", expect_spiffe_id=SERVER_ID
+    )
+    assert ident.spiffe_id == SERVER_ID and ident.cert_dir == ""
+    assert ident.source == "from a test"
+    assert ident.view()["source"] == "from a test"
+    assert ident.server_context.verify_mode is ssl.CERT_REQUIRED
+    # an identity read from files has no "source" in its view (unchanged output)
+    assert "source" not in load_identity(str(issued(mesh_ca, tmp_path / "w"))).view()
+
+
+def test_identity_from_pem_refusals(mesh_ca: CA, tmp_path: Path) -> None:
+    got = issue(mesh_ca, SERVER_ID, timedelta(hours=1))
+    other = issue(mesh_ca, CLIENT_ID, timedelta(hours=1))
+    stranger = init_ca(tmp_path / "stranger", TD)
+
+    def refused(cert: bytes, key: bytes, ca: bytes, *frags: str, **kw: object) -> None:
+        with pytest.raises(IdentityError) as exc:
+            tls_module.identity_from_pem(cert, key, ca, source="the answer", **kw)  # type: ignore[arg-type]
+        assert not exc.value.transient
+        for f in frags:
+            assert f in str(exc.value), str(exc.value)
+
+    refused(got.cert_pem, other.key_pem, got.ca_pem, "the answer (key)", "does not match")
+    refused(got.cert_pem, got.key_pem, stranger.root_pem, "does not chain")
+    refused(b"junk", got.key_pem, got.ca_pem, "the answer (cert): no certificate")
+    refused(got.cert_pem, b"junk", got.ca_pem, "the answer (key): not a PEM private key")
+    refused(
+        got.cert_pem,
+        got.key_pem,
+        got.ca_pem,
+        f"is for {SERVER_ID}, not {CLIENT_ID}",
+        expect_spiffe_id=CLIENT_ID,
+    )
+    refused(
+        got.cert_pem,
+        got.key_pem,
+        got.ca_pem,
+        "expired",
+        now=datetime.now(UTC) + timedelta(hours=2),
+    )
+
+
+async def test_publish_swaps_and_notifies(mesh_ca: CA) -> None:
+    store = IdentityStore(None)
+    seen: list[tuple[WorkloadIdentity | None, WorkloadIdentity]] = []
+    store.subscribe(lambda old, new: seen.append((old, new)))
+    a, b = (
+        tls_module.identity_from_pem(g.cert_pem, g.key_pem, g.ca_pem, source="t")
+        for g in (issue(mesh_ca, SERVER_ID), issue(mesh_ca, SERVER_ID))
+    )
+    store.publish(a)
+    store.publish(b)
+    assert store.current is b and store.generation == 2
+    assert seen == [(None, a), (a, b)]
+    assert await store.poll_once() is False  # no cert dir: publishing is the only source
+
+
+async def test_plain_server_context_reloads_in_place(mesh_ca: CA) -> None:
+    """A server context asking no client certificate; load_chain swaps what new handshakes
+    present without a new context."""
+    first, second = issue(mesh_ca, SERVER_ID), issue(mesh_ca, CLIENT_ID)
+    ctx = tls_module.make_plain_server_context(first.cert_pem, first.key_pem)
+    assert ctx.verify_mode is ssl.CERT_NONE
+    client = make_client_context(ca_pem=mesh_ca.root_pem)
+    seen: list[str | None] = []
+
+    async def handshake() -> str | None:
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=ctx)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port, ssl=client)
+            peer = peer_spiffe_id(w.get_extra_info("ssl_object"))
+            w.close()
+            return peer
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    seen.append(await handshake())
+    tls_module.load_chain(ctx, second.cert_pem, second.key_pem)
+    seen.append(await handshake())
+    assert seen == [SERVER_ID, CLIENT_ID]
