@@ -66,6 +66,7 @@ from control.protocol import (
     parse_hello,
     parse_message,
 )
+from control.scope import Scoper
 from control.store import Config, ConfigStore, LoadOutcome
 from meshproxy.config.model import ProxyIdentity
 
@@ -98,11 +99,12 @@ def group_key(namespace: str, labels: dict[str, str] | Any) -> GroupKey:
     return (namespace, tuple(sorted(labels.items())))
 
 
-def make_plan(config: Config, proxy: ProxyIdentity) -> Plan:
-    """The documents ``proxy`` needs from ``config``, their version and encoded frame body."""
-    from control.scope import scope_resources
-
-    scoped = scope_resources(config.resources, proxy).all()
+def make_plan(config: Config, proxy: ProxyIdentity, scoper: Scoper | None = None) -> Plan:
+    """The documents ``proxy`` needs from ``config``, their version and encoded frame body
+    (``scoper``: the config's :class:`~control.scope.Scoper`, built once for many proxies)."""
+    if scoper is None:
+        scoper = Scoper(config.resources)
+    scoped = scoper.for_proxy(proxy).all()
     version = config_version(r.digest for r in scoped)
     docs = [config.document(r) for r in scoped]
     return Plan(version, config_body(version, docs), len(docs))
@@ -226,6 +228,8 @@ class ControlPlane:
         self.signer = signer
         self._plans: dict[GroupKey, Plan] = {}
         self._plans_for: Config | None = None
+        self._planning: dict[GroupKey, asyncio.Future[dict[GroupKey, Plan]]] = {}
+        self._scoper: tuple[Config, Scoper] | None = None  # built in the planning thread
         self._reload_lock = asyncio.Lock()
         self._nonce_prefix = secrets.token_hex(4)
         self._nonce_seq = 0
@@ -307,27 +311,52 @@ class ControlPlane:
 
     # ------------------------------------------------------------------ plans and pushes
 
-    async def _plans_of(self, keys: set[GroupKey]) -> tuple[Config, dict[GroupKey, Plan]]:
+    async def _plans_of(self, keys: set[GroupKey]) -> dict[GroupKey, Plan]:
+        """The live config's plan for each of ``keys``. Missing ones are computed in one
+        worker-thread job; a key already being planned is awaited, not planned twice (a
+        thousand proxies saying hello at once make one plan per group, not a thousand)."""
         config = self.config
         assert config is not None
         if self._plans_for is not config:
-            self._plans, self._plans_for = {}, config
-        missing = [k for k in keys if k not in self._plans]
+            self._plans, self._planning, self._plans_for = {}, {}, config
+        plans, planning = self._plans, self._planning
+        missing = [k for k in keys if k not in plans and k not in planning]
         if missing:
-            made = await asyncio.to_thread(
-                lambda: {k: make_plan(config, ProxyIdentity(k[0], dict(k[1]))) for k in missing}
-            )
-            if self._plans_for is config:
-                self._plans.update(made)
-            else:
-                return config, made | {k: self._plans[k] for k in keys if k in self._plans}
-        return config, {k: self._plans[k] for k in keys}
+            job = asyncio.ensure_future(self._plan_job(config, missing, plans, planning))
+            for k in missing:
+                planning[k] = job
+        out: dict[GroupKey, Plan] = {}
+        for k in keys:
+            got = plans.get(k)
+            out[k] = got if got is not None else (await planning[k])[k]
+        return out
+
+    async def _plan_job(
+        self,
+        config: Config,
+        keys: list[GroupKey],
+        plans: dict[GroupKey, Plan],
+        planning: dict[GroupKey, asyncio.Future[dict[GroupKey, Plan]]],
+    ) -> dict[GroupKey, Plan]:
+        def plan_all() -> dict[GroupKey, Plan]:
+            if self._scoper is None or self._scoper[0] is not config:
+                self._scoper = (config, Scoper(config.resources))
+            scoper = self._scoper[1]
+            return {k: make_plan(config, ProxyIdentity(k[0], dict(k[1])), scoper) for k in keys}
+
+        try:
+            made = await asyncio.to_thread(plan_all)
+        finally:
+            for k in keys:
+                planning.pop(k, None)
+        plans.update(made)  # this config's cache (a newer config has its own)
+        return made
 
     async def push_all(self) -> None:
         conns = list(self.conns.values())
         if not conns or self.config is None:
             return
-        _, plans = await self._plans_of({c.key for c in conns})
+        plans = await self._plans_of({c.key for c in conns})
         await asyncio.gather(*(self._sync(c, plans[c.key]) for c in conns))
 
     async def _sync(self, conn: ProxyConn, plan: Plan) -> None:
@@ -429,7 +458,7 @@ class ControlPlane:
         )
         try:
             if self.config is not None:
-                _, plans = await self._plans_of({conn.key})
+                plans = await self._plans_of({conn.key})
                 await self._sync(conn, plans[conn.key])
             async for msg in ws:
                 if msg.type != WSMsgType.TEXT:
