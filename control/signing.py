@@ -19,6 +19,13 @@ three steps, each with one outcome:
    what the CSR asked for, never the token itself;
 3. the answer: ``200 {"cert": leaf + intermediate PEM, "ca": root PEM}``.
 
+A bootstrap token expires (24 h by default) while a proxy must renew forever, so over TLS a
+second credential counts: the serving context asks for an *optional* client certificate,
+verified against the mesh root when one is sent, and a request whose token is refused is still
+entitled to the SPIFFE id of that verified certificate -- a workload can renew the identity it
+already proves, never obtain another (Istio's CA accepts a workload's current certificate the
+same way).
+
 A certificate never outlives the CA: the TTL is clamped to the signer's remaining lifetime, and
 an expired (or not yet valid) CA is :class:`Unavailable` (``503``), a server problem rather
 than the caller's. The counters (``signed``, ``refused``, ``bad_requests``, ``unavailable``)
@@ -59,9 +66,9 @@ from certs.ca import (
     renewal_time,
     sign_csr,
 )
-from certs.spiffe import CAError, format_duration, make_spiffe_id
+from certs.spiffe import CAError, format_duration, make_spiffe_id, parse_spiffe_id
 from certs.token import TokenError, decode_token, load_token_key, unverified_claims
-from meshproxy.tls import load_chain, make_plain_server_context
+from meshproxy.tls import load_chain, make_plain_server_context, peer_spiffe_id
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +151,24 @@ def decide(
     token: str,
     ttl: timedelta,
     now: datetime,
+    peer_id: str | None = None,
 ) -> Signed:
     """Sign ``csr_pem`` for the SPIFFE id ``token`` entitles, or raise :class:`Refused`
-    (nothing signed) or :class:`Unavailable`. No I/O; blocking CPU work (call off the loop)."""
+    (nothing signed) or :class:`Unavailable`. ``peer_id`` is the SPIFFE id of a client
+    certificate the TLS layer verified against this mesh's root, if any: a workload renewing
+    with its current certificate is entitled to that same id even once its bootstrap token
+    expired. No I/O; blocking CPU work (call off the loop)."""
     try:
         claims = decode_token(token_key, token, trust_domain=ca.trust_domain, now=now.timestamp())
         entitled = make_spiffe_id(claims.trust_domain, claims.namespace, claims.service_account)
     except CAError as e:  # TokenError, or names a SPIFFE id cannot carry
         reason = f"token refused: {e}"
-        raise Refused(reason, claimed=_claimed(token), asked=_asked(csr_pem)) from None
+        try:
+            if peer_id is None:
+                raise CAError(reason)
+            entitled = parse_spiffe_id(peer_id, ca.trust_domain)
+        except CAError:
+            raise Refused(reason, claimed=_claimed(token), asked=_asked(csr_pem)) from None
     remaining = remaining_lifetime(ca, now)
     if remaining <= timedelta(0):
         raise Unavailable(
@@ -276,7 +292,14 @@ class Signer:
         self.inflight += 1
         try:
             signed = await asyncio.to_thread(
-                decide, self.ca, self._token_key, csr, token, self.ttl, self._clock()
+                decide,
+                self.ca,
+                self._token_key,
+                csr,
+                token,
+                self.ttl,
+                self._clock(),
+                _verified_peer(request),
             )
         except Refused as e:
             self.refused += 1
@@ -312,6 +335,15 @@ class Signer:
             f"Signer(td={self.ca.trust_domain!r}, ttl={format_duration(self.ttl)}, "
             f"signed={self.signed}, refused={self.refused}, bad={self.bad_requests})"
         )
+
+
+def _verified_peer(request: web.Request) -> str | None:
+    """The SPIFFE id of the client certificate of ``request``'s TLS connection, if it sent
+    one (the serving context verifies any certificate presented against the mesh root)."""
+    transport = request.transport
+    if transport is None:
+        return None
+    return peer_spiffe_id(transport.get_extra_info("ssl_object"))
 
 
 async def _read_capped(request: web.Request, cap: int) -> bytes | None:
@@ -376,6 +408,10 @@ class ServingCert:
         issued = issue_server(ca, self.spiffe_id, self.hosts, self._ttl_at(now), now=now)
         try:
             self.context = make_plain_server_context(issued.cert_pem, issued.key_pem)
+            # a client certificate is optional, and verified against the mesh root when sent:
+            # a proxy renewing proves its identity with the certificate it holds
+            self.context.load_verify_locations(cadata=ca.root_pem.decode("ascii"))
+            self.context.verify_mode = ssl.CERT_OPTIONAL
         except ssl.SSLError as e:
             raise CAError(f"the TLS library refused the serving certificate: {e}") from None
         self._note(issued.cert_pem, now)

@@ -15,7 +15,11 @@ into a live :class:`~meshproxy.tls.WorkloadIdentity`, one cycle at a time:
    identity_from_pem`: key matches, the SPIFFE id is the one asked for, valid now, chains to
    the returned root) and :meth:`~meshproxy.tls.IdentityStore.publish` it: the data plane reads
    ``IdentityStore.current`` and its subscribers see ``(old, new)`` as for a file reload;
-4. sleep until half the certificate's lifetime (:func:`certs.ca.renewal_time`, counted from
+4. when a context verifies the control plane (``https``), load the new certificate into it
+   as its client certificate: the next renewal proves the identity it renews even after the
+   bootstrap token expired (see :mod:`control.signing`), and any other client of the control
+   plane sharing that context presents it too;
+5. sleep until half the certificate's lifetime (:func:`certs.ca.renewal_time`, counted from
    when it arrived) and start again with a new key.
 
 A failed cycle (control plane down, refused, a bad answer) is counted, kept in ``last_error``,
@@ -49,7 +53,13 @@ from cryptography.hazmat.primitives import serialization
 from certs.ca import generate_key, make_csr, read_file, renewal_time
 from certs.spiffe import CAError, SpiffeId
 from certs.token import token_identity
-from meshproxy.tls import IdentityError, IdentityStore, WorkloadIdentity, identity_from_pem
+from meshproxy.tls import (
+    IdentityError,
+    IdentityStore,
+    WorkloadIdentity,
+    identity_from_pem,
+    load_chain,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +211,15 @@ class CertificateClient:
         """Obtain, publish, renew at half life, forever (cancel to stop). Never raises
         anything but ``CancelledError``."""
         failures = 0
-        async with aiohttp.ClientSession() as session:
+        # a new connection per request: requests are hours apart, and a renewal must present
+        # the client certificate loaded since the previous one
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
             while True:
                 try:
-                    ident, received = await self._cycle(session)
+                    ident, received, pems = await self._cycle(session)
+                    if self.ssl_context is not None:
+                        await asyncio.to_thread(load_chain, self.ssl_context, *pems)
                 except asyncio.CancelledError:
                     raise
                 except _CycleError as e:
@@ -227,7 +242,10 @@ class CertificateClient:
 
     # ----------------------------------------------------------------- one cycle
 
-    async def _cycle(self, session: aiohttp.ClientSession) -> tuple[WorkloadIdentity, datetime]:
+    async def _cycle(
+        self, session: aiohttp.ClientSession
+    ) -> tuple[WorkloadIdentity, datetime, tuple[bytes, bytes]]:
+        """One key, one CSR, one request, one checked identity (not yet published)."""
         key_pem, csr_pem = await asyncio.to_thread(self._key_and_csr)
         answer = await self._post(session, csr_pem)
         received = self._clock()
@@ -243,7 +261,7 @@ class CertificateClient:
             )
         except IdentityError as e:
             raise _CycleError(str(e)) from None
-        return ident, received
+        return ident, received, (answer.cert_pem, key_pem)
 
     def _key_and_csr(self) -> tuple[bytes, bytes]:
         key = generate_key()
@@ -308,10 +326,14 @@ class CertificateClient:
     def _failed(self, msg: str, bug: BaseException | None) -> None:
         self.renewals_failed += 1
         self.last_error = msg
+        current = self.store.current
+        if current is not None and self._clock() >= current.not_after:
+            msg = f"{msg}; the live certificate expired at {current.not_after.isoformat()}"
+            self.last_error = msg
         if msg == self._logged:
             return
         self._logged = msg
-        keeping = "keeping the current one" if self.store.current is not None else "none yet"
+        keeping = "keeping the current one" if current is not None else "none yet"
         if bug is not None:
             log.error("workload certificate not obtained (%s): %s", keeping, msg, exc_info=bug)
         else:

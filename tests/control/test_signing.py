@@ -494,3 +494,70 @@ async def test_serving_cert_renews_at_half_life(ca: CA, serve: Serve) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+# --------------------------------------------------------------------------- renewal by certificate
+
+
+def test_decide_a_verified_peer_renews_its_own_identity(ca: CA, token_key: bytes) -> None:
+    now = datetime.now(UTC)
+    expired = make_token(token_key, TD, "shop", "cart", timedelta(seconds=1), now=0)
+    signed = decide(ca, token_key, csr_for(ID), expired, timedelta(hours=1), now, peer_id=ID)
+    assert sans(verify_chain(ca.root_pem, signed.cert_pem)) == [x509.UniformResourceIdentifier(ID)]
+    # ... and nothing else
+    with pytest.raises(Refused) as exc:
+        decide(ca, token_key, csr_for(OTHER), expired, timedelta(hours=1), now, peer_id=ID)
+    assert exc.value.claimed == ID and exc.value.asked == OTHER
+    # a peer id of another trust domain entitles nothing
+    with pytest.raises(Refused, match="token refused"):
+        decide(
+            ca,
+            token_key,
+            csr_for("spiffe://other.td/ns/shop/sa/cart"),
+            expired,
+            timedelta(hours=1),
+            now,
+            peer_id="spiffe://other.td/ns/shop/sa/cart",
+        )
+    # a valid token wins over the peer certificate
+    tok = make_token(token_key, TD, "shop", "cart")
+    signed = decide(ca, token_key, csr_for(ID), tok, timedelta(hours=1), now, peer_id=OTHER)
+    assert signed.spiffe_id == ID
+
+
+def _client_with_cert(ca: CA, root_pem: bytes, spiffe_id: str, tmp: Path) -> ssl.SSLContext:
+    from certs.ca import issue, write_issued
+
+    write_issued(tmp, issue(ca, spiffe_id, timedelta(hours=1)))
+    ctx = control_plane_context(tmp / "ca.pem")
+    ctx.load_verify_locations(cadata=root_pem.decode())
+    ctx.load_cert_chain(tmp / "cert.pem", tmp / "key.pem")
+    return ctx
+
+
+async def test_https_client_certificate_renews_without_a_valid_token(
+    ca: CA, token_key: bytes, serve: Serve, tmp_path: Path
+) -> None:
+    signer = Signer.load(ca.directory)
+    url = await serve(signer, ServingCert(ca, ["127.0.0.1"]).context)
+    expired = make_token(token_key, TD, "shop", "cart", timedelta(seconds=1), now=0)
+    with_cert = _client_with_cert(ca, ca.root_pem, ID, tmp_path / "mine")
+    status, doc, _ = await post(
+        url, json_body={"csr": csr_for(ID), "token": expired}, ssl=with_cert
+    )
+    assert status == 200, doc
+    status, doc, _ = await post(
+        url, json_body={"csr": csr_for(OTHER), "token": expired}, ssl=with_cert
+    )
+    assert status == 403
+    # without a client certificate the expired token alone is refused
+    plain = control_plane_context(ca.directory / "ca.pem")
+    status, _, _ = await post(url, json_body={"csr": csr_for(ID), "token": expired}, ssl=plain)
+    assert status == 403
+    assert (signer.signed, signer.refused) == (1, 2)
+    # a client certificate from another CA does not get through the handshake
+    stranger = init_ca(tmp_path / "stranger", TD)
+    foreign = _client_with_cert(stranger, ca.root_pem, ID, tmp_path / "foreign")
+    with pytest.raises(aiohttp.ClientError):
+        await post(url, json_body={"csr": csr_for(ID), "token": expired}, ssl=foreign)
+    assert signer.signed == 1

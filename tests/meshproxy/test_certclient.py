@@ -391,3 +391,33 @@ async def test_a_wrong_answer_is_never_published(
             task.cancel()
         finally:
             await runner.cleanup()
+
+
+async def test_renewal_after_the_token_expired_uses_the_current_certificate(
+    ca: CA,
+    control_planes: Callable[..., Awaitable[ControlPlane]],
+    running: Callable[[CertificateClient], asyncio.Task[None]],
+) -> None:
+    """A 1 s token, 4 s certificates: the renewal at ~2 s happens after the token expired and
+    succeeds over TLS because the client presents the certificate it renews; over plain HTTP
+    (no client certificate possible) the same renewal is refused."""
+    key = load_token_key(ca.directory)
+    for tls in (True, False):
+        token = make_token(key, TD, "shop", "cart", timedelta(seconds=1))
+        signer = Signer.load(ca.directory, timedelta(seconds=4))
+        serving = ServingCert(ca, ["127.0.0.1"], timedelta(hours=1)).context if tls else None
+        cp = await control_planes(signer, serving)
+        store = IdentityStore(None)
+        ctx = control_plane_context(ca.directory / "ca.pem") if tls else None
+        client = CertificateClient(cp.url, token, ctx, store, backoff_base=0.1, backoff_cap=0.2)
+        task = running(client)
+        first = await asyncio.wait_for(client.first(), 5)
+        if tls:
+            await until(lambda s=store: s.generation >= 2, 6, client)  # type: ignore[misc]
+            assert store.current is not None and store.current.serial != first.serial
+            assert signer.refused == 0 and signer.signed == 2
+        else:
+            await until(lambda c=client: c.renewals_failed >= 1, 6, client)  # type: ignore[misc]
+            assert store.current is first
+            assert client.last_error is not None and "token expired" in client.last_error
+        task.cancel()
