@@ -12,6 +12,10 @@ the secret. :func:`verify_token` recomputes the MAC and compares it in constant 
 another trust domain all raise :class:`TokenError` (a :class:`~certs.spiffe.CAError`) with a
 one-line message that never echoes the secret.
 
+:func:`unverified_claims` / :func:`token_identity` read the payload *without* the MAC: the
+bearer (a proxy, which has no key) learns which SPIFFE id to put in its CSR, and the CA's logs
+can name what a refused token claimed; neither ever grants anything.
+
 The token entitles its bearer to exactly one SPIFFE id; the control plane compares that id
 with the CSR's SAN (see :func:`certs.ca.sign_csr`). Plain functions, no I/O except reading the
 key file; ``now`` is an argument so tests need no clock.
