@@ -110,7 +110,10 @@ def run_control(ns: argparse.Namespace) -> int:
     if ns.debounce < 0:
         raise UsageError("--debounce must be >= 0")
     setup_logging(ns.log_level)
+    import prometheus_client
     import uvloop
+
+    prometheus_client.disable_created_metrics()  # no *_created series in /metrics
 
     return uvloop.run(_control_main(ns))
 
@@ -119,17 +122,20 @@ async def _control_main(ns: argparse.Namespace) -> int:
     from control.server import ControlPlane, ControlSettings
 
     signer = None
+    serving = None
     ssl_ctx: ssl.SSLContext | None = None
     host, port = ns.listen
     if ns.ca_dir is not None:
         from certs.spiffe import CAError
-        from control.signing import Signer, serving_context
+        from control.signing import ServingCert, Signer, serving_hosts
 
+        hosts = serving_hosts(*([] if host in ("", "0.0.0.0", "::") else [host]))
         try:
             signer = await asyncio.to_thread(Signer.load, ns.ca_dir, ns.cert_ttl)
-            ssl_ctx = await asyncio.to_thread(serving_context, signer.ca, _serving_hosts(host))
+            serving = await asyncio.to_thread(ServingCert, signer.ca, hosts)
         except CAError as e:
             raise UsageError(f"--ca-dir {ns.ca_dir}: {e}") from None
+        ssl_ctx = serving.context
     cp = ControlPlane(ns.config, ControlSettings(debounce=ns.debounce), signer=signer)
     outcome = await asyncio.to_thread(cp.load_initial)
     if outcome.config is None:
@@ -150,23 +156,16 @@ async def _control_main(ns: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    watcher = asyncio.create_task(cp.watch(stop), name="config-watch")
+    tasks = [asyncio.create_task(cp.watch(stop), name="config-watch")]
+    if serving is not None:  # reissue our own certificate at half its lifetime
+        tasks.append(asyncio.create_task(serving.run(), name="serving-cert"))
     await stop.wait()
     log.info("stopping")
-    watcher.cancel()
-    try:
-        await watcher
-    except asyncio.CancelledError:
-        pass
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     await cp.close()
     return 0
-
-
-def _serving_hosts(listen_host: str) -> list[str]:
-    hosts = ["localhost", "127.0.0.1", "::1"]
-    if listen_host not in ("", "0.0.0.0", "::") and listen_host not in hosts:
-        hosts.insert(0, listen_host)
-    return hosts
 
 
 # --------------------------------------------------------------------------- status

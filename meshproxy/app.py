@@ -42,6 +42,7 @@ from typing import Any
 
 from meshproxy.accesslog import AccessLog, AccessLogError
 from meshproxy.admin import Admin, snapshot_dump
+from meshproxy.certclient import CertificateClient
 from meshproxy.cli import Addr, RunOptions, UsageError, format_addr, listening_line
 from meshproxy.config.model import ProxyIdentity
 from meshproxy.metrics import Export, Metrics
@@ -78,10 +79,24 @@ def control_plane_context(ca_file: str | None) -> ssl.SSLContext | None:
     mesh root) and its name against the URL's host; without the flag, the system roots."""
     if ca_file is None:
         return None
+    from meshproxy.certclient import CertClientError
+    from meshproxy.certclient import control_plane_context as make
+
     try:
-        return ssl.create_default_context(cafile=ca_file)
-    except (ssl.SSLError, OSError) as e:
-        raise UsageError(f"--control-plane-ca {ca_file}: {e}") from None
+        return make(ca_file)
+    except CertClientError as e:
+        raise UsageError(str(e)) from None
+
+
+def read_token(path: str) -> str:
+    try:
+        with open(path, encoding="ascii") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--token-file {path}: cannot read: {e}") from None
+    if not token:
+        raise UsageError(f"--token-file {path}: empty")
+    return token
 
 
 class Proxy:
@@ -97,7 +112,9 @@ class Proxy:
         self.metrics = Metrics(self.identity)
         self.state.subscribe(self.metrics.on_snapshot)
         self.source: FileSource | StreamSource
+        self.cert_client: CertificateClient | None = None
         if opts.control_plane is not None:
+            cp_ssl = control_plane_context(opts.control_plane_ca)
             self.source = StreamSource(
                 opts.control_plane,
                 opts.node_id or "",
@@ -105,7 +122,7 @@ class Proxy:
                 self.state,
                 settings,
                 self.metrics,
-                ssl_context=control_plane_context(opts.control_plane_ca),
+                ssl_context=cp_ssl,
             )
         else:
             self.source = FileSource(opts.config, self.identity, self.state, settings, self.metrics)
@@ -116,6 +133,16 @@ class Proxy:
         # the workload identity (--cert-dir): loaded in start(), then watched
         self.certs = IdentityStore(opts.cert_dir, settings.cert_poll_interval)
         self.certs.subscribe(self._on_identity)
+        if opts.control_plane is not None and opts.token_file is not None:
+            # no --cert-dir: the identity comes from the control plane's CA, renewed at half life
+            from meshproxy.certclient import CertClientError
+
+            try:
+                self.cert_client = CertificateClient(
+                    opts.control_plane, read_token(opts.token_file), cp_ssl, self.certs
+                )
+            except CertClientError as e:
+                raise UsageError(str(e)) from None
         self.dataplane = DataPlane(
             self.state, self.metrics, settings, self.access_log, identity=self.certs
         )
@@ -184,6 +211,8 @@ class Proxy:
         self._tasks.append(asyncio.create_task(self._watch_config(), name="config-watch"))
         if self.opts.cert_dir is not None:
             self._tasks.append(asyncio.create_task(self.certs.watch(), name="cert-watch"))
+        if self.cert_client is not None:
+            self._tasks.append(asyncio.create_task(self.cert_client.run(), name="cert-client"))
         if self.opts.parent_pid is not None:
             self._tasks.append(asyncio.create_task(self._watch_parent(), name="parent-watch"))
         loop = asyncio.get_running_loop()
@@ -269,7 +298,8 @@ class Proxy:
     # ------------------------------------------------------------------ AdminBackend
 
     async def is_ready(self) -> bool:
-        return self.listening and self.state.applied and not self.draining
+        certified = self.cert_client is None or self.cert_client.ready
+        return self.listening and self.state.applied and certified and not self.draining
 
     async def config_dump(self, query: Mapping[str, str] | None = None) -> dict[str, Any]:
         listeners = []
@@ -297,6 +327,8 @@ class Proxy:
         if isinstance(self.source, StreamSource):
             dump["control_plane"] = self.source.view()
         ident = self.certs.current
+        if self.cert_client is not None:
+            dump["certificate_client"] = self.cert_client.view()
         if ident is not None:
             dump["identity"] = ident.view() | {
                 "reloads": {"ok": self.certs.reloads_ok, "failed": self.certs.reloads_failed},

@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -309,6 +311,57 @@ class MeshProxy:
         async with aiohttp.ClientSession() as s, s.post(f"http://{self.admin}{path}") as r:
             await r.read()
             return r.status
+
+
+@dataclass
+class Control:
+    """``meshproxy control`` as a subprocess."""
+
+    config_dir: Path
+    log_path: Path
+    listen: str = "127.0.0.1:0"
+    extra: list[str] = field(default_factory=list)
+    proc: asyncio.subprocess.Process | None = None
+    addr: str = ""
+    tls_ca: Path | None = None  # with --ca-dir: the mesh root that verifies it
+
+    async def start(self) -> Control:
+        argv = ["control", "--config", str(self.config_dir), "--listen", self.listen, *self.extra]
+        self.proc, fields = await start_listening(argv, self.log_path, "meshproxy control")
+        self.addr = fields["control"]
+        self.listen = self.addr  # a restart comes back on the same port
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls_ca else 'http'}://{self.addr}"
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        ctx = ssl.create_default_context(cafile=str(self.tls_ca)) if self.tls_ca else None
+        async with aiohttp.ClientSession() as s, s.get(self.url + path, ssl=ctx or True) as r:
+            body = await r.read()
+            if r.content_type == "application/json":
+                return r.status, json.loads(body)
+            return r.status, body.decode()
+
+    async def status(self) -> dict[str, Any]:
+        code, body = await self.get("/status")
+        assert code == 200
+        return body
+
+    async def metric(self, name: str) -> float:
+        _, text = await self.get("/metrics")
+        m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    async def kill(self) -> None:
+        await kill_process(self.proc)
+
+    async def stop(self) -> int | None:
+        if self.proc is None or self.proc.returncode is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.proc.wait(), 15)
 
 
 def request_samples(text: str, name: str = "istio_requests_total") -> list[Any]:

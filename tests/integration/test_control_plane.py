@@ -13,80 +13,28 @@ stopped by its PID.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import signal
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
 from tests.integration.proxyproc import (
+    Control,
     MeshProxy,
     Upstream,
     free_port,
-    kill_process,
     reviews_yaml,
     run_cli,
-    start_listening,
     wait_until,
     write_config,
 )
 
 CONVERGE = 10.0  # generous bound for a push to reach every proxy (measured: well under 1 s)
 RECONNECT = 25.0  # backoff cap 15 s plus slack
-
-
-@dataclass
-class Control:
-    """``meshproxy control`` as a subprocess."""
-
-    config_dir: Path
-    log_path: Path
-    listen: str = "127.0.0.1:0"
-    extra: list[str] = field(default_factory=list)
-    proc: asyncio.subprocess.Process | None = None
-    addr: str = ""
-
-    async def start(self) -> Control:
-        argv = ["control", "--config", str(self.config_dir), "--listen", self.listen, *self.extra]
-        self.proc, fields = await start_listening(argv, self.log_path, "meshproxy control")
-        self.addr = fields["control"]
-        self.listen = self.addr  # a restart comes back on the same port
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.addr}"
-
-    async def get(self, path: str) -> tuple[int, Any]:
-        async with aiohttp.ClientSession() as s, s.get(self.url + path) as r:
-            body = await r.read()
-            if r.content_type == "application/json":
-                return r.status, json.loads(body)
-            return r.status, body.decode()
-
-    async def status(self) -> dict[str, Any]:
-        code, body = await self.get("/status")
-        assert code == 200
-        return body
-
-    async def metric(self, name: str) -> float:
-        _, text = await self.get("/metrics")
-        m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
-        return float(m.group(1)) if m else 0.0
-
-    async def kill(self) -> None:
-        await kill_process(self.proc)
-
-    async def stop(self) -> int | None:
-        if self.proc is None or self.proc.returncode is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.proc.wait(), 15)
 
 
 @dataclass
