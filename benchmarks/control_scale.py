@@ -958,6 +958,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, default=HERE / "control", help="results directory")
     ap.add_argument(
+        "--keep", action="store_true", help="keep the work directory (logs, mesh) and say where"
+    )
+    ap.add_argument(
         "--from-json", type=Path, metavar="JSON", help="measure nothing: re-render a saved run"
     )
     add_quiet_and_readme_options(
@@ -1011,7 +1014,10 @@ def main(argv: list[str] | None = None) -> int:
         print("control_scale.py: interrupted", file=sys.stderr)
         return 130
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep:
+            print(f"work directory kept: {workdir}", flush=True)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     doc["elapsed_seconds"] = round(time.monotonic() - t0, 1)
     doc["targets"] = targets(doc)
     md = render_markdown(doc)

@@ -68,6 +68,15 @@ def add_control_parsers(sub: Any) -> None:
         "and serve this API over TLS with a certificate from that CA",
     )
     ctl.add_argument(
+        "--server-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --ca-dir, a DNS name or IP proxies reach this control plane by, added to "
+        "its serving certificate (besides the --listen host, localhost, 127.0.0.1, ::1); "
+        "repeatable",
+    )
+    ctl.add_argument(
         "--cert-ttl",
         type=_ttl,
         default=timedelta(hours=24),
@@ -129,12 +138,13 @@ async def _control_main(ns: argparse.Namespace) -> int:
         from certs.spiffe import CAError
         from control.signing import ServingCert, Signer, serving_hosts
 
-        hosts = serving_hosts(*([] if host in ("", "0.0.0.0", "::") else [host]))
+        named = [] if host in ("", "0.0.0.0", "::") else [host]
+        hosts = serving_hosts(*ns.server_name, *named)
         try:
             signer = await asyncio.to_thread(Signer.load, ns.ca_dir, ns.cert_ttl)
             serving = await asyncio.to_thread(ServingCert, signer.ca, hosts)
         except CAError as e:
-            raise UsageError(f"--ca-dir {ns.ca_dir}: {e}") from None
+            raise UsageError(f"--ca-dir: {e}") from None
         ssl_ctx = serving.context
     cp = ControlPlane(ns.config, ControlSettings(debounce=ns.debounce), signer=signer)
     outcome = await asyncio.to_thread(cp.load_initial)

@@ -54,7 +54,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from control.protocol import (
-    MAX_MESSAGE,
     STREAM_PATH,
     Hello,
     ProtocolError,
@@ -75,6 +74,7 @@ log = logging.getLogger("meshproxy.control")
 __all__ = ["ControlPlane", "ControlSettings", "Plan", "ProxyConn"]
 
 GroupKey = tuple[str, tuple[tuple[str, str], ...]]
+MAX_INBOUND = 256 * 1024  # the largest frame a proxy may send (a NACK's error is cut at 8 KiB)
 ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -420,7 +420,8 @@ class ControlPlane:
         return app
 
     async def handle_stream(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(heartbeat=self.settings.heartbeat, max_msg_size=MAX_MESSAGE)
+        # a proxy only sends hello / ack / nack frames: nothing near a config's size
+        ws = web.WebSocketResponse(heartbeat=self.settings.heartbeat, max_msg_size=MAX_INBOUND)
         await ws.prepare(request)
         peer = request.remote or "?"
         try:

@@ -201,14 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
         "re-applying it when the files change, or as a sidecar of a control plane "
         "(--control-plane URL --node-id ID).",
     )
-    run.add_argument(
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--config",
         action="append",
         default=None,
         metavar="PATH",
         help="Istio YAML file or directory (read recursively for *.yaml/*.yml); repeatable",
     )
-    run.add_argument(
+    source.add_argument(
         "--control-plane",
         default=None,
         metavar="URL",
@@ -355,9 +356,7 @@ def _check_paths(paths: Sequence[str]) -> None:
 
 def _check_source(opts: RunOptions) -> None:
     """Exactly one config source; the control-plane flags only with --control-plane."""
-    if opts.control_plane is None:
-        if not opts.config:
-            raise UsageError("one of --config PATH or --control-plane URL is required")
+    if opts.control_plane is None:  # argparse made sure there is exactly one source
         for flag, value in (
             ("--node-id", opts.node_id),
             ("--control-plane-ca", opts.control_plane_ca),
@@ -366,8 +365,6 @@ def _check_source(opts: RunOptions) -> None:
             if value is not None:
                 raise UsageError(f"{flag} goes with --control-plane")
         return
-    if opts.config:
-        raise UsageError("--config and --control-plane are exclusive: choose one config source")
     if not opts.node_id:
         raise UsageError("--control-plane needs --node-id ID (this proxy's name)")
     from meshproxy.sources.stream import parse_control_url

@@ -729,38 +729,42 @@ def test_empty_config() -> None:
 NS = ("a", "b", ROOT)
 PROXY_NS = ("a", "b", "c", ROOT)
 EXPORT = ((), (".",), ("*",), ("a",), ("b",), (".", "b"), ("c",), ("~",))
-SE_HOSTS = ("svc1", "svc2", "svc1.a.svc.cluster.local", "svc3.b.svc.cluster.local", "x.example.com")
+# few hosts, so that rules, entries and routes meet often
+SE_HOSTS = ("svc1", "svc1.a.svc.cluster.local", "x.example.com")
 DR_HOSTS = (
     *SE_HOSTS,
     "*.example.com",
     "*.a.svc.cluster.local",
-    "*.svc.cluster.local",
     "*.local",
     "*",
-    "unknown.c.svc.cluster.local",
+    "gone.c.svc.cluster.local",
 )
 VS_HOSTS = (*SE_HOSTS, "*.example.com", "gone.c.svc.cluster.local")
 DEST_HOSTS = (*SE_HOSTS, "gone.c.svc.cluster.local", "svc4")
+# DestinationRule lookups have the most cases: more rules and entries than other kinds
+GENERATED_KINDS = (
+    *("ServiceEntry",) * 2,
+    *("DestinationRule",) * 3,
+    "WorkloadEntry",
+    "VirtualService",
+    "PeerAuthentication",
+    "AuthorizationPolicy",
+)
 label_sets = st.dictionaries(
     st.sampled_from(("app", "version")), st.sampled_from(("x", "y", "v1")), max_size=2
 )
 
 
 @st.composite
-def resource_specs(draw: st.DrawFn) -> tuple[str, str, Any]:
-    kind = draw(
-        st.sampled_from(
-            (
-                "ServiceEntry",
-                "WorkloadEntry",
-                "DestinationRule",
-                "VirtualService",
-                "PeerAuthentication",
-                "AuthorizationPolicy",
-            )
-        )
-    )
-    ns = draw(st.sampled_from(NS))
+def resource_specs(
+    draw: st.DrawFn,
+    kinds: tuple[str, ...] = GENERATED_KINDS,
+    namespaces: tuple[str, ...] = NS,
+    se_hosts: tuple[str, ...] = SE_HOSTS,
+    dr_hosts: tuple[str, ...] = DR_HOSTS,
+) -> tuple[str, str, Any]:
+    kind = draw(st.sampled_from(kinds))
+    ns = draw(st.sampled_from(namespaces))
     export = draw(st.sampled_from(EXPORT))
     labels = draw(label_sets)
     spec: Any
@@ -770,7 +774,7 @@ def resource_specs(draw: st.DrawFn) -> tuple[str, str, Any]:
         if draw(st.booleans()):
             ports += (ServicePort(number=8080, name="alt", protocol="HTTP"),)
         spec = ServiceEntrySpec(
-            hosts=(draw(st.sampled_from(SE_HOSTS)),),
+            hosts=(draw(st.sampled_from(se_hosts)),),
             ports=ports,
             resolution=draw(st.sampled_from(("STATIC", "DNS", "NONE"))),
             endpoints=(WorkloadEntrySpec(address="10.0.0.1", labels=labels),)
@@ -785,7 +789,7 @@ def resource_specs(draw: st.DrawFn) -> tuple[str, str, Any]:
     elif kind == "DestinationRule":
         sel = draw(st.one_of(st.none(), label_sets))
         spec = DestinationRuleSpec(
-            host=draw(st.sampled_from(DR_HOSTS)),
+            host=draw(st.sampled_from(dr_hosts)),
             traffic_policy=draw(
                 st.sampled_from(
                     (
@@ -847,20 +851,39 @@ def resource_specs(draw: st.DrawFn) -> tuple[str, str, Any]:
     return kind, ns, spec
 
 
-meshes = st.lists(resource_specs(), max_size=30).map(
-    lambda specs: Resources.of(
+def as_resources(specs: list[tuple[str, str, Any]]) -> Resources:
+    return Resources.of(
         [
             Resource(kind=k, name=f"r{i}", namespace=ns, spec=spec, file="gen.yaml", order=i)
             for i, (k, ns, spec) in enumerate(specs)
         ]
     )
-)
+
+
+meshes = st.lists(resource_specs(), max_size=30).map(as_resources)
+# the DestinationRule lookup alone: one service host, rules for it (exact, wildcards) in the
+# proxy's, the service's, the root and an unrelated namespace, with every exportTo
+lookups = st.lists(
+    resource_specs(
+        kinds=("ServiceEntry", *("DestinationRule",) * 4),
+        namespaces=("a", "c", ROOT),
+        se_hosts=("svc.a.svc.cluster.local", "svc"),
+        dr_hosts=("svc.a.svc.cluster.local", "svc", "*.a.svc.cluster.local", "*.local", "*"),
+    ),
+    max_size=8,
+).map(as_resources)
 proxies = st.builds(ProxyIdentity, st.sampled_from(PROXY_NS), label_sets)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(full=meshes, proxy=proxies)
 def test_generated_meshes_translate_the_same(full: Resources, proxy: ProxyIdentity) -> None:
+    assert_equivalent(full, proxy)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(full=lookups, proxy=proxies)
+def test_generated_lookups_translate_the_same(full: Resources, proxy: ProxyIdentity) -> None:
     assert_equivalent(full, proxy)
 
 

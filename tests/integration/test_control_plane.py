@@ -336,7 +336,8 @@ def test_control_usage_errors(tmp_path: Path) -> None:
         (["run", "--control-plane", "http://127.0.0.1:1"], "--node-id"),
         (["run", "--node-id", "x", "--config", str(bad)], "--node-id goes with --control-plane"),
         (["run", "--control-plane", "ftp://x:1", "--node-id", "n"], "unsupported scheme"),
-        (["run"], "one of --config PATH or --control-plane URL is required"),
+        (["run"], "one of the arguments --config --control-plane is required"),
+        (["run", "--config", str(bad), "--control-plane", "http://h:1"], "not allowed with"),
         (["status", "--control-plane", f"http://127.0.0.1:{free_port()}"], "cannot reach"),
     ):
         out = run_cli(*argv)
