@@ -27,20 +27,12 @@ import urllib.request
 from datetime import datetime, timedelta
 from typing import Any
 
+from meshproxy.ca_cli import _ttl
 from meshproxy.cli import LOG_LEVELS, UsageError, format_addr, parse_addr, setup_logging
 
 log = logging.getLogger("meshproxy.control")
 
 DEFAULT_LISTEN = "127.0.0.1:15010"
-
-
-def _ttl(text: str) -> timedelta:
-    from certs.spiffe import CAError, parse_duration
-
-    try:
-        return parse_duration(text, "TTL")
-    except CAError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_control_parsers(sub: Any) -> None:

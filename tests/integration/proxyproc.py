@@ -364,6 +364,15 @@ class Control:
         return await asyncio.wait_for(self.proc.wait(), 15)
 
 
+async def ready(p: MeshProxy) -> bool:
+    """``/ready`` answers 200 (False while it is not, or not listening yet)."""
+    try:
+        code, _ = await p.admin_get("/ready")
+    except aiohttp.ClientError:
+        return False
+    return code == 200
+
+
 def request_samples(text: str, name: str = "istio_requests_total") -> list[Any]:
     return [
         s for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name

@@ -27,6 +27,7 @@ from tests.integration.proxyproc import (
     MeshProxy,
     Upstream,
     free_port,
+    ready,
     reviews_yaml,
     run_cli,
     wait_until,
@@ -83,14 +84,6 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         await control.kill()
         await v1.close()
         await v2.close()
-
-
-async def ready(p: MeshProxy) -> bool:
-    try:
-        code, _ = await p.admin_get("/ready")
-    except aiohttp.ClientError:
-        return False
-    return code == 200
 
 
 async def names(p: MeshProxy, n: int = 6) -> set[str]:

@@ -28,6 +28,7 @@ from certs.ca import make_csr
 from tests.integration.proxyproc import (
     Control,
     MeshProxy,
+    ready,
     run_cli,
     wait_until,
     write_config,
@@ -81,14 +82,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         out = run_cli("ca", "init", "--dir", str(base / name))
         assert out.returncode == 0, out.stderr
     return Pki(base / "ca", base / "other")
-
-
-async def ready(p: MeshProxy) -> bool:
-    try:
-        code, _ = await p.admin_get("/ready")
-    except aiohttp.ClientError:
-        return False
-    return code == 200
 
 
 @dataclass
