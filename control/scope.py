@@ -322,7 +322,7 @@ class Scoper:
     def _destination_rules_for(self, ns: str, svc_ns: set[str]) -> set[int]:
         """Positions of the DestinationRules the lookups of a proxy in ``ns`` can meet."""
         if ns == DR_ROOT_NAMESPACE:
-            out = set(self._dr_self.get(ns, ()))  # step 1 reads private ones, step 3 the rest
+            out = set(self._dr_all.get(ns, ()))  # step 1 reads private ones, step 3 the rest
         else:
             out = set(self._dr_self.get(ns, ()))
         svc_ns.add(DR_ROOT_NAMESPACE)
