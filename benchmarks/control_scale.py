@@ -390,6 +390,7 @@ class Options:
     compress: bool = True
     parse: tuple[str, ...] = ("each", "shared")
     status_check: bool = True
+    settle: float = SETTLE
     profile: Path | None = None
     quick: bool = False
 
@@ -469,12 +470,12 @@ def control_argv(config_dir: Path, opts: Options) -> list[str]:
     return [sys.executable, "-m", "meshproxy", *args]
 
 
-def start_control(workdir: Path, config_dir: Path, opts: Options, n: int) -> tuple[Proc, int]:
+def start_control(workdir: Path, config_dir: Path, opts: Options, name: str) -> tuple[Proc, int]:
     env = dict(os.environ)
     if opts.profile is not None:
-        env["CONTROL_SCALE_PROFILE"] = str(opts.profile.with_suffix(f".{n}.prof"))
+        env["CONTROL_SCALE_PROFILE"] = str(opts.profile.with_suffix(f".{name}.prof"))
     proc = start(
-        f"control-{n}", control_argv(config_dir, opts), workdir, opts.cp_cpus, env=env, cwd=REPO
+        f"control-{name}", control_argv(config_dir, opts), workdir, opts.cp_cpus, env=env, cwd=REPO
     )
     deadline = time.monotonic() + 60.0
     while time.monotonic() < deadline:
@@ -652,7 +653,7 @@ def run_point(n: int, parse: str, opts: Options, workdir: Path) -> Point:
     weights = {(i, j): 50 for i in range(opts.mesh.namespaces) for j in range(opts.mesh.services)}
     procs: list[Proc] = []
     try:
-        cp, port = start_control(workdir, root, opts, n)
+        cp, port = start_control(workdir, root, opts, f"{n}-{parse}")
         procs.append(cp)
         time.sleep(0.5)
         point.cp["rss_started_mib"] = rss(cp.pid)[0]
@@ -663,7 +664,7 @@ def run_point(n: int, parse: str, opts: Options, workdir: Path) -> Point:
         follower = Follower([s.stdout_path for s in sims])
         point.initial = wait_initial(follower, procs, n, t0)
         nodes = {simproxies.node_id(k) for k in range(n)}
-        time.sleep(SETTLE)
+        time.sleep(opts.settle)
         point.cp["rss_connected_mib"] = rss(cp.pid)[0]
         cp_cpu0 = procstat.cpu_seconds([cp.pid])
         sims_cpu0 = procstat.cpu_seconds([s.pid for s in sims])
@@ -683,10 +684,11 @@ def run_point(n: int, parse: str, opts: Options, workdir: Path) -> Point:
         point.sims["cpu_total_s"] = round(
             procstat.cpu_seconds([s.pid for s in sims]) - sims_cpu0, 3
         )
-        time.sleep(SETTLE)
+        time.sleep(opts.settle)
         idle0 = procstat.cpu_seconds([cp.pid])
-        time.sleep(SETTLE)
-        point.cp["idle_cpu_share"] = round((procstat.cpu_seconds([cp.pid]) - idle0) / SETTLE, 4)
+        time.sleep(opts.settle)
+        idle = procstat.cpu_seconds([cp.pid]) - idle0
+        point.cp["idle_cpu_share"] = round(idle / opts.settle, 4) if opts.settle else None
         point.cp["rss_idle_mib"], point.cp["hwm_mib"] = rss(cp.pid)
         if opts.status_check:
             point.status_endpoint = status_cost(port, cp, n)
@@ -1005,6 +1007,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pause", type=float, default=1.5, help="seconds between changes [1.5]")
     ap.add_argument("--namespaces", type=int, default=10, help="namespaces of the mesh [10]")
     ap.add_argument("--services", type=int, default=10, help="services per namespace [10]")
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=SETTLE,
+        help=f"seconds of quiet before the connected and idle figures [{SETTLE:g}]",
+    )
     ap.add_argument("--debounce", type=float, default=0.1, help="control plane --debounce [0.1]")
     ap.add_argument("--cp-cpus", default="0", help="CPU list for the control plane [0]")
     ap.add_argument("--sim-cpus", default="1", help="CPU list for the simulated proxies [1]")
@@ -1024,7 +1032,8 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         type=Path,
         metavar="PATH",
-        help="run the control plane under cProfile; stats in PATH.<proxies>.prof",
+        help="run the control plane under cProfile (stats in PATH.<proxies>-<parse>.prof) "
+        "with its reload phases timed on its stderr (kept with --keep)",
     )
     ap.add_argument("--out", type=Path, default=HERE / "control", help="results directory")
     ap.add_argument(
@@ -1043,8 +1052,8 @@ def main(argv: list[str] | None = None) -> int:
     proxies = args.proxies or ([10, 100] if args.quick else [10, 100, 1000])
     if changes < 1 or args.pause < 0 or args.namespaces < 1 or args.services < 1:
         ap.error("--changes, --namespaces, --services must be >= 1 and --pause >= 0")
-    if args.debounce < 0:
-        ap.error("--debounce must be >= 0")
+    if args.debounce < 0 or args.settle < 0:
+        ap.error("--debounce and --settle must be >= 0")
     problem = raise_nofile(max(proxies))
     if problem is not None:
         print(f"control_scale.py: {problem}", file=sys.stderr)
@@ -1060,6 +1069,7 @@ def main(argv: list[str] | None = None) -> int:
         compress=not args.no_compress,
         parse=args.parse,
         status_check=not args.no_status,
+        settle=args.settle,
         profile=args.profile.resolve() if args.profile else None,
         quick=args.quick,
     )
