@@ -45,9 +45,17 @@ namespace-dependent part costs set unions over the resources a namespace sees, c
 per distinct namespace; the label-dependent part (PeerAuthentication and AuthorizationPolicy
 selectors) is a scan of that namespace's and the root's selector policies only.
 
-The scoped set is meant to be translated, not cross-checked again: ``load_paths``'s reference
-check (``check_references``) looks up DestinationRules from a VirtualService's own namespace,
-which may need rules this proxy cannot see; the control plane validates the whole set.
+The proxy re-validates what it receives (``cross_checks``), and ``check_references`` looks
+up the DestinationRules of a route's subset from the VirtualService's own namespace, which may
+need rules this proxy would not otherwise get (a rule exported to ``.`` only, in the
+VirtualService's namespace, while the root has a ``*.local`` rule without that subset: the
+check would then report the subset missing). So for every VirtualService it sends, the
+scoping also sends the rules that check finds over the whole config. That never changes the
+translation (see :meth:`Scoper._index_subset_checks`). One case remains: when the check's
+service namespace for a host comes from a ServiceEntry the proxy cannot see (exported to the
+VirtualService's namespace but not to the proxy's), the check may walk a different path on
+the proxy; sending that entry would change the proxy's registry, so the proxy side must not
+refuse a pushed config for a cross-resource subset check the control plane already passed.
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ from control.istio.resources import (
     WorkloadEntrySpec,
 )
 from control.istio.validate import ROOT_NAMESPACE as DR_ROOT_NAMESPACE
+from control.istio.validate import DestinationRuleIndex, _route_destinations, visible
 from meshproxy.config.model import ProxyIdentity
 from meshproxy.config.security import ROOT_NAMESPACE
 
@@ -165,6 +174,7 @@ class Scoper:
         self._by_identity: dict[tuple[str, frozenset[tuple[str, str]]], Resources] = {}
         self._index_registry(resources)
         self._index_destination_rules(resources.destination_rules)
+        self._index_subset_checks(resources)
         self._index_security(resources)
 
     # ------------------------------------------------------------------ indexes
@@ -179,9 +189,11 @@ class Scoper:
         # of the services their destinations name (for the DestinationRule lookup)
         self._vs = _Exports()
         self._vs_dest_ns: list[frozenset[str]] = []
+        self._vs_usable: list[bool] = []
         for i, vs in enumerate(res.virtual_services):
             s = vs.spec
             usable = not (s.gateways and "mesh" not in s.gateways) and bool(s.hosts and s.http)
+            self._vs_usable.append(usable)
             if usable:
                 self._vs.add(i, s.export_to, vs.namespace)
             self._vs_dest_ns.append(_destination_namespaces(vs) if usable else frozenset())
@@ -237,6 +249,62 @@ class Scoper:
             for t in e:
                 if t not in (".", "*"):
                     self._dr_exported_to.setdefault(t, set()).add(ns)
+
+    def _index_subset_checks(self, res: Resources) -> None:
+        """For each VirtualService the translation reads, the DestinationRules that
+        ``check_references`` finds for its subset destinations, looked up from the
+        VirtualService's own namespace over the whole config (as the control plane validated
+        it). A proxy re-validates what it receives; with these rules a route's subsets are
+        found there too. Adding them never changes the proxy's translation: a rule of a
+        namespace other than the proxy's and the root is private (never read from elsewhere)
+        or not private, and then either its namespace already contributes every non-private
+        rule or none of them is exported to the proxy (all dropped after the lookup)."""
+        self._vs_check: list[frozenset[int]] = [frozenset()] * len(res.virtual_services)
+        self._public_vs_check: frozenset[int] = frozenset()
+        if not res.destination_rules:
+            return
+        index = DestinationRuleIndex(res.destination_rules)
+        pos = {id(r): i for i, r in enumerate(res.destination_rules)}
+        entries: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+        for se in res.service_entries:
+            for raw in se.spec.hosts:
+                entries.setdefault(H.expand(raw, se.namespace), []).append(
+                    (se.namespace, se.spec.export_to)
+                )
+
+        def service_namespace(host: str, from_ns: str) -> str:
+            # check_references' view: the entry of from_ns if visible, else the first visible
+            seen = [
+                ns
+                for ns, export_to in entries.get(host, ())
+                if visible(export_to, ns, from_ns) and "~" not in export_to
+            ]
+            if from_ns in seen:
+                return from_ns
+            return seen[0] if seen else H.namespace_of(host) or from_ns
+
+        memo: dict[tuple[str, str], frozenset[int]] = {}
+        for i, vs in enumerate(res.virtual_services):
+            if not self._vs_usable[i]:
+                continue  # never sent
+            got: set[int] = set()
+            for _path, d in _route_destinations(vs.spec):
+                if not d.subset or not d.host:
+                    continue
+                host = H.expand(d.host, vs.namespace)
+                key = (host, vs.namespace)
+                rules = memo.get(key)
+                if rules is None:
+                    rules = memo[key] = frozenset(
+                        pos[id(r)]
+                        for r in index.lookup(
+                            host, vs.namespace, service_namespace(host, vs.namespace)
+                        )
+                        if r.spec.workload_selector is None or r.namespace == vs.namespace
+                    )
+                got |= rules
+            self._vs_check[i] = frozenset(got)
+        self._public_vs_check = frozenset().union(*(self._vs_check[i] for i in self._vs.public))
 
     def _index_security(self, res: Resources) -> None:
         # PeerAuthentication: (position, selector) of the selector-less policies by namespace
@@ -310,6 +378,9 @@ class Scoper:
         for i in vs_only:
             svc_ns |= self._vs_dest_ns[i]
         dr_pos = self._destination_rules_for(ns, svc_ns)
+        dr_pos |= self._public_vs_check
+        for i in vs_only:
+            dr_pos |= self._vs_check[i]
         return _NamespaceScope(
             virtual_services=_pick(res.virtual_services, vs_pos),
             destination_rules=_pick(res.destination_rules, dr_pos),

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from control.istio import Resources, ValidationReport, load_documents, load_paths, translate
+from control.istio.load import cross_checks
 from control.istio.resources import (
     AuthorizationPolicySpec,
     Destination,
@@ -125,7 +126,15 @@ def assert_equivalent(full: Resources, proxy: ProxyIdentity) -> Resources:
     assert inbound_view(b, proxy) == inbound_view(a, proxy)
     # scoping only removes warnings about documents the proxy does not get
     assert set(b.warnings) <= set(a.warnings)
+    # the proxy re-validates what it receives (meshproxy.sources.stream): no new problem
+    assert set(problems(scoped)) <= set(problems(full))
     return scoped
+
+
+def problems(res: Resources) -> list[str]:
+    report = ValidationReport()
+    cross_checks(res, report)
+    return report.problems
 
 
 # --------------------------------------------------------------------------- exportTo
@@ -306,6 +315,30 @@ def test_root_rule_exported_elsewhere_hides_the_root_wildcard(ns: str) -> None:
     name = "reviews.svcns.svc.cluster.local"
     assert translate(full, ProxyIdentity(ns)).clusters[name].policy_meta is None
     assert translate(full, ProxyIdentity("b")).clusters[name].policy_meta.name == "exact-for-b"  # type: ignore[union-attr]
+
+
+def test_rules_a_sent_route_is_validated_against_are_sent_too() -> None:
+    # bookinfo's subsets live in a rule exported to "." only; the root has a mesh-wide rule.
+    # A proxy of "frontend" never reads bookinfo's rule, but re-validating the VirtualService
+    # it receives looks its subset up from bookinfo: without the rule that check fails (the
+    # root rule has no v1) and the proxy would refuse the config.
+    text = join(
+        se("reviews", "bookinfo", "reviews"),
+        dr("reviews", "bookinfo", "reviews", 'exportTo: ["."]').replace(
+            "  trafficPolicy:", "  subsets: [{name: v1, labels: {version: v1}}]\n  trafficPolicy:"
+        ),
+        dr("mesh", ROOT, "*.local", lb="ROUND_ROBIN"),
+        vs("reviews", "reviews")
+        .replace("namespace: a", "namespace: bookinfo")
+        .replace("destination: {host: reviews}", "destination: {host: reviews, subset: v1}"),
+    )
+    full = parse(text)
+    assert problems(full) == []
+    got = names(assert_equivalent(full, ProxyIdentity("frontend")))
+    assert "DestinationRule/bookinfo/reviews" in got
+    without = Resources.of([r for r in scope_resources(full, ProxyIdentity("frontend")).all()
+                            if r.ref != "DestinationRule/reviews"])  # fmt: skip
+    assert any("subset 'v1' is not defined" in p for p in problems(without))
 
 
 def test_namespace_with_no_rule_exported_to_the_proxy_contributes_none() -> None:
@@ -870,8 +903,10 @@ lookups = st.lists(
         se_hosts=("svc.a.svc.cluster.local", "svc"),
         dr_hosts=("svc.a.svc.cluster.local", "svc", "*.a.svc.cluster.local", "*.local", "*"),
     ),
+    min_size=2,
     max_size=8,
 ).map(as_resources)
+lookup_proxies = st.builds(ProxyIdentity, st.sampled_from(("a", "c", ROOT)), label_sets)
 proxies = st.builds(ProxyIdentity, st.sampled_from(PROXY_NS), label_sets)
 
 
@@ -882,7 +917,7 @@ def test_generated_meshes_translate_the_same(full: Resources, proxy: ProxyIdenti
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(full=lookups, proxy=proxies)
+@given(full=lookups, proxy=lookup_proxies)
 def test_generated_lookups_translate_the_same(full: Resources, proxy: ProxyIdentity) -> None:
     assert_equivalent(full, proxy)
 
