@@ -61,6 +61,7 @@ refuse a pushed config for a cross-resource subset check the control plane alrea
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any, TypeVar
 
 from control.istio import hosts as H
@@ -108,12 +109,12 @@ class _Exports:
         for e in export_to:
             self.targeted.setdefault(owner_ns if e == "." else e, set()).add(pos)
 
-    def only(self, ns: str) -> set[int]:
+    def only(self, ns: str) -> AbstractSet[int]:
         """Positions visible from ``ns`` and not public."""
         return self.targeted.get(ns, _EMPTY)
 
 
-_EMPTY: set[int] = set()
+_EMPTY: frozenset[int] = frozenset()
 
 
 def _private(r: Resource[DestinationRuleSpec]) -> bool:
@@ -432,7 +433,7 @@ class Scoper:
         )
 
 
-_EMPTY_NS: set[str] = set()
+_EMPTY_NS: frozenset[str] = frozenset()
 
 
 def _destination_namespaces(vs: Resource[VirtualServiceSpec]) -> frozenset[str]:
