@@ -391,6 +391,7 @@ class Options:
     parse: tuple[str, ...] = ("each", "shared")
     status_check: bool = True
     settle: float = SETTLE
+    experiment: tuple[str, ...] = ()
     profile: Path | None = None
     quick: bool = False
 
@@ -401,6 +402,7 @@ class Point:
 
     proxies: int
     parse: str = "each"
+    experiment: list[str] = field(default_factory=list)  # patches applied to the control plane
     sim_processes: int = 0
     groups: int = 0
     status: str = "ok"
@@ -455,7 +457,7 @@ def control_metrics(text: str) -> dict[str, float]:
     return out
 
 
-def control_argv(config_dir: Path, opts: Options) -> list[str]:
+def control_argv(config_dir: Path, opts: Options, experiment: tuple[str, ...]) -> list[str]:
     args = [
         "control",
         "--config",
@@ -465,18 +467,21 @@ def control_argv(config_dir: Path, opts: Options) -> list[str]:
         "--debounce",
         str(opts.debounce),
     ]
-    if opts.profile is not None:
-        return [sys.executable, str(Path(__file__).resolve()), "--profiled-control", *args]
+    if opts.profile is not None or experiment:
+        return [sys.executable, str(Path(__file__).resolve()), "--wrapped-control", *args]
     return [sys.executable, "-m", "meshproxy", *args]
 
 
-def start_control(workdir: Path, config_dir: Path, opts: Options, name: str) -> tuple[Proc, int]:
+def start_control(
+    workdir: Path, config_dir: Path, opts: Options, name: str, experiment: tuple[str, ...] = ()
+) -> tuple[Proc, int]:
     env = dict(os.environ)
+    env.pop("CONTROL_SCALE_PROFILE", None)
+    env["CONTROL_SCALE_EXPERIMENT"] = ",".join(experiment)
     if opts.profile is not None:
         env["CONTROL_SCALE_PROFILE"] = str(opts.profile.with_suffix(f".{name}.prof"))
-    proc = start(
-        f"control-{name}", control_argv(config_dir, opts), workdir, opts.cp_cpus, env=env, cwd=REPO
-    )
+    argv = control_argv(config_dir, opts, experiment)
+    proc = start(f"control-{name}", argv, workdir, opts.cp_cpus, env=env, cwd=REPO)
     deadline = time.monotonic() + 60.0
     while time.monotonic() < deadline:
         if not proc.alive():
@@ -489,7 +494,9 @@ def start_control(workdir: Path, config_dir: Path, opts: Options, name: str) -> 
     raise BenchError(f"meshproxy control did not print its port within 60 s\n{proc.tail()}")
 
 
-def start_sims(workdir: Path, port: int, n: int, opts: Options, parse: str) -> list[Proc]:
+def start_sims(
+    workdir: Path, port: int, n: int, opts: Options, parse: str, label: str
+) -> list[Proc]:
     count = 1 if n <= SIMS_PER_PROCESS else 2
     procs: list[Proc] = []
     first = 0
@@ -513,7 +520,7 @@ def start_sims(workdir: Path, port: int, n: int, opts: Options, parse: str) -> l
         ]
         if not opts.compress:
             argv.append("--no-compress")
-        procs.append(start(f"sims-{n}-{parse}-{s}", argv, workdir, opts.sim_cpus, cwd=REPO))
+        procs.append(start(f"sims-{label}-{s}", argv, workdir, opts.sim_cpus, cwd=REPO))
         first += size
     return procs
 
@@ -646,19 +653,22 @@ def status_cost(port: int, cp: Proc, n: int, rounds: int = 3) -> dict[str, Any]:
     }
 
 
-def run_point(n: int, parse: str, opts: Options, workdir: Path) -> Point:
-    point = Point(proxies=n, parse=parse, groups=groups(n, opts.mesh))
-    root = workdir / f"mesh-{n}-{parse}"
+def run_point(
+    n: int, parse: str, opts: Options, workdir: Path, experiment: tuple[str, ...] = ()
+) -> Point:
+    point = Point(proxies=n, parse=parse, experiment=list(experiment), groups=groups(n, opts.mesh))
+    label = "-".join([str(n), parse, *experiment])
+    root = workdir / f"mesh-{label}"
     write_mesh(root, opts.mesh)
     weights = {(i, j): 50 for i in range(opts.mesh.namespaces) for j in range(opts.mesh.services)}
     procs: list[Proc] = []
     try:
-        cp, port = start_control(workdir, root, opts, f"{n}-{parse}")
+        cp, port = start_control(workdir, root, opts, label, experiment)
         procs.append(cp)
         time.sleep(0.5)
         point.cp["rss_started_mib"] = rss(cp.pid)[0]
         t0 = time.time()
-        sims = start_sims(workdir, port, n, opts, parse)
+        sims = start_sims(workdir, port, n, opts, parse, label)
         procs.extend(sims)
         point.sim_processes = len(sims)
         follower = Follower([s.stdout_path for s in sims])
@@ -728,16 +738,25 @@ def _f(v: Any, fmt: str = "{:,.1f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def variant(point: dict[str, Any]) -> str:
+    """How the sims parsed, and the control plane's patches if any: ``shared``,
+    ``shared, CP patched: plans + nodeflate``."""
+    text = point.get("parse", "each")
+    if point.get("experiment"):
+        text += ", CP patched: " + " + ".join(point["experiment"])
+    return text
+
+
 def targets(doc: dict[str, Any]) -> dict[str, Any]:
-    """Whether the issue's targets were met at 1,000 proxies, per parse mode of the sims
-    (absent: that point was not run or failed)."""
+    """Whether the issue's targets were met at 1,000 proxies, per :func:`variant` (absent:
+    that point was not run or failed)."""
     out: dict[str, Any] = {}
     for point in doc["points"]:
         if point["proxies"] != TARGET_PROXIES or point.get("status") != "ok":
             continue
         p99 = point["convergence_s"].get("p99")
         idle = point["cp"].get("rss_idle_mib")
-        out[point.get("parse", "each")] = {
+        out[variant(point)] = {
             "p99_s": p99,
             "p99_met": p99 is not None and p99 <= TARGET_P99,
             "rss_idle_mib": idle,
@@ -767,14 +786,14 @@ def render_markdown(doc: dict[str, Any]) -> str:
     for p in doc["points"]:
         if p.get("status") != "ok":
             first = (p.get("error") or "failed").splitlines()[0][:160]
-            cells = f"| {p['proxies']:,} | {p.get('parse', 'each')} | error: {first} |"
+            cells = f"| {p['proxies']:,} | {variant(p)} | error: {first} |"
             out.append(cells + " |" * 12)
             continue
         ini, conv, cp, sims = p["initial"], p["convergence_s"], p["cp"], p["sims"]
         docs = ini.get("documents_per_proxy", {})
         kib = ini.get("config_kib", {})
         out.append(
-            f"| {p['proxies']:,} | {p.get('parse', 'each')} | {p['sim_processes']} | "
+            f"| {p['proxies']:,} | {variant(p)} | {p['sim_processes']} | "
             f"{p['groups']} | "
             f"{ini.get('distinct_versions', '-')} | {docs.get('min', '-')}-{docs.get('max', '-')} "
             f"| {_f(kib.get('max'))} | {_ms(conv.get('p50'))} | {_ms(conv.get('p99'))} | "
@@ -797,7 +816,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
             continue
         cp, st, m = p["cp"], p.get("status_endpoint", {}), p.get("metrics", {})
         line = (
-            f"- {p['proxies']:,} proxies ({p.get('parse', 'each')}): first configs to all in "
+            f"- {p['proxies']:,} proxies ({variant(p)}): first configs to all in "
             f"{_f(p['initial'].get('all_acked_s'), '{:.2f}')} s after the sims started; "
             f"control plane RSS {_f(cp.get('rss_started_mib'))} MiB with no proxy, "
             f"{_f(cp.get('rss_connected_mib'))} MiB connected, "
@@ -825,7 +844,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         p99_word = "met" if r["p99_met"] else "NOT met"
         rss_word = "met" if r["rss_met"] else "NOT met"
         out.append(
-            f"Targets at {TARGET_PROXIES:,} proxies, sims parsing {mode}: p99 convergence <= "
+            f"Targets at {TARGET_PROXIES:,} proxies ({mode}): p99 convergence <= "
             f"{TARGET_P99:g} s {p99_word} ({_ms(r['p99_s'])}); idle RSS <= {TARGET_RSS_MIB:g} "
             f"MiB {rss_word} ({_f(r['rss_idle_mib'])} MiB)."
         )
@@ -886,23 +905,91 @@ def update_readme(path: Path, doc: dict[str, Any]) -> None:
 # =========================================================================== command line
 
 
-def profiled_control(argv: list[str]) -> int:
-    """``--profiled-control ARGS``: ``meshproxy ARGS`` under cProfile (the event loop's
-    thread; stats written to ``$CONTROL_SCALE_PROFILE`` when it exits), with the control
-    plane's phases timed (:func:`time_phases`: lines ``phase NAME START END`` on stderr)."""
+def wrapped_control(argv: list[str]) -> int:
+    """``--wrapped-control ARGS``: ``meshproxy ARGS`` in this process, with the control plane's
+    reload phases timed (:func:`time_phases`: lines ``phase NAME START END`` on stderr), the
+    patches named by ``$CONTROL_SCALE_EXPERIMENT`` applied (:data:`EXPERIMENTS`) and, when
+    ``$CONTROL_SCALE_PROFILE`` names a file, under cProfile (the event loop's thread; the
+    stats are written there when it exits)."""
     import cProfile
 
     sys.path.insert(0, str(REPO))
     from meshproxy.__main__ import main as meshproxy_main
 
     time_phases()
+    for name in filter(None, os.environ.get("CONTROL_SCALE_EXPERIMENT", "").split(",")):
+        EXPERIMENTS[name]()
+    out = os.environ.get("CONTROL_SCALE_PROFILE")
+    if not out:
+        return meshproxy_main(argv)
     prof = cProfile.Profile()
     prof.enable()
     try:
         return meshproxy_main(argv)
     finally:
         prof.disable()
-        prof.dump_stats(os.environ.get("CONTROL_SCALE_PROFILE", "control.prof"))
+        prof.dump_stats(out)
+
+
+def experiment_plans() -> None:
+    """Patch ``control.server.make_plan`` as proposed for ``control/server.py``: each document
+    is JSON-encoded once per config (not once per group that receives it) and groups whose
+    scoped documents are the same (same version) share one :class:`Plan` and its body. In this
+    mesh 200 groups have 20 distinct versions, and encoding a 120 KiB body costs ~3.3 ms, so
+    planning a change went from ~0.65 s of encoding to a few ms. The frames are byte for
+    byte the ones ``config_body`` makes (compact separators: a list's JSON is its items' JSON
+    joined by commas)."""
+    import json as _json
+    import threading
+
+    from control import server
+    from control.protocol import config_version
+    from control.scope import Scoper
+
+    lock = threading.Lock()  # plans run in worker threads; a Scoper is not thread-safe
+    cache: dict[str, Any] = {"config": None}
+
+    def encode(doc: Any) -> str:
+        return _json.dumps(doc, separators=(",", ":"), ensure_ascii=False, default=str)
+
+    def make_plan(config: Any, proxy: Any, scoper: Any = None) -> Any:
+        with lock:
+            if cache["config"] is not config:
+                cache.update(config=config, scoper=Scoper(config.resources), plans={}, docs={})
+            scoped = cache["scoper"].for_proxy(proxy).all()
+            version = config_version(r.digest for r in scoped)
+            plan = cache["plans"].get(version)
+            if plan is None:
+                docs = cache["docs"]
+                parts = []
+                for r in scoped:
+                    text = docs.get(r.order)
+                    if text is None:
+                        text = docs[r.order] = encode(config.document(r))
+                    parts.append(text)
+                body = f'"version":{_json.dumps(version)},"resources":[{",".join(parts)}]}}'
+                plan = cache["plans"][version] = server.Plan(version, body, len(parts))
+            return plan
+
+    server.make_plan = make_plan
+
+
+def experiment_nodeflate() -> None:
+    """Patch the control plane's WebSocketResponse to decline per-message deflate
+    (``compress=False``): no zlib stream per connection, no compression per push."""
+    from aiohttp import web
+
+    base = web.WebSocketResponse
+
+    class NoDeflate(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["compress"] = False
+            super().__init__(*args, **kwargs)
+
+    web.WebSocketResponse = NoDeflate  # type: ignore[misc]
+
+
+EXPERIMENTS = {"plans": experiment_plans, "nodeflate": experiment_nodeflate}
 
 
 def time_phases() -> None:
@@ -965,6 +1052,16 @@ def parse_proxies(text: str) -> list[int]:
     return values
 
 
+def parse_experiments(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown experiment {', '.join(unknown)}; known: {', '.join(EXPERIMENTS)}"
+        )
+    return names
+
+
 def parse_modes(text: str) -> tuple[str, ...]:
     modes = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
     if not modes or any(m not in ("each", "shared") for m in modes):
@@ -994,8 +1091,8 @@ def options_json(opts: Options) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--profiled-control"]:
-        return profiled_control(argv[1:])
+    if argv[:1] == ["--wrapped-control"]:
+        return wrapped_control(argv[1:])
     ap = argparse.ArgumentParser(
         description="Convergence time, RSS and CPU of meshproxy control with N simulated proxies."
     )
@@ -1026,6 +1123,15 @@ def main(argv: list[str] | None = None) -> int:
         default=("each", "shared"),
         help="sims' parsing, comma-separated: each (every proxy json.loads every frame), "
         "shared (each distinct frame once per sim process) [each,shared]",
+    )
+    ap.add_argument(
+        "--experiment",
+        type=parse_experiments,
+        default=(),
+        metavar="NAMES",
+        help="after the points as is, one more at the largest proxy count (sims parsing "
+        "shared) with the control plane patched in its process, to measure a proposed change: "
+        f"comma-separated of {', '.join(EXPERIMENTS)} (see their docstrings)",
     )
     ap.add_argument("--no-status", action="store_true", help="skip the /status cost and check")
     ap.add_argument(
@@ -1070,6 +1176,7 @@ def main(argv: list[str] | None = None) -> int:
         parse=args.parse,
         status_check=not args.no_status,
         settle=args.settle,
+        experiment=args.experiment,
         profile=args.profile.resolve() if args.profile else None,
         quick=args.quick,
     )
@@ -1092,6 +1199,14 @@ def main(argv: list[str] | None = None) -> int:
                 if point.status != "ok":
                     print(f"   error: {point.error}", file=sys.stderr, flush=True)
                 doc["points"].append(asdict(point))
+        if opts.experiment:
+            n = max(proxies)
+            patched = ",".join(opts.experiment)
+            print(f"== {n} proxies, --parse shared, patched: {patched}", flush=True)
+            point = run_point(n, "shared", opts, workdir, opts.experiment)
+            if point.status != "ok":
+                print(f"   error: {point.error}", file=sys.stderr, flush=True)
+            doc["points"].append(asdict(point))
     except KeyboardInterrupt:
         print("control_scale.py: interrupted", file=sys.stderr)
         return 130

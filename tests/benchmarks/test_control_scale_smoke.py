@@ -13,6 +13,7 @@ the report must have its fields. Every process is stopped by its PID (the script
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -211,9 +212,40 @@ def _doc() -> dict[str, Any]:
             _point(10, "each", 0.3, 60.0),
             _point(1000, "each", 4.0, 140.0),
             _point(1000, "shared", 0.9, 160.0),
+            {**_point(1000, "shared", 0.5, 80.0), "experiment": ["plans", "nodeflate"]},
             {**_point(100, "each", 1, 1), "status": "error", "error": "boom\nmore"},
         ],
     }
+
+
+def test_experiment_plans_makes_the_same_frames(tmp_path: Path) -> None:
+    """The proposed planning change (measured with --experiment plans) must give byte for
+    byte the plans control.server.make_plan gives, for every group of a 1,000-proxy mesh."""
+    from control import server
+    from control.store import ConfigStore
+    from meshproxy.config.model import ProxyIdentity
+
+    cs.write_mesh(tmp_path, cs.Mesh(4, 5))
+    config = ConfigStore([str(tmp_path)]).load().config
+    assert config is not None
+    original = server.make_plan
+    try:
+        cs.experiment_plans()
+        patched = server.make_plan
+    finally:
+        server.make_plan = original
+    keys = {server.group_key(*sims.identity(k, 4, 5)) for k in range(100)}
+    versions = set()
+    for ns, labels in keys:
+        proxy = ProxyIdentity(ns, dict(labels))
+        got = patched(config, proxy)
+        assert got == original(config, proxy)
+        assert patched(config, proxy) is got  # one plan per version, shared
+        versions.add(got.version)
+    assert len(keys) == 40 and len(versions) == 8  # 4 namespaces x (v1, v2)
+    with pytest.raises(argparse.ArgumentTypeError):
+        cs.parse_experiments("plans,bogus")
+    assert cs.parse_experiments("nodeflate,plans,plans") == ("nodeflate", "plans")
 
 
 def test_targets_and_markdown() -> None:
@@ -226,6 +258,10 @@ def test_targets_and_markdown() -> None:
     assert "p99 convergence <= 1 s NOT met (4,000 ms)" in md
     assert "idle RSS <= 150 MiB NOT met (160.0 MiB)" in md
     assert "| 100 | each | error: boom |" in md
+    patched = "shared, CP patched: plans + nodeflate"
+    assert t[patched] == {"p99_s": 0.5, "p99_met": True, "rss_idle_mib": 80.0, "rss_met": True}
+    assert f"| 1,000 | {patched} | 1 | 200 |" in md
+    assert f"Targets at 1,000 proxies ({patched}): p99 convergence <= 1 s met (500 ms)" in md
     assert "commit `abc1234 subject`" in md
     rows = [line for line in md.splitlines() if line.startswith("|")]
     assert len({r.count("|") for r in rows}) == 1, rows  # every row as wide as the header
