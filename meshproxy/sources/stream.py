@@ -9,8 +9,10 @@ order (see :mod:`control.protocol`):
 
 1. A frame whose version is the one already running is ACKed at once.
 2. Otherwise the documents are decoded, validated and translated in a worker thread with the
-   same code as standalone mode (``control.istio``: ``load_documents``, ``cross_checks``,
-   ``translate`` with a :class:`~control.istio.TranslationCache`). The frame's version must
+   same code as standalone mode (``control.istio``: ``load_documents``, ``translate`` with a
+   :class:`~control.istio.TranslationCache`; the cross-resource reference checks ran at the
+   control plane over the whole directory, and on a proxy's subset only their warnings are
+   kept). The frame's version must
    be the one its documents' digests give (a truncated or altered frame is refused), and the
    TLS files that SIMPLE / MUTUAL DestinationRules name must load, as Envoy requires of a
    cluster before accepting it.
@@ -298,7 +300,13 @@ class StreamSource:
         try:
             items = load_documents(SOURCE_NAME, docs, report)
             resources = Resources.of(items)
-            cross_checks(resources, report)
+            # References between resources were checked by the control plane over the whole
+            # directory; on this proxy's subset a reference to a document it does not need
+            # (e.g. a subset defined in a rule exported elsewhere) looks dangling, so here
+            # only the warnings count.
+            refs = ValidationReport()
+            cross_checks(resources, refs)
+            report.warnings.extend(refs.warnings)
             if not report.problems:
                 got = config_version(r.digest for r in items)
                 if got != version:

@@ -315,3 +315,44 @@ def test_backoff_is_jittered_and_capped() -> None:
     assert b.delay(3, lambda: 0.5) == pytest.approx(2.0)
     assert b.delay(100, lambda: 0.999) < 15.0
     assert b.delay(5, lambda: 0.0) == 0.0
+
+
+VS_TO_SUBSET = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: to-v1, namespace: team-b}
+spec:
+  hosts: [shared.example.com]
+  http:
+  - route:
+    - destination: {host: shared.example.com, subset: v1}
+"""
+
+ROOT_DR = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: root-wild, namespace: istio-system}
+spec:
+  host: "*.example.com"
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+"""
+
+
+async def test_pushed_config_is_not_refused_for_a_reference_outside_its_scope(env: Env) -> None:
+    """The control plane checked references over the whole directory; a proxy's subset may
+    leave a subset's DestinationRule out (exported elsewhere), which is not a reason to NACK."""
+    import yaml
+
+    from control.istio.load import _canonical_digest
+
+    env.write("a.yaml", se("shared"))
+    await env.start()
+    a = env.proxy("a", "team-b")
+    await wait_for(lambda: a.state.applied)
+    # with the rule that defines v1 left out (exported elsewhere), the root rule is the one
+    # the reference check finds, and it has no v1: an error over this subset alone
+    docs = [yaml.safe_load(x) for x in (se("shared"), VS_TO_SUBSET, ROOT_DR)]
+    version = config_version(_canonical_digest(d) for d in docs)
+    ack = await a.on_config({"type": "config", "nonce": "n", "version": version, "resources": docs})
+    assert ack.error is None, ack.error
+    assert a.state.snapshot.version == version
