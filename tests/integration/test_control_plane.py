@@ -337,3 +337,16 @@ def test_control_usage_errors(tmp_path: Path) -> None:
         assert out.returncode == 2, (argv, out.stderr)
         assert msg in out.stderr, (argv, out.stderr)
         assert "Traceback" not in out.stderr
+
+
+async def test_workers_each_subscribe_as_their_own_node(world: World, tmp_path: Path) -> None:
+    p = await start_proxy(tmp_path, world.control.url, "multi", "--workers", "2")
+    try:
+        await wait_until(lambda: ready(p), timeout=CONVERGE)
+        st = await world.control.status()
+        nodes = {e["node_id"]: e for e in st["proxies"]}
+        assert {"multi.w0", "multi.w1"} <= set(nodes)
+        assert all(nodes[n]["status"] == "SYNCED" for n in ("multi.w0", "multi.w1"))
+        assert await names(p) == {"v1"}
+    finally:
+        await p.stop()
