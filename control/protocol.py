@@ -105,6 +105,16 @@ def config_body(version: str, documents: list[Any]) -> str:
     return f'"version":{json.dumps(version)},"resources":{encode_list(documents)}}}'
 
 
+def config_body_encoded(version: str, encoded: list[str]) -> str:
+    """:func:`config_body` from documents already encoded with :func:`encode_document`
+    (byte for byte the same result: the control plane encodes each document once)."""
+    return f'"version":{json.dumps(version)},"resources":[{",".join(encoded)}]}}'
+
+
+def encode_document(doc: Any) -> str:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
 def encode_list(items: list[Any]) -> str:
     return json.dumps(items, separators=(",", ":"), ensure_ascii=False, default=str)
 

@@ -119,6 +119,11 @@ async def test_scoped_push_and_per_group_versions(env: Env) -> None:
     assert a.state.snapshot.version == va and b.state.snapshot.version == vb
     assert st["version"] == va  # team-a sees every document: the whole config's version
     assert len(cp._plans) == 2
+    c = env.proxy("c", "team-b", {"app": "other"})  # other labels, the same documents as b
+    await wait_for(lambda: c.state.applied)
+    assert c.state.snapshot.version == vb
+    plans = cp._plans
+    assert plans[("team-b", (("app", "other"),))] is plans[("team-b", ())]  # one shared plan
 
 
 async def test_an_unchanged_plan_is_not_pushed_again(env: Env) -> None:
