@@ -10,6 +10,12 @@ outbound listener and, with ``--inbound``/``--app``, the inbound one, prints
 ``listening outbound=HOST:PORT [inbound=HOST:PORT] admin=HOST:PORT`` (flushed; ``/ready``
 turns 200) and watches the config files and the certificate files.
 
+With ``--control-plane URL --node-id ID`` there is no initial build: the listeners start with
+the empty snapshot (no route: 404) and ``/ready`` stays 503 until the
+:class:`~meshproxy.sources.stream.StreamSource` has applied the first pushed config; with
+``--token-file`` also until the :class:`~meshproxy.certclient.CertificateClient` has the first
+workload certificate from the control plane (then renewed at half its lifetime).
+
 Lifecycle of :class:`Proxy`::
 
     starting --(listeners up, config applied)--> serving --(POST /drain)--> draining
