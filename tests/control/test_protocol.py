@@ -65,6 +65,6 @@ def test_config_version_is_order_and_content_sensitive() -> None:
 def test_pre_encoded_body_is_byte_identical() -> None:
     from control.protocol import config_body_encoded, encode_document
 
-    docs = [{"a": [1, 2.5, None, True]}, {"name": "ü\n\"q\""}, {}]
+    docs = [{"a": [1, 2.5, None, True]}, {"name": 'ü\n"q"'}, {}]
     assert config_body_encoded("v", [encode_document(d) for d in docs]) == config_body("v", docs)
     assert config_body_encoded("v", []) == config_body("v", [])
