@@ -76,7 +76,11 @@ from control.istio.resources import (
     WorkloadEntrySpec,
 )
 from control.istio.validate import ROOT_NAMESPACE as DR_ROOT_NAMESPACE
-from control.istio.validate import DestinationRuleIndex, _route_destinations, visible
+from control.istio.validate import (
+    DestinationRuleIndex,
+    _route_destinations,
+    service_namespace_resolver,
+)
 from meshproxy.config.model import ProxyIdentity
 from meshproxy.config.security import ROOT_NAMESPACE
 
@@ -266,23 +270,8 @@ class Scoper:
             return
         index = DestinationRuleIndex(res.destination_rules)
         pos = {id(r): i for i, r in enumerate(res.destination_rules)}
-        entries: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
-        for se in res.service_entries:
-            for raw in se.spec.hosts:
-                entries.setdefault(H.expand(raw, se.namespace), []).append(
-                    (se.namespace, se.spec.export_to)
-                )
-
-        def service_namespace(host: str, from_ns: str) -> str:
-            # check_references' view: the entry of from_ns if visible, else the first visible
-            seen = [
-                ns
-                for ns, export_to in entries.get(host, ())
-                if visible(export_to, ns, from_ns) and "~" not in export_to
-            ]
-            if from_ns in seen:
-                return from_ns
-            return seen[0] if seen else H.namespace_of(host) or from_ns
+        # check_references' view of a host's namespace
+        service_namespace = service_namespace_resolver(res.service_entries)
 
         memo: dict[tuple[str, str], frozenset[int]] = {}
         for i, vs in enumerate(res.virtual_services):

@@ -1679,26 +1679,14 @@ def _always(_r: Resource[DestinationRuleSpec]) -> bool:
     return True
 
 
-def check_references(resources: Resources, report: ValidationReport) -> None:
-    """Cross-resource checks: subsets named by routes, duplicate DestinationRules."""
-    index = DestinationRuleIndex(resources.destination_rules)
-    for hosts in index.exact.values():
-        by_ns: dict[str, list[Resource[DestinationRuleSpec]]] = {}
-        for r in hosts:
-            if r.spec.workload_selector is None:
-                by_ns.setdefault(r.namespace, []).append(r)
-        for group in by_ns.values():
-            for later in group[1:]:
-                Checker(later.file, later.ref, report).warn(
-                    "spec.host",
-                    f"host {group[0].spec.host} already has DestinationRule/{group[0].name} in "
-                    f"namespace {later.namespace} ({group[0].file}); the two are merged: the first "
-                    f"traffic policy wins, subsets are added unless their name is taken",
-                )
-    # the namespace of a ServiceEntry host as the translator sees it from a namespace: the
-    # visible entry of that namespace if any, else the first visible one
+def service_namespace_resolver(
+    service_entries: Iterable[Resource[ServiceEntrySpec]],
+) -> Callable[[str, str], str]:
+    """``(host, from_ns) -> namespace``: the namespace of a ServiceEntry host as the
+    translator sees it from ``from_ns``: the visible entry of that namespace if any, else the
+    first visible one, else the host's own ``.NS.svc`` part, else ``from_ns``."""
     entries: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
-    for se in resources.service_entries:
+    for se in service_entries:
         for raw in se.spec.hosts:
             entries.setdefault(H.expand(raw, se.namespace), []).append(
                 (se.namespace, se.spec.export_to)
@@ -1716,6 +1704,26 @@ def check_references(resources: Resources, report: ValidationReport) -> None:
             return seen[0]
         return H.namespace_of(host) or from_ns
 
+    return service_namespace
+
+
+def check_references(resources: Resources, report: ValidationReport) -> None:
+    """Cross-resource checks: subsets named by routes, duplicate DestinationRules."""
+    index = DestinationRuleIndex(resources.destination_rules)
+    for hosts in index.exact.values():
+        by_ns: dict[str, list[Resource[DestinationRuleSpec]]] = {}
+        for r in hosts:
+            if r.spec.workload_selector is None:
+                by_ns.setdefault(r.namespace, []).append(r)
+        for group in by_ns.values():
+            for later in group[1:]:
+                Checker(later.file, later.ref, report).warn(
+                    "spec.host",
+                    f"host {group[0].spec.host} already has DestinationRule/{group[0].name} in "
+                    f"namespace {later.namespace} ({group[0].file}); the two are merged: the first "
+                    f"traffic policy wins, subsets are added unless their name is taken",
+                )
+    service_namespace = service_namespace_resolver(resources.service_entries)
     for vs in resources.virtual_services:
         c = Checker(vs.file, vs.ref, report)
         for path, d in _route_destinations(vs.spec):
