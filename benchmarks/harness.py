@@ -469,3 +469,17 @@ def interrupt_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def replace_section(path: Path, begin: str, end: str, section: str) -> None:
+    """Write ``section`` (which starts with ``begin`` and ends with ``end``) over the text
+    between those markers in ``path``, or append it when they are absent. ``begin`` may carry
+    a parenthesised note; only its part before `` (`` is searched for."""
+    text = path.read_text() if path.exists() else ""
+    at = text.find(begin.split(" (")[0])
+    stop = text.find(end)
+    if at >= 0 and stop > at:
+        text = text[:at] + section + text[stop + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)

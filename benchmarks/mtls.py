@@ -103,6 +103,7 @@ from harness import (  # noqa: E402
     interrupt_on_sigterm,
     missing_tools,
     quiet_limit,
+    replace_section,
     run_loadgen,
     run_wrk,
     start,
@@ -1357,15 +1358,7 @@ def readme_section(doc: dict[str, Any]) -> str:
 
 def update_readme(path: Path, doc: dict[str, Any]) -> None:
     """Replace the text between the markers (appending the section when they are absent)."""
-    text = path.read_text() if path.exists() else ""
-    section = readme_section(doc)
-    begin = text.find(README_BEGIN.split(" (")[0])
-    end = text.find(README_END)
-    if begin >= 0 and end > begin:
-        text = text[:begin] + section + text[end + len(README_END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    replace_section(path, README_BEGIN, README_END, readme_section(doc))
 
 
 # =========================================================================== command line
