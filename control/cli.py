@@ -219,12 +219,14 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
 
 
 def fetch_status(url: str, ca_file: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
-    base = url.rstrip("/")
-    if "://" not in base:
-        base = "http://" + base
-    ctx = None
-    if base.startswith("https://"):
-        ctx = ssl.create_default_context(cafile=ca_file) if ca_file else None
+    from meshproxy.sources.stream import parse_control_url
+
+    try:
+        parsed = parse_control_url(url)
+    except ValueError as e:
+        raise UsageError(f"--control-plane {url}: {e}") from None
+    base = parsed.base
+    ctx = ssl.create_default_context(cafile=ca_file) if parsed.tls and ca_file else None
     try:
         with urllib.request.urlopen(base + "/status", timeout=timeout, context=ctx) as resp:
             data = resp.read()

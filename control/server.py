@@ -54,6 +54,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from control.protocol import (
+    CERTIFICATES_PATH,
     STREAM_PATH,
     Hello,
     ProtocolError,
@@ -252,6 +253,7 @@ class ControlPlane:
         self.conns: dict[str, ProxyConn] = {}  # node_id -> its live stream
         self.metrics = _Metrics()
         self.signer = signer
+        self._signer_counted = {"signed": 0, "refused": 0}  # what the metric already has
         self._plans: dict[GroupKey, Plan] = {}
         self._plans_for: Config | None = None
         self._planning: dict[GroupKey, asyncio.Future[dict[GroupKey, Plan]]] = {}
@@ -440,8 +442,6 @@ class ControlPlane:
         app.router.add_get("/stats/prometheus", self.handle_metrics)
         app.router.add_get("/ready", self.handle_ready)
         if self.signer is not None:
-            from control.protocol import CERTIFICATES_PATH
-
             app.router.add_post(CERTIFICATES_PATH, self.handle_certificates)
         return app
 
@@ -526,12 +526,13 @@ class ControlPlane:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     def _sync_signer_counters(self) -> None:
-        c = self.metrics.certificates
-        for result, attr in (("signed", "signed"), ("refused", "refused")):
-            have = c.labels(result)._value.get()
-            want = float(getattr(self.signer, attr, 0))
-            if want > have:
-                c.labels(result).inc(want - have)
+        """Bring the certificates counter up to the signer's own counts."""
+        for result in ("signed", "refused"):
+            now = int(getattr(self.signer, result, 0))
+            delta = now - self._signer_counted[result]
+            if delta > 0:
+                self.metrics.certificates.labels(result).inc(delta)
+                self._signer_counted[result] = now
 
     async def handle_certificates(self, request: web.Request) -> web.StreamResponse:
         return await self.signer.handle(request)

@@ -72,7 +72,6 @@ from meshproxy.tls import load_chain, make_plain_server_context, peer_spiffe_id
 
 log = logging.getLogger(__name__)
 
-CERTIFICATES_PATH = "/v1/certificates"
 MAX_BODY_BYTES = 64 * 1024  # a CSR is ~500 bytes, a token ~200: anything near this is abuse
 MAX_INFLIGHT = 64  # requests being signed at once; more get 503 + Retry-After
 RETRY_AFTER_SECONDS = 1

@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from cryptography.hazmat.primitives import serialization
@@ -53,6 +52,7 @@ from cryptography.hazmat.primitives import serialization
 from certs.ca import generate_key, make_csr, read_file, renewal_time
 from certs.spiffe import CAError, SpiffeId
 from certs.token import token_identity
+from control.protocol import CERTIFICATES_PATH
 from meshproxy.tls import (
     IdentityError,
     IdentityStore,
@@ -63,7 +63,6 @@ from meshproxy.tls import (
 
 log = logging.getLogger(__name__)
 
-CERTIFICATES_PATH = "/v1/certificates"
 BACKOFF_BASE = 1.0  # seconds: the first retry waits about this long
 BACKOFF_CAP = 30.0  # seconds: no retry waits longer
 REQUEST_TIMEOUT = 10.0  # seconds: one signing request, connect to answer
@@ -99,19 +98,15 @@ def backoff_delay(
 
 
 def certificates_url(control_plane: str) -> str:
-    """``{control_plane}/v1/certificates`` with ``ws``/``wss`` read as ``http``/``https``;
-    raises :class:`CertClientError` for a URL that is not an absolute http(s)/ws(s) URL."""
-    parts = urlsplit(control_plane.strip())
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme.lower(), parts.scheme.lower())
-    if scheme not in ("http", "https") or not parts.hostname:
-        raise CertClientError(
-            f"--control-plane {control_plane!r}: expected http(s)://HOST:PORT or ws(s)://HOST:PORT"
-        )
+    """``{control_plane}/v1/certificates`` for a ``--control-plane`` URL as the config stream
+    reads it (:func:`meshproxy.sources.stream.parse_control_url`); raises
+    :class:`CertClientError` for one it refuses."""
+    from meshproxy.sources.stream import parse_control_url
+
     try:
-        parts.port  # noqa: B018 -- raises for a port that is not a number
-    except ValueError:
-        raise CertClientError(f"--control-plane {control_plane!r}: bad port") from None
-    return urlunsplit((scheme, parts.netloc, CERTIFICATES_PATH, "", ""))
+        return parse_control_url(control_plane).base + CERTIFICATES_PATH
+    except ValueError as e:
+        raise CertClientError(f"--control-plane {control_plane!r}: {e}") from None
 
 
 def control_plane_context(ca_file: str | Path) -> ssl.SSLContext:

@@ -78,13 +78,14 @@ class ControlURL:
 
 
 def parse_control_url(url: str) -> ControlURL:
-    """``http(s)://HOST:PORT`` (``ws(s)://`` and a bare ``HOST:PORT`` also do); ValueError
-    with a reason otherwise."""
+    """``http(s)://HOST:PORT`` (``ws(s)://`` too, the scheme in any case, a trailing
+    ``/v1/stream`` ignored); ValueError with a reason otherwise."""
     text = url.strip()
     if "://" not in text:
-        text = "http://" + text
+        raise ValueError("expected http(s)://HOST:PORT or ws(s)://HOST:PORT")
     parts = urlsplit(text)
-    scheme = {"http": "http", "ws": "http", "https": "https", "wss": "https"}.get(parts.scheme)
+    schemes = {"http": "http", "ws": "http", "https": "https", "wss": "https"}
+    scheme = schemes.get(parts.scheme.lower())
     if scheme is None:
         raise ValueError(f"unsupported scheme {parts.scheme!r} (http, https, ws or wss)")
     if not parts.hostname:
@@ -96,6 +97,7 @@ def parse_control_url(url: str) -> ControlURL:
     if parts.query or parts.fragment:
         raise ValueError("no query or fragment, please")
     path = parts.path.rstrip("/")
+    path = path.removesuffix(STREAM_PATH)
     base = urlunsplit((scheme, parts.netloc, path, "", ""))
     ws_scheme = "wss" if scheme == "https" else "ws"
     ws = urlunsplit((ws_scheme, parts.netloc, path + STREAM_PATH, "", ""))
@@ -191,8 +193,7 @@ class StreamSource:
                     log.exception("control-plane stream failed")
                     self.last_error = repr(e)
                 finally:
-                    if self.connected:
-                        self.connected = False
+                    self.connected = False
                 if delivered or time.monotonic() - started >= self.backoff.stable:
                     self.failures = 0
                 pause = self.backoff.delay(self.failures)

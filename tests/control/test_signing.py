@@ -24,8 +24,8 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from certs.ca import CA, generate_key, init_ca, load_ca, make_csr
 from certs.spiffe import CAError
 from certs.token import load_token_key, make_token
+from control.protocol import CERTIFICATES_PATH
 from control.signing import (
-    CERTIFICATES_PATH,
     MAX_BODY_BYTES,
     BadRequest,
     Refused,

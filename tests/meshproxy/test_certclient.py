@@ -19,7 +19,8 @@ from aiohttp import web
 
 from certs.ca import CA, init_ca, issue
 from certs.token import load_token_key, make_token
-from control.signing import CERTIFICATES_PATH, ServingCert, Signer
+from control.protocol import CERTIFICATES_PATH
+from control.signing import ServingCert, Signer
 from meshproxy.certclient import (
     CertClientError,
     CertificateClient,

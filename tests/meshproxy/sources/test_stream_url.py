@@ -20,7 +20,7 @@ from meshproxy.sources.stream import parse_control_url
         ("https://cp.mesh:15012/", "https://cp.mesh:15012", "wss://cp.mesh:15012/v1/stream", True),
         ("ws://[::1]:9", "http://[::1]:9", "ws://[::1]:9/v1/stream", False),
         ("wss://h:1", "https://h:1", "wss://h:1/v1/stream", True),
-        ("127.0.0.1:15010", "http://127.0.0.1:15010", "ws://127.0.0.1:15010/v1/stream", False),
+        ("HTTP://h:1/v1/stream", "http://h:1", "ws://h:1/v1/stream", False),
     ],
 )
 def test_control_urls(url: str, base: str, stream: str, tls: bool) -> None:
@@ -32,6 +32,7 @@ def test_control_urls(url: str, base: str, stream: str, tls: bool) -> None:
     ("url", "why"),
     [
         ("ftp://h:1", "scheme"),
+        ("127.0.0.1:15010", "expected http"),
         ("http://:80", "host"),
         ("http://h:x", "port"),
         ("http://h:1/?a", "query"),
