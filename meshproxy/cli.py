@@ -345,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ca_parser(sub)
     add_control_parsers(sub)
+    from meshproxy.k8s.inject_cli import add_inject_parsers
+
+    add_inject_parsers(sub)
     return parser
 
 
@@ -456,6 +459,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from control.cli import run_control
 
             return run_control(ns)
+        if ns.command == "inject":
+            from meshproxy.k8s.inject_cli import run_inject
+
+            return run_inject(ns)
+        if ns.command == "webhook":
+            from meshproxy.k8s.inject_cli import run_webhook
+
+            return run_webhook(ns)
         if ns.command == "status":
             from control.cli import run_status
 

@@ -1,0 +1,467 @@
+"""The injector's pure core, compared as whole manifests against golden files.
+
+Each ``tests/data/inject/NAME.in.yaml`` is injected exactly as ``meshproxy inject -f
+NAME.in.yaml ARGS`` would (ARGS from an optional first line ``# args: ...``, parsed by the real
+argparse parser) and the output must equal ``NAME.out.yaml`` byte for byte; the stderr notes
+(skipped workloads) must equal ``NAME.notes.txt`` (absent: none). To regenerate after an
+intended change: ``UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/meshproxy/k8s/test_inject.py``,
+then review the diff; without the variable a difference fails the test.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meshproxy.cli import UsageError, build_parser
+from meshproxy.k8s.inject import (
+    HOLD_ANNOTATION,
+    INIT_NAME,
+    SIDECAR_NAME,
+    STATUS_ANNOTATION,
+    WAIT_COMMAND,
+    InjectError,
+    InjectOptions,
+    inject,
+)
+from meshproxy.k8s.inject_cli import (
+    dump_documents,
+    inject_documents,
+    load_documents,
+    options_from,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "data" / "inject"
+CASES = sorted(p.name[: -len(".in.yaml")] for p in DATA.glob("*.in.yaml"))
+UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
+
+
+def case_args(text: str) -> list[str]:
+    first = text.splitlines()[0] if text else ""
+    return shlex.split(first[len("# args:") :]) if first.startswith("# args:") else []
+
+
+def options(args: list[str]) -> InjectOptions:
+    return options_from(build_parser().parse_args(["inject", "-f", "-", *args]))
+
+
+def run_case(name: str) -> tuple[str, str, list[Any], InjectOptions]:
+    """(stdout text, stderr notes text, output documents, options) of one golden case."""
+    text = (DATA / f"{name}.in.yaml").read_text()
+    opts = options(case_args(text))
+    docs, notes = inject_documents(f"{name}.in.yaml", load_documents(f"{name}.in.yaml", text), opts)
+    note_text = "".join(f"meshproxy inject: {n}\n" for n in notes)
+    return dump_documents(docs), note_text, docs, opts
+
+
+def test_every_kind_has_a_case() -> None:
+    assert len(CASES) >= 12
+    kinds = set()
+    for name in CASES:
+        for _, doc in load_documents(name, (DATA / f"{name}.in.yaml").read_text()):
+            kinds.add(doc["kind"])
+            kinds.update(item["kind"] for item in doc.get("items", []))
+    expected = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod", "ReplicaSet"}
+    assert expected | {"Service", "List", "ConfigMap", "VirtualService"} <= kinds
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_golden(name: str) -> None:
+    out, notes, _, _ = run_case(name)
+    out_path, notes_path = DATA / f"{name}.out.yaml", DATA / f"{name}.notes.txt"
+    if UPDATE:
+        out_path.write_text(out)
+        if notes:
+            notes_path.write_text(notes)
+        elif notes_path.exists():
+            notes_path.unlink()
+    assert out == out_path.read_text(), f"{name}: output differs from {out_path.name}"
+    expected_notes = notes_path.read_text() if notes_path.exists() else ""
+    assert notes == expected_notes
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_golden_injected_twice_equals_once(name: str) -> None:
+    """Idempotence over every golden: the injected documents pass through a second run as
+    they are, and every workload reports why ("already injected" or its skip reason)."""
+    once, _, docs, opts = run_case(name)
+    again, notes = inject_documents("again", list(enumerate(docs, 1)), opts)
+    assert again == docs
+    assert dump_documents(again) == once
+    for line in notes:
+        assert "not injected:" in line
+
+
+def _pod_of(doc: dict[str, Any]) -> dict[str, Any]:
+    if doc["kind"] == "Pod":
+        return doc
+    if doc["kind"] == "CronJob":
+        return doc["spec"]["jobTemplate"]["spec"]["template"]
+    return doc["spec"]["template"]
+
+
+def test_deployment_injected_shape() -> None:
+    """The facts the issue names, read off the parsed output rather than the bytes."""
+    _, notes, docs, _ = run_case("multidoc-service-deployment")
+    assert notes == ""
+    assert [d["kind"] for d in docs] == ["Service", "ServiceAccount", "Deployment"]
+    pod = _pod_of(docs[2])
+    spec = pod["spec"]
+    names = [c["name"] for c in spec["containers"]]
+    assert names == [SIDECAR_NAME, "reviews"]  # hold: the sidecar first
+    sidecar = spec["containers"][0]
+    assert sidecar["lifecycle"] == {"postStart": {"exec": {"command": WAIT_COMMAND}}}
+    assert WAIT_COMMAND == [
+        "meshproxy",
+        "wait",
+        "--url",
+        "http://127.0.0.1:15021/healthz/ready",
+        "--timeout",
+        "60s",
+    ]
+    args = sidecar["args"]
+    assert args[:5] == ["run", "--control-plane", "http://meshproxy-control.istio-system.svc:15010",
+                        "--node-id", "$(POD_NAME).$(POD_NAMESPACE)"]  # fmt: skip
+    flags = dict(zip(args[1::2], args[2::2], strict=True))
+    assert flags["--inbound"] == "0.0.0.0:15006"
+    assert flags["--app"] == "127.0.0.1:9080"
+    assert flags["--admin"] == "127.0.0.1:15000"
+    assert flags["--outbound"] == "127.0.0.1:15001"
+    assert flags["--health"] == "0.0.0.0:15021"
+    assert flags["--metrics"] == "0.0.0.0:15090"
+    assert sorted(p["containerPort"] for p in sidecar["ports"]) == [15021, 15090]
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in sidecar["env"]}
+    assert env == {
+        "POD_NAME": "metadata.name",
+        "POD_NAMESPACE": "metadata.namespace",
+        "INSTANCE_IP": "status.podIP",
+        "SERVICE_ACCOUNT": "spec.serviceAccountName",
+    }
+    sc = sidecar["securityContext"]
+    assert (sc["runAsUser"], sc["runAsGroup"], sc["runAsNonRoot"]) == (1337, 1337, True)
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sidecar["resources"] == {
+        "requests": {"cpu": "100m", "memory": "128Mi"},
+        "limits": {"cpu": "2000m", "memory": "1Gi"},
+    }
+    init = spec["initContainers"][0]
+    assert init["name"] == INIT_NAME and init["args"][0] == "capture"
+    assert init["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW"]
+    assert init["securityContext"]["runAsUser"] == 0
+    assert init["securityContext"]["runAsNonRoot"] is False
+    meta = pod["metadata"]
+    assert meta["labels"]["security.meshproxy.io/tlsMode"] == "istio"
+    assert meta["labels"]["service.meshproxy.io/canonical-name"] == "reviews"
+    assert meta["labels"]["service.meshproxy.io/canonical-revision"] == "v1"
+    status = json.loads(meta["annotations"][STATUS_ANNOTATION])
+    assert status["containers"] == [SIDECAR_NAME]
+    assert status["initContainers"] == [INIT_NAME]
+    assert [v["name"] for v in spec["volumes"]] == ["tmp", *status["volumes"]]
+    assert meta["annotations"]["prometheus.io/port"] == "15090"
+
+
+def test_annotations_case() -> None:
+    _, _, docs, _ = run_case("deployment-annotations")
+    spec = _pod_of(docs[0])["spec"]
+    init_args = spec["initContainers"][0]["args"]
+    flags = dict(zip(init_args[1::2], init_args[2::2], strict=True))
+    assert flags == {
+        "--proxy-port": "15001",
+        "--inbound-port": "15006",
+        "--proxy-uid": "1337",
+        "--include-outbound-cidrs": "10.0.0.0/8,172.16.0.0/12",
+        "--exclude-outbound-cidrs": "10.96.0.1/32",
+        "--include-inbound-ports": "8080,8081",
+        "--exclude-inbound-ports": "15090,15021,8081,9090",
+        "--exclude-outbound-ports": "5432,6379",
+    }
+    sidecar = spec["containers"][0]
+    # Istio's rule: annotations replace the default resources as a whole
+    assert sidecar["resources"] == {"requests": {"cpu": "250m"}, "limits": {"memory": "256Mi"}}
+    assert sidecar["image"] == "registry.example.com/mesh/meshproxy:0.1.1"
+    assert sidecar["readinessProbe"]["periodSeconds"] == 5
+    assert sidecar["readinessProbe"]["failureThreshold"] == 30
+    assert sidecar["args"][-2:] == ["--log-level", "debug"]
+    flags = dict(zip(sidecar["args"][1::2], sidecar["args"][2::2], strict=True))
+    assert flags["--app"] == "127.0.0.1:8080"  # the UDP port of the first container is no app
+    annotations = _pod_of(docs[0])["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "9090"  # the app's own scrape settings stay
+    assert annotations["kubectl.kubernetes.io/default-container"] == "ratings"
+    assert annotations["kubectl.kubernetes.io/default-logs-container"] == "metrics-exporter"
+
+
+def test_native_and_hold_off() -> None:
+    _, _, docs, _ = run_case("native-sidecar")
+    spec = _pod_of(docs[0])["spec"]
+    assert [c["name"] for c in spec["initContainers"]] == [INIT_NAME, SIDECAR_NAME, "fetch-config"]
+    sidecar = spec["initContainers"][1]
+    assert sidecar["restartPolicy"] == "Always"
+    assert "lifecycle" not in sidecar and "startupProbe" in sidecar
+    assert [c["name"] for c in spec["containers"]] == ["details"]
+
+    _, _, docs, _ = run_case("hold-off")
+    legacy, modern = (d["spec"] for d in docs)
+    assert [c["name"] for c in legacy["containers"]] == ["legacy", SIDECAR_NAME]
+    assert "lifecycle" not in legacy["containers"][1]
+    assert [c["name"] for c in modern["initContainers"]] == [INIT_NAME, SIDECAR_NAME]
+    assert "--inbound" not in modern["initContainers"][1]["args"]  # no declared port
+
+
+def test_skip_reasons() -> None:
+    _, notes, docs, _ = run_case("skip")
+    original = [d for _, d in load_documents("skip", (DATA / "skip.in.yaml").read_text())]
+    assert docs == original
+    assert notes.splitlines() == [
+        "meshproxy inject: skip.in.yaml: document 1 (Deployment/opted-out): not injected: "
+        'annotation sidecar.meshproxy.io/inject="false"',
+        "meshproxy inject: skip.in.yaml: document 2 (Deployment/label-wins): not injected: "
+        'label sidecar.meshproxy.io/inject="false"',
+        "meshproxy inject: skip.in.yaml: document 3 (DaemonSet/cni-agent): not injected: "
+        "hostNetwork pod",
+        "meshproxy inject: skip.in.yaml: document 4 (Deployment/coredns): not injected: "
+        "namespace kube-system is never injected",
+        "meshproxy inject: skip.in.yaml: document 5 (Pod/already): not injected: already injected",
+    ]
+
+
+def test_input_is_not_mutated_and_result_is_a_copy() -> None:
+    _, docs = zip(*load_documents("x", (DATA / "statefulset.in.yaml").read_text()), strict=True)
+    doc = docs[0]
+    before = copy.deepcopy(doc)
+    result = inject(doc, InjectOptions())
+    assert result.injected and doc == before
+    result.obj["spec"]["template"]["spec"]["containers"][1]["image"] = "changed"
+    assert doc == before
+
+
+def test_namespace_from_the_admission_request() -> None:
+    pod = {"kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{"name": "a"}]}}
+    assert inject(pod, InjectOptions(), namespace="shop").injected
+    skipped = inject(pod, InjectOptions(), namespace="kube-public")
+    assert not skipped.injected and skipped.obj is pod
+    assert skipped.reason == "namespace kube-public is never injected"
+
+
+@pytest.mark.parametrize(
+    ("value", "injected"),
+    [("true", True), ("YES", True), ("on", True), ("", True), ("false", False), ("no", False),
+     ("disabled", False), (False, False), (True, True)],
+)  # fmt: skip
+def test_inject_annotation_values(value: object, injected: bool) -> None:
+    """Istio's reading: y/yes/true/on (any case) or empty inject, anything else does not; an
+    unquoted YAML boolean counts as its text."""
+    pod = {
+        "kind": "Pod",
+        "metadata": {"name": "p", "annotations": {"sidecar.meshproxy.io/inject": value}},
+        "spec": {"containers": [{"name": "a"}]},
+    }
+    assert inject(pod, InjectOptions()).injected is injected
+
+
+def test_not_workloads() -> None:
+    for doc in ({"kind": "Service", "metadata": {"name": "s"}}, {"apiVersion": "v1"}, [1], "x"):
+        result = inject(doc, InjectOptions())
+        assert result.obj is doc and not result.injected and not result.workload
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (
+            {"kind": "Deployment", "metadata": {"name": "d"}, "spec": {}},
+            "spec.template: missing or not a mapping",
+        ),
+        (
+            {"kind": "CronJob", "spec": {"jobTemplate": {"spec": []}}},
+            "spec.jobTemplate.spec: missing or not a mapping",
+        ),
+        (
+            {"kind": "Pod", "spec": {"containers": {"name": "a"}}},
+            "spec.containers: expected a list",
+        ),
+        ({"kind": "Pod", "spec": {"containers": []}}, "spec.containers: a pod needs a container"),
+        ({"kind": "Pod", "spec": {"containers": ["a"]}}, "spec.containers[0]: expected a mapping"),
+        ({"kind": "Pod", "metadata": {"name": "p"}}, "spec: missing"),
+        (
+            {"kind": "Pod", "metadata": {"labels": ["a"]}, "spec": {"containers": [{}]}},
+            "metadata.labels: expected a mapping",
+        ),
+        (
+            {
+                "kind": "Deployment",
+                "spec": {
+                    "template": {
+                        "metadata": {
+                            "annotations": {
+                                "readiness.status.sidecar.meshproxy.io/periodSeconds": "5s"
+                            }
+                        },
+                        "spec": {"containers": [{"name": "a"}]},
+                    }
+                },
+            },
+            "spec.template.metadata.annotations[readiness.status.sidecar.meshproxy.io/"
+            "periodSeconds]: expected a whole number, got '5s'",
+        ),
+        (
+            {
+                "kind": "Pod",
+                "metadata": {"annotations": {HOLD_ANNOTATION: "maybe"}},
+                "spec": {"containers": [{"name": "a"}]},
+            },
+            f"metadata.annotations[{HOLD_ANNOTATION}]: expected true or false, got 'maybe'",
+        ),
+        (
+            {
+                "kind": "Pod",
+                "metadata": {
+                    "annotations": {"traffic.sidecar.meshproxy.io/excludeInboundPorts": "80,http"}
+                },
+                "spec": {"containers": [{"name": "a"}]},
+            },
+            "metadata.annotations[traffic.sidecar.meshproxy.io/excludeInboundPorts]: 'http' is "
+            "not a port number 1..65535",
+        ),
+        (
+            {
+                "kind": "Pod",
+                "metadata": {"annotations": {"sidecar.meshproxy.io/logLevel": "trace"}},
+                "spec": {"containers": [{"name": "a"}]},
+            },
+            "metadata.annotations[sidecar.meshproxy.io/logLevel]: expected one of debug, info, "
+            "warning, error, got 'trace'",
+        ),
+    ],
+)
+def test_inject_errors_name_the_field(doc: dict[str, Any], message: str) -> None:
+    with pytest.raises(InjectError) as e:
+        inject(doc, InjectOptions())
+    assert str(e.value) == message
+
+
+def test_cli_level_errors_name_file_and_document() -> None:
+    with pytest.raises(UsageError) as e:
+        load_documents("f.yaml", "kind: Service\n---\nkind: Pod\nspec: [unclosed\n")
+    assert str(e.value) == (
+        "f.yaml: document 2: invalid YAML (line 5, column 1): did not find expected ',' or ']'"
+    )
+    with pytest.raises(UsageError, match=r"^f\.yaml: document 1: expected a mapping"):
+        inject_documents("f.yaml", [(1, ["a"])], InjectOptions())
+    with pytest.raises(UsageError) as e:
+        inject_documents(
+            "f.yaml", [(3, {"kind": "Pod", "metadata": {"name": "p"}})], InjectOptions()
+        )
+    assert str(e.value) == "f.yaml: document 3 (Pod/p): spec: missing"
+    with pytest.raises(UsageError, match=r"^--control-plane ftp://x: "):
+        options(["--control-plane", "ftp://x"])
+
+
+def test_empty_documents_are_dropped() -> None:
+    docs = load_documents("f", "---\n# only a comment\n---\nkind: Service\n---\n")
+    assert docs == [(2, {"kind": "Service"})]
+
+
+# --------------------------------------------------------------------------- properties
+
+_names = st.from_regex(r"[a-z][a-z0-9-]{0,8}", fullmatch=True)
+_values = st.one_of(_names, st.sampled_from(["true", "false", "", "1", "y", "off"]))
+_keys = st.one_of(
+    _names,
+    st.sampled_from(
+        [
+            "app",
+            "version",
+            "sidecar.meshproxy.io/inject",
+            "sidecar.meshproxy.io/nativeSidecar",
+            HOLD_ANNOTATION,
+            "traffic.sidecar.meshproxy.io/excludeOutboundPorts",
+            "prometheus.io/scrape",
+        ]
+    ),
+)
+_ports = st.lists(
+    st.fixed_dictionaries(
+        {"containerPort": st.integers(1, 65535)},
+        optional={"protocol": st.sampled_from(["TCP", "UDP"]), "name": _names},
+    ),
+    max_size=3,
+)
+_container = st.fixed_dictionaries(
+    {"name": _names, "image": _names}, optional={"ports": _ports, "args": st.lists(_names)}
+)
+_pod_spec = st.fixed_dictionaries(
+    {"containers": st.lists(_container, min_size=1, max_size=3)},
+    optional={
+        "initContainers": st.lists(_container, max_size=2),
+        "hostNetwork": st.booleans(),
+        "serviceAccountName": _names,
+        "volumes": st.lists(st.fixed_dictionaries({"name": _names, "emptyDir": st.just({})})),
+    },
+)
+_meta = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": _names,
+        "namespace": st.sampled_from(["default", "shop", "kube-system"]),
+        "labels": st.dictionaries(_keys, _values, max_size=4),
+        "annotations": st.dictionaries(_keys, _values, max_size=4),
+    },
+)
+_pod_template = st.fixed_dictionaries({"metadata": _meta, "spec": _pod_spec})
+
+
+@st.composite
+def workloads(draw: st.DrawFn) -> dict[str, Any]:
+    kind = draw(st.sampled_from(["Pod", "Deployment", "StatefulSet", "Job", "CronJob"]))
+    template = draw(_pod_template)
+    if kind == "Pod":
+        return {"apiVersion": "v1", "kind": "Pod", **template}
+    meta = draw(_meta)
+    if kind == "CronJob":
+        spec = {"jobTemplate": {"spec": {"template": template}}}
+    else:
+        spec = {"template": template}
+    return {"kind": kind, "metadata": meta, "spec": spec}
+
+
+def _valid_annotations(doc: dict[str, Any]) -> bool:
+    """Hypothesis also draws annotation values the injector must refuse; those are tested
+    above, here only the documents it accepts count."""
+    try:
+        inject(doc, InjectOptions())
+    except InjectError:
+        return False
+    return True
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(doc=workloads().filter(_valid_annotations), native=st.booleans(), hold=st.booleans())
+def test_injecting_twice_equals_injecting_once(
+    doc: dict[str, Any], native: bool, hold: bool
+) -> None:
+    opts = InjectOptions(native_sidecar=native, hold_application=hold)
+    before = copy.deepcopy(doc)
+    once = inject(doc, opts)
+    assert doc == before  # never mutated
+    twice = inject(once.obj, opts)
+    assert twice.obj == once.obj
+    assert not twice.injected
+    if once.injected:
+        assert twice.reason == "already injected"
+        spec = _pod_of(once.obj)["spec"]
+        every = [c["name"] for c in spec["containers"] + spec["initContainers"]]
+        assert every.count(SIDECAR_NAME) == 1 and every.count(INIT_NAME) == 1
+        assert spec["initContainers"][0]["name"] == INIT_NAME
+        # round trip through YAML, as the CLI writes it
+        assert yaml.safe_load(dump_documents([once.obj])) == once.obj
