@@ -8,7 +8,9 @@ Theory of operation
 merges). Endpoints:
 
 * ``GET /ready`` -> 200 once listeners are up and a config is applied, 503 before and while
-  draining.
+  draining or stopping; ``GET /healthz/ready`` is the same (pilot-agent's path; ``run
+  --health`` serves it alone on its own port, ``--metrics`` ``/stats/prometheus``, see
+  :mod:`meshproxy.lifecycle`).
 * ``GET /config_dump`` -> JSON: ``version``, ``last_error``, listeners, virtual hosts with their
   routes and clusters, each with the Istio resource it came from (see :func:`snapshot_dump`);
   ``?resource=``, ``?name_regex=``, ``?host=``, ``?version_only=1`` narrow it (:class:`DumpQuery`).
@@ -769,12 +771,15 @@ class Admin:
         self,
         backend: AdminBackend,
         extra: Mapping[tuple[str, str], Handler] | None = None,
+        only: frozenset[str] | None = None,
     ) -> None:
+        """``only``: serve just these paths (the ``--health`` / ``--metrics`` listeners)."""
         self.backend = backend
         self.routes: dict[str, dict[str, Handler]] = {}
         for (method, path), handler in (
             (("GET", "/"), self._index),
             (("GET", "/ready"), self._ready),
+            (("GET", "/healthz/ready"), self._ready),  # pilot-agent's path (port 15021)
             (("GET", "/config_dump"), self._config_dump),
             (("GET", "/clusters"), self._clusters),
             (("GET", "/stats/prometheus"), self._prometheus),
@@ -783,7 +788,8 @@ class Admin:
             (("POST", "/quitquitquit"), self._quit),
             *(extra or {}).items(),
         ):
-            self.routes.setdefault(path, {})[method.upper()] = handler
+            if only is None or path in only:
+                self.routes.setdefault(path, {})[method.upper()] = handler
         self._server: asyncio.Server | None = None
         self._conns: set[_AdminConnection] = set()
         self.address: tuple[str, int] | None = None

@@ -19,12 +19,19 @@ workload certificate from the control plane (then renewed at half its lifetime).
 Lifecycle of :class:`Proxy`::
 
     starting --(listeners up, config applied)--> serving --(POST /drain)--> draining
-        serving/draining --(SIGTERM, SIGINT, POST /quitquitquit, parent gone)--> stopping -> exit 0
+        serving/draining --(SIGTERM, SIGINT, POST /quitquitquit, parent gone,
+                            --exit-with-app: the app is gone)--> stopping -> exit 0
 
 Draining = ``/ready`` answers 503, the listener stops accepting, idle keep-alive connections are
 closed at once and busy ones after their in-flight response. Stopping = drain, then wait up to
 ``--drain-seconds`` for in-flight requests, then close everything. A second SIGTERM/SIGINT
 while stopping cuts the wait short.
+
+A sidecar (``--inbound``) stops differently on SIGTERM/SIGINT (:mod:`meshproxy.lifecycle`):
+only the inbound side drains, the outbound listener keeps serving the application while it
+shuts down, and the process exits once no connection is open (after ``--min-drain-seconds``,
+before ``--drain-seconds``). ``--health`` / ``--metrics`` start with admin
+(:class:`~meshproxy.lifecycle.StatusListeners`) and are on the ``listening`` line.
 
 With ``--access-log PATH|-`` the file is opened before anything listens (cannot open -> exit
 2), handed to the data plane, started right after the ``listening`` line is flushed (so on
@@ -43,7 +50,7 @@ import os
 import signal
 import ssl
 import sys
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from meshproxy.accesslog import AccessLog, AccessLogError
@@ -51,6 +58,7 @@ from meshproxy.admin import Admin, snapshot_dump
 from meshproxy.certclient import CertificateClient
 from meshproxy.cli import Addr, RunOptions, UsageError, format_addr, listening_line
 from meshproxy.config.model import ProxyIdentity
+from meshproxy.lifecycle import StatusListeners, drain_window, watch_app
 from meshproxy.metrics import Export, Metrics
 from meshproxy.settings import Settings
 from meshproxy.sources.file import ConfigError, FileSource
@@ -67,6 +75,7 @@ def settings_for(opts: RunOptions) -> Settings:
     budget = opts.retry_budget
     return Settings(
         drain_seconds=opts.drain_seconds,
+        min_drain_seconds=opts.min_drain_seconds,
         retry_budget_percent=None if budget is None else budget[0],
         retry_budget_min=3 if budget is None else budget[1],
         outlier_min_ejectable=opts.outlier_min_ejectable,
@@ -153,11 +162,16 @@ class Proxy:
             self.state, self.metrics, settings, self.access_log, identity=self.certs
         )
         self.admin = Admin(self)
+        self.status = StatusListeners(self)  # --health, --metrics
         self.outbound: Addr | None = None
         self.inbound: Addr | None = None
         self.admin_addr: Addr | None = None
         self.listening = False
         self.draining = False
+        self.stopping = False
+        # how a stop request is carried out: the sidecar order (SIGTERM with --inbound) or
+        # the full drain (no --inbound; /quitquitquit, the app or the supervisor is gone)
+        self._full_stop = opts.inbound is None
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -179,15 +193,20 @@ class Proxy:
         except OSError as e:
             raise UsageError(f"cannot listen on admin {format_addr(self.opts.admin)}: {e}") from e
         try:
+            await self.status.start(self.opts.health, self.opts.metrics)
+        except UsageError:
+            await self._close_admin()
+            raise
+        try:
             await self.certs.load_initial_async()
         except IdentityError as e:
-            await self.admin.close()
+            await self._close_admin()
             raise UsageError(f"--cert-dir: {e}") from None
         try:
             if isinstance(self.source, FileSource):
                 await self.source.load_initial_async()
         except ConfigError as e:
-            await self.admin.close()
+            await self._close_admin()
             raise UsageError(
                 "invalid config:\n" + "\n".join(f"  {p}" for p in e.problems)
             ) from None
@@ -197,7 +216,7 @@ class Proxy:
                 host, port, reuse_port=self.opts.reuse_port
             )
         except OSError as e:
-            await self.admin.close()
+            await self._close_admin()
             raise UsageError(
                 f"cannot listen on outbound {format_addr(self.opts.outbound)}: {e}"
             ) from e
@@ -209,7 +228,7 @@ class Proxy:
                 )
             except OSError as e:
                 await self.dataplane.close()
-                await self.admin.close()
+                await self._close_admin()
                 raise UsageError(
                     f"cannot listen on inbound {format_addr(self.opts.inbound)}: {e}"
                 ) from e
@@ -221,20 +240,49 @@ class Proxy:
             self._tasks.append(asyncio.create_task(self.cert_client.run(), name="cert-client"))
         if self.opts.parent_pid is not None:
             self._tasks.append(asyncio.create_task(self._watch_parent(), name="parent-watch"))
+        if self.opts.exit_with_app is not None:
+            self._tasks.append(asyncio.create_task(self._watch_app(), name="app-watch"))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
 
     def listening_line(self) -> str:
         assert self.outbound is not None and self.admin_addr is not None
-        return listening_line(self.outbound, self.admin_addr, self.inbound)
+        return listening_line(
+            self.outbound, self.admin_addr, self.inbound, self.status.health, self.status.metrics
+        )
 
     def _on_identity(self, old: WorkloadIdentity | None, new: WorkloadIdentity) -> None:
         self.metrics.set_principal(new.spiffe_id)
 
     async def serve(self) -> int:
-        """Wait for a stop request, then drain and close; returns the exit code."""
+        """Wait for a stop request, then stop (the full drain, or the sidecar order) and
+        close; returns the exit code."""
         await self._stop.wait()
+        if self._full_stop:
+            await self._stop_drained()
+        else:
+            await self._stop_sidecar()
+        await self.close()
+        log.info("stopped")
+        return 0
+
+    async def _until_forced(self, wait: Coroutine[Any, Any, bool]) -> bool | None:
+        """``wait``'s result, or None when a second SIGTERM/SIGINT cut it short."""
+        done = asyncio.create_task(wait)
+        forced = asyncio.create_task(self._force.wait())
+        await asyncio.wait({done, forced}, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if not done.done():
+            done.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await done
+            log.warning("second signal: not waiting any longer")
+            return None
+        return done.result()
+
+    async def _stop_drained(self) -> None:
+        """Every listener refuses new connections; in-flight requests get --drain-seconds."""
         await self.drain()
         timeout = self.settings.drain_seconds
         log.info(
@@ -242,22 +290,50 @@ class Proxy:
             timeout,
             self.dataplane.active_requests,
         )
-        drained = asyncio.create_task(self.dataplane.wait_drained(timeout))
-        forced = asyncio.create_task(self._force.wait())
-        await asyncio.wait({drained, forced}, return_when=asyncio.FIRST_COMPLETED)
-        forced.cancel()
-        if not drained.done():
-            drained.cancel()
-            log.warning("second signal: not waiting for in-flight requests")
-        elif not drained.result():
+        if await self._until_forced(self.dataplane.wait_drained(timeout)) is False:
             log.warning(
                 "drain timed out after %.1fs with %d request(s) in flight",
                 timeout,
                 self.dataplane.active_requests,
             )
-        await self.close()
-        log.info("stopped")
-        return 0
+
+    async def _stop_sidecar(self) -> None:
+        """The sidecar order (meshproxy.lifecycle): /ready 503, the inbound side drains, the
+        outbound listener keeps serving the application; exit once no connection is open,
+        within the drain window."""
+        self.stopping = True
+        self.dataplane.stop_accepting(inbound_only=True)
+        self.dataplane.close_idle(inbound_only=True)
+        if self.access_log is not None:
+            self.access_log.flush()
+        earliest, latest = drain_window(
+            self.settings.drain_seconds, self.settings.min_drain_seconds
+        )
+        log.info(
+            "stopping as a sidecar: inbound refuses new connections, outbound keeps serving; "
+            "exiting once no connection is open (%d now), after %.1fs at the earliest and "
+            "%.1fs at the latest",
+            self.dataplane.active_connections,
+            earliest,
+            latest,
+        )
+        if await self._until_forced(self._sidecar_wait(earliest, latest)) is False:
+            log.warning(
+                "--drain-seconds (%.1fs) passed with %d connection(s) open: closing them",
+                latest,
+                self.dataplane.active_connections,
+            )
+
+    async def _sidecar_wait(self, earliest: float, latest: float) -> bool:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.sleep(earliest)
+        left = max(0.0, latest - (loop.time() - start))
+        return await self.dataplane.wait_no_connections(left)
+
+    async def _close_admin(self) -> None:
+        await self.status.close()
+        await self.admin.close()
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -269,7 +345,7 @@ class Proxy:
         await self.dataplane.close()
         if self.access_log is not None:
             self.access_log.close()
-        await self.admin.close()
+        await self._close_admin()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -278,7 +354,10 @@ class Proxy:
         if self._stop.is_set():
             self._force.set()
             return
-        log.info("%s: draining, then exiting", sig.name)
+        if self._full_stop:
+            log.info("%s: draining, then exiting", sig.name)
+        else:
+            log.info("%s: stopping as a sidecar", sig.name)
         self._stop.set()
 
     async def _watch_config(self) -> None:
@@ -299,13 +378,24 @@ class Proxy:
         while os.getppid() == self.opts.parent_pid:
             await asyncio.sleep(PARENT_CHECK_INTERVAL)
         log.warning("supervisor (pid %s) is gone: stopping", self.opts.parent_pid)
+        self._full_stop = True
         self._stop.set()
+
+    async def _watch_app(self) -> None:
+        target = self.opts.exit_with_app
+        assert target is not None
+        await watch_app(target, self.settings.app_check_interval)
+        if not self._stop.is_set():
+            log.info("--exit-with-app: the application (%s) is gone: draining, exiting", target)
+            self._full_stop = True
+            self._stop.set()
 
     # ------------------------------------------------------------------ AdminBackend
 
     async def is_ready(self) -> bool:
         certified = self.cert_client is None or self.cert_client.ready
-        return self.listening and self.state.applied and certified and not self.draining
+        stopped = self.draining or self.stopping
+        return self.listening and self.state.applied and certified and not stopped
 
     async def config_dump(self, query: Mapping[str, str] | None = None) -> dict[str, Any]:
         listeners = []
@@ -364,6 +454,8 @@ class Proxy:
 
     def request_quit(self) -> None:
         log.info("quitquitquit: draining, then exiting")
+        if not self._stop.is_set():
+            self._full_stop = True
         self._stop.set()
 
 

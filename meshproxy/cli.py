@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from meshproxy import __version__
+from meshproxy.lifecycle import AppTarget, parse_app_target
 from meshproxy.settings import DEFAULT_SETTINGS
 
 # meshproxy's default retry budget (Settings), as --retry-budget takes it
@@ -75,11 +76,21 @@ def format_addr(addr: Addr) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def listening_line(outbound: Addr, admin: Addr, inbound: Addr | None = None) -> str:
+def listening_line(
+    outbound: Addr,
+    admin: Addr,
+    inbound: Addr | None = None,
+    health: Addr | None = None,
+    metrics: Addr | None = None,
+) -> str:
     """The start-up line scripts wait for (printed on stdout once every listener is up);
-    ``inbound=`` only when the inbound listener is on."""
+    ``inbound=``, ``health=`` and ``metrics=`` only when that listener is on."""
     middle = "" if inbound is None else f" inbound={format_addr(inbound)}"
-    return f"listening outbound={format_addr(outbound)}{middle} admin={format_addr(admin)}"
+    line = f"listening outbound={format_addr(outbound)}{middle} admin={format_addr(admin)}"
+    for name, addr in (("health", health), ("metrics", metrics)):
+        if addr is not None:
+            line += f" {name}={format_addr(addr)}"
+    return line
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -183,6 +194,11 @@ class RunOptions:
     idempotent_503_retry: bool = DEFAULT_SETTINGS.default_retry_503
     reuse_port: bool = False  # set by the supervisor for its workers
     parent_pid: int | None = None  # a worker exits when its supervisor is gone
+    # start-up and shutdown order (meshproxy.lifecycle)
+    health: Addr | None = None  # GET /healthz/ready on its own listener (Istio's 15021)
+    metrics: Addr | None = None  # GET /stats/prometheus on its own listener (Istio's 15090)
+    min_drain_seconds: float = DEFAULT_SETTINGS.min_drain_seconds
+    exit_with_app: AppTarget | None = None  # drain and exit once the application is gone
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,6 +343,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="routes without a retries block retry exactly as Istio's default policy "
         "(by default meshproxy also retries a 503 to GET/HEAD/OPTIONS/TRACE/PUT/DELETE)",
     )
+    run.add_argument(
+        "--min-drain-seconds",
+        type=_seconds,
+        default=DEFAULT_SETTINGS.min_drain_seconds,
+        metavar="S",
+        help="with --inbound, SIGTERM keeps the outbound listener serving the application and "
+        "exits once no connection is open, but not before S seconds (Istio's "
+        "MINIMUM_DRAIN_DURATION) nor after --drain-seconds [5]",
+    )
+    run.add_argument(
+        "--health",
+        type=parse_addr,
+        default=None,
+        metavar="ADDR",
+        help="serve GET /healthz/ready (as /ready) on its own listener, e.g. 0.0.0.0:15021 [off]",
+    )
+    run.add_argument(
+        "--metrics",
+        type=parse_addr,
+        default=None,
+        metavar="ADDR",
+        help="serve GET /stats/prometheus on its own listener, e.g. 0.0.0.0:15090 [off]",
+    )
+    run.add_argument(
+        "--exit-with-app",
+        type=parse_app_target,
+        default=None,
+        metavar="PID|pid:N|port:N|HOST:PORT",
+        help="drain and exit 0 once the application is gone: its process has ended, or its "
+        "port refuses connections after having accepted one (Jobs) [off]",
+    )
     run.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="[info]")
     run.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
@@ -342,12 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from control.cli import add_control_parsers
     from meshproxy.ca_cli import add_ca_parser
+    from meshproxy.lifecycle import add_wait_parser
 
     add_ca_parser(sub)
     add_control_parsers(sub)
     from meshproxy.k8s.inject_cli import add_inject_parsers
 
     add_inject_parsers(sub)
+    add_wait_parser(sub)
     return parser
 
 
@@ -427,6 +476,10 @@ def _run(ns: argparse.Namespace) -> int:
         idempotent_503_retry=ns.idempotent_503_retry,
         reuse_port=ns.reuse_port,
         parent_pid=ns.parent_pid,
+        health=ns.health,
+        metrics=ns.metrics,
+        min_drain_seconds=ns.min_drain_seconds,
+        exit_with_app=ns.exit_with_app,
     )
     _check_paths(opts.config)
     _check_source(opts)
@@ -434,6 +487,10 @@ def _run(ns: argparse.Namespace) -> int:
         raise UsageError("--inbound and --app go together: the inbound listener fronts --app")
     if opts.cert_dir is not None and not os.path.isdir(opts.cert_dir):
         raise UsageError(f"--cert-dir {opts.cert_dir}: no such directory")
+    if opts.exit_with_app is not None:
+        from meshproxy.lifecycle import check_app_target
+
+        check_app_target(opts.exit_with_app)
     setup_logging(opts.log_level)
     if opts.workers > 1:
         from meshproxy.workers import supervise
@@ -459,6 +516,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from control.cli import run_control
 
             return run_control(ns)
+        if ns.command == "wait":
+            from meshproxy.lifecycle import run_wait
+
+            return run_wait(ns)
         if ns.command == "inject":
             from meshproxy.k8s.inject_cli import run_inject
 

@@ -172,16 +172,22 @@ class DataPlane:
                         log.exception("internal error in the stream idle check of %r", ex)
         self._arm_idle_sweep()
 
-    def stop_accepting(self) -> None:
-        """Close the listening sockets: new connections are refused."""
-        for server in self._servers:
-            server.close()
+    def stop_accepting(self, *, inbound_only: bool = False) -> None:
+        """Close the listening sockets: new connections are refused. ``inbound_only``: the
+        outbound listeners keep accepting (a stopping sidecar, see meshproxy.lifecycle)."""
+        if not inbound_only:
+            for server in self._servers:
+                server.close()
         if self.inbound_listener is not None:
             self.inbound_listener.close()
 
-    def close_idle(self) -> None:
-        """Drain: idle client connections close now; busy ones after their current response."""
-        for ctx in self._server_contexts():
+    def close_idle(self, *, inbound_only: bool = False) -> None:
+        """Drain: idle client connections close now; busy ones after their current response.
+        ``inbound_only``: only the inbound listener's connections."""
+        contexts = self._server_contexts()
+        if inbound_only:
+            contexts = [c for c in contexts if c is self._inbound_ctx]
+        for ctx in contexts:
             ctx.draining = True
             for conn in list(ctx.connections):
                 conn.drain()
@@ -191,6 +197,16 @@ class DataPlane:
         deadline = time.monotonic() + timeout
         for ctx in self._server_contexts():
             if not await ctx.wait_empty(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+    async def wait_no_connections(self, timeout: float) -> bool:
+        """True once no client connection is open on any listener at one moment (False if
+        ``timeout`` passed first). Unlike :meth:`wait_drained` it copes with listeners that
+        still accept: a connection that arrives while another context empties is waited for."""
+        deadline = time.monotonic() + timeout
+        while self.active_connections:
+            if not await self.wait_drained(max(0.0, deadline - time.monotonic())):
                 return False
         return True
 

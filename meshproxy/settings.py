@@ -47,6 +47,10 @@ class Settings:
     mirror_timeout: float = 10.0  # a mirror's deadline when its route has no `timeout`
     # lifecycle
     drain_seconds: float = 5.0
+    # a stopping sidecar (--inbound) exits once no connection is open, but not before this
+    # (Istio's MINIMUM_DRAIN_DURATION) and at drain_seconds in any case; see lifecycle.py
+    min_drain_seconds: float = 5.0
+    app_check_interval: float = 0.5  # --exit-with-app: how often the app's port/pid is checked
     reload_debounce: float = 0.1  # quiet time after a config file change before reloading
     control_heartbeat: float = 15.0  # WebSocket ping interval on the control-plane stream
     # write-side flow control (bytes buffered in a transport before we pause the other side)

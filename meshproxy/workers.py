@@ -26,6 +26,12 @@ worker is; ``/stats/prometheus`` sums the workers' raw exports (``/stats?format=
 ``/config_dump`` comes from one worker; ``/workers`` lists them. ``POST /drain`` and SIGTERM /
 SIGINT / ``POST /quitquitquit`` are passed on (``/drain`` over HTTP, stop as SIGTERM); a worker
 that dies while not stopping is restarted, with a growing pause if it keeps dying.
+
+``--health`` / ``--metrics`` (:class:`~meshproxy.lifecycle.StatusListeners`) are served by the
+supervisor from that same aggregated view; the workers get neither. ``--exit-with-app`` is
+watched by the supervisor, which then stops its workers as ``/quitquitquit`` does: with
+``POST /quitquitquit`` to each (a full drain; SIGTERM if that call fails), while SIGTERM is
+passed on as SIGTERM, so a worker with ``--inbound`` stops in the sidecar order.
 """
 
 from __future__ import annotations
@@ -54,7 +60,9 @@ from meshproxy.cli import (
     listening_line,
     parse_addr,
 )
+from meshproxy.lifecycle import StatusListeners, watch_app
 from meshproxy.metrics import Export, merge_exports
+from meshproxy.settings import DEFAULT_SETTINGS
 from meshproxy.sources.file import FileSource
 from meshproxy.state import State
 
@@ -147,9 +155,11 @@ class Supervisor:
         self.inbound = inbound
         self.workers = [Worker(i) for i in range(opts.workers)]
         self.admin = Admin(self, extra={("GET", "/workers"): self._workers_handler})
+        self.status = StatusListeners(self)  # --health, --metrics
         self.admin_addr: Addr | None = None
         self.draining = False
         self.stopping = False
+        self._quit = False  # stop the workers with /quitquitquit (a full drain), not SIGTERM
         self._stop = asyncio.Event()
         self._monitors: list[asyncio.Task[None]] = []
         self.stdout_open = asyncio.Event()  # set once our listening line is out
@@ -182,6 +192,8 @@ class Supervisor:
             ",".join(f"{k}={v}" for k, v in o.labels.items()),
             "--drain-seconds",
             str(o.drain_seconds),
+            "--min-drain-seconds",
+            str(o.min_drain_seconds),
             "--log-level",
             o.log_level,
             "--access-log",
@@ -296,14 +308,24 @@ class Supervisor:
         except OSError as e:
             await self._terminate_all(0.0)
             raise UsageError(f"cannot listen on admin {format_addr(self.opts.admin)}: {e}") from e
+        try:
+            await self.status.start(self.opts.health, self.opts.metrics)
+        except UsageError:
+            await self.admin.close()
+            await self._terminate_all(0.0)
+            raise
         self._monitors = [asyncio.create_task(self._monitor(w)) for w in self.workers]
+        if self.opts.exit_with_app is not None:
+            self._monitors.append(asyncio.create_task(self._watch_app(), name="app-watch"))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
 
     def listening_line(self) -> str:
         assert self.admin_addr is not None
-        return listening_line(self.outbound, self.admin_addr, self.inbound)
+        return listening_line(
+            self.outbound, self.admin_addr, self.inbound, self.status.health, self.status.metrics
+        )
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("%s: stopping %d worker(s)", sig.name, len(self.workers))
@@ -323,6 +345,7 @@ class Supervisor:
         for t in self._monitors:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        await self.status.close()
         await self.admin.close()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -332,10 +355,15 @@ class Supervisor:
     async def _terminate_all(self, grace: float) -> None:
         """SIGTERM every worker (each drains itself), SIGKILL any still alive after grace."""
         self.stopping = True
-        procs = [w.proc for w in self.workers if w.alive and w.proc is not None]
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGTERM)
+        live = [w for w in self.workers if w.alive and w.proc is not None]
+        procs = [w.proc for w in live if w.proc is not None]
+        quit_ok = [False] * len(live)
+        if self._quit:  # a full drain in every worker; SIGTERM where the call fails
+            quit_ok = list(await asyncio.gather(*(self._quit_worker(w) for w in live)))
+        for p, ok in zip(procs, quit_ok, strict=True):
+            if not ok:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGTERM)
         if not procs:
             return
         await asyncio.wait([asyncio.create_task(p.wait()) for p in procs], timeout=grace)
@@ -371,6 +399,14 @@ class Supervisor:
         host, port = w.admin
         status, _, _ = await fetch(host, port, "POST", path, WORKER_ADMIN_TIMEOUT)
         return status
+
+    async def _quit_worker(self, w: Worker) -> bool:
+        if w.admin is None:
+            return False
+        try:
+            return await self._post(w, "/quitquitquit") == 200
+        except FetchError:
+            return False
 
     async def _ask_all(self, path: str) -> list[tuple[int, Any] | BaseException]:
         live = [w for w in self.workers if w.alive and w.admin is not None]
@@ -424,7 +460,18 @@ class Supervisor:
 
     def request_quit(self) -> None:
         log.info("quitquitquit: stopping %d worker(s)", len(self.workers))
+        if not self._stop.is_set():
+            self._quit = True
         self._stop.set()
+
+    async def _watch_app(self) -> None:
+        target = self.opts.exit_with_app
+        assert target is not None
+        await watch_app(target, DEFAULT_SETTINGS.app_check_interval)
+        if not self._stop.is_set():
+            log.info("--exit-with-app: the application (%s) is gone: stopping", target)
+            self._quit = True
+            self._stop.set()
 
     async def _workers_handler(self, request: AdminRequest) -> AdminResponse:
         rows = [

@@ -284,6 +284,9 @@ class Sidecar:
         argv += ["--admin", "127.0.0.1:0", "--access-log", str(self.access_log)]
         if self.app_port is not None:
             argv += ["--inbound", "127.0.0.1:0", "--app", f"127.0.0.1:{self.app_port}"]
+            # SIGTERM (stop()) exits once no connection is open, without the 5 s minimum a
+            # real pod's sidecar waits for its app (tests/integration/test_shutdown_order.py)
+            argv += ["--min-drain-seconds", "0"]
         if self.cert_dir is not None:
             argv += ["--cert-dir", str(self.cert_dir)]
         argv += ["--namespace", self.namespace]
