@@ -80,6 +80,7 @@ def settings_for(opts: RunOptions) -> Settings:
         retry_budget_min=3 if budget is None else budget[1],
         outlier_min_ejectable=opts.outlier_min_ejectable,
         default_retry_503=opts.idempotent_503_retry,
+        outbound_traffic_policy=opts.outbound_traffic_policy,
     )
 
 

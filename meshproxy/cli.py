@@ -192,6 +192,7 @@ class RunOptions:
     retry_budget: tuple[float, int] | None = DEFAULT_RETRY_BUDGET
     outlier_min_ejectable: int = DEFAULT_SETTINGS.outlier_min_ejectable
     idempotent_503_retry: bool = DEFAULT_SETTINGS.default_retry_503
+    outbound_traffic_policy: str = DEFAULT_SETTINGS.outbound_traffic_policy
     reuse_port: bool = False  # set by the supervisor for its workers
     parent_pid: int | None = None  # a worker exits when its supervisor is gone
     # start-up and shutdown order (meshproxy.lifecycle)
@@ -374,6 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="drain and exit 0 once the application is gone: its process has ended, or its "
         "port refuses connections after having accepted one (Jobs) [off]",
     )
+    run.add_argument(
+        "--outbound-traffic-policy",
+        choices=("ALLOW_ANY", "REGISTRY_ONLY"),
+        default=DEFAULT_SETTINGS.outbound_traffic_policy,
+        help="a request redirected by meshproxy capture whose Host and original destination "
+        "match no service: ALLOW_ANY forwards it to the original destination, REGISTRY_ONLY "
+        "answers 502 (Istio's meshConfig.outboundTrafficPolicy.mode) [ALLOW_ANY]",
+    )
     run.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="[info]")
     run.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
@@ -389,9 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from control.cli import add_control_parsers
     from meshproxy.ca_cli import add_ca_parser
+    from meshproxy.k8s.capture_cli import add_capture_parser
     from meshproxy.lifecycle import add_wait_parser
 
     add_ca_parser(sub)
+    add_capture_parser(sub)
     add_control_parsers(sub)
     from meshproxy.k8s.inject_cli import add_inject_parsers
 
@@ -476,6 +487,7 @@ def _run(ns: argparse.Namespace) -> int:
         idempotent_503_retry=ns.idempotent_503_retry,
         reuse_port=ns.reuse_port,
         parent_pid=ns.parent_pid,
+        outbound_traffic_policy=ns.outbound_traffic_policy,
         health=ns.health,
         metrics=ns.metrics,
         min_drain_seconds=ns.min_drain_seconds,
@@ -512,6 +524,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from meshproxy.ca_cli import run_ca
 
             return run_ca(ns)
+        if ns.command == "capture":
+            from meshproxy.k8s.capture_cli import run_capture
+
+            return run_capture(ns)
         if ns.command == "control":
             from control.cli import run_control
 

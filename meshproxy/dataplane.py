@@ -29,9 +29,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from meshproxy.http.server import HttpConnection, ServerContext
+from meshproxy.http.server import ServerContext
 from meshproxy.net.listen import listen
-from meshproxy.proxy import ProxyContext
+from meshproxy.proxy import OutboundConnection, ProxyContext
 from meshproxy.settings import Settings
 from meshproxy.state import State
 from meshproxy.upstream.pool import Pools
@@ -99,7 +99,9 @@ class DataPlane:
     ) -> tuple[str, int]:
         """Start an outbound listener; returns the bound (host, port)."""
         ctx = self._contexts()
-        server, addr = await listen(lambda: HttpConnection(ctx), host, port, reuse_port=reuse_port)
+        server, addr = await listen(
+            lambda: OutboundConnection(ctx), host, port, reuse_port=reuse_port
+        )
         self._servers.append(server)
         if self._idle_timer is None:
             self._arm_idle_sweep()

@@ -35,6 +35,13 @@ virtual inbound listener does for a pod. Three layers, each decided once and che
 The policies come from the proxy's snapshot (``Snapshot.security``); the application's route
 and cluster live in a private constant snapshot, so a config reload never touches the pool
 to the application.
+
+**Transparent capture** (``meshproxy capture``): a connection iptables redirected to this
+listener carries its original destination (``SO_ORIGINAL_DST``, read once at accept); it is
+forwarded to ``127.0.0.1:<original port>``, the pod's application port, instead of ``--app``,
+through a per-port :class:`InboundContext` (:meth:`InboundContext.for_port`: cluster
+``inbound|PORT||``, PeerAuthentication and AuthorizationPolicy evaluated for that port).
+Connections that were not redirected go to ``--app`` as before.
 """
 
 from __future__ import annotations
@@ -74,6 +81,7 @@ from meshproxy.errors import Failure, local_reply
 from meshproxy.http.codec import TargetError, parse_target
 from meshproxy.http.server import HttpConnection, RequestHead, ServerContext
 from meshproxy.net.listen import BACKLOG, strip_brackets
+from meshproxy.net.origdst import original_dst
 from meshproxy.net.tlsproto import TlsLayer
 from meshproxy.proxy import Exchange, ProxyContext
 from meshproxy.settings import Settings
@@ -94,6 +102,7 @@ _DENIED = local_reply(Failure.RBAC_DENIED)
 _BAD_REQUEST = local_reply(Failure.BAD_REQUEST)
 _XFCC_LEN = len(XFCC)
 _INBOUND_META = Meta(kind="Inbound", name="app", namespace="")
+POD_LOCALHOST = "127.0.0.1"  # where a redirected connection's original port is served
 
 
 def app_cluster_name(port: int) -> str:
@@ -170,6 +179,8 @@ class InboundContext(ProxyContext):
     __slots__ = (
         "_policy",
         "_policy_snap",
+        "_ports",
+        "app_host",
         "app_port",
         "identity",
         "mesh_state",
@@ -192,7 +203,9 @@ class InboundContext(ProxyContext):
         super().__init__(state, pools, metrics, settings, access_log)
         self.mesh_state = mesh_state
         self.workload = workload
+        self.app_host = app[0]
         self.app_port = app[1]
+        self._ports: dict[int, InboundContext] = {}
         self.identity = identity
         self._policy_snap: Snapshot | None = None
         self._policy: InboundPolicy | None = None
@@ -212,9 +225,34 @@ class InboundContext(ProxyContext):
         ident = store.current if store is not None else None
         return ident.spiffe_id if ident is not None else None
 
+    def for_port(self, port: int) -> InboundContext:
+        """The context serving connections redirected to this pod's ``port``: the application
+        at ``127.0.0.1:port`` (this context itself when that is ``--app``), made on first use
+        and kept (a pod has few ports); it shares pools, metrics, identity and access log."""
+        if port == self.app_port and self.app_host == POD_LOCALHOST:
+            return self
+        got = self._ports.get(port)
+        if got is None:
+            got = self._ports[port] = InboundContext(
+                self.mesh_state,
+                self.workload,
+                (POD_LOCALHOST, port),
+                self.identity,
+                self.pools,
+                self.metrics,
+                self.settings,
+                self.access_log,
+            )
+        return got
+
     @property
     def make_exchange(self) -> Callable[[HttpConnection, RequestHead], Exchange]:
-        return partial(InboundExchange, self)
+        return self._exchange
+
+    def _exchange(self, conn: HttpConnection, head: RequestHead) -> Exchange:
+        """The exchange factory: a redirected connection's requests go to its port's context."""
+        pctx: InboundContext | None = conn.port_ctx  # type: ignore[attr-defined]
+        return InboundExchange(self if pctx is None else pctx, conn, head)
 
     def record(self, ex: Exchange, code: int, flags: str) -> None:
         conn: InboundConnection = ex.conn  # type: ignore[assignment]  # this listener's
@@ -232,12 +270,14 @@ class InboundContext(ProxyContext):
 class InboundConnection(HttpConnection):
     """A downstream connection of the inbound listener: knows its peer's verified identity."""
 
-    __slots__ = ("mtls", "peer_id")
+    __slots__ = ("mtls", "peer_id", "port_ctx")
 
-    def __init__(self, ctx: ServerContext) -> None:
+    def __init__(self, ctx: ServerContext, port_ctx: InboundContext | None = None) -> None:
         super().__init__(ctx)
         self.mtls = False
         self.peer_id: str | None = None
+        # redirected by iptables to a port other than --app's: that port's context
+        self.port_ctx = port_ctx
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         sslobj = transport.get_extra_info("ssl_object")
@@ -381,7 +421,7 @@ class InboundListener:
         self._settings = settings
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: dict[int, tuple[socket.socket, asyncio.TimerHandle]] = {}
+        self._pending: dict[int, tuple[socket.socket, asyncio.TimerHandle, InboundContext]] = {}
         self._handshakes: set[asyncio.Task[Any]] = set()
         self.refused_plaintext = 0
         self.handshake_failures = 0
@@ -428,17 +468,18 @@ class InboundListener:
                 log.warning("inbound: accept failed: %s", e)
                 return
             conn.setblocking(False)
-            self._sniff(conn)
+            orig = original_dst(conn)  # redirected by meshproxy capture: that port's context
+            self._sniff(conn, self._ctx if orig is None else self._ctx.for_port(orig[1]))
 
-    def _sniff(self, conn: socket.socket) -> None:
+    def _sniff(self, conn: socket.socket, pctx: InboundContext) -> None:
         loop = self._loop
         assert loop is not None
-        if self._ctx.policy().mode is MtlsMode.DISABLE:
-            self._serve(conn, None)
+        if pctx.policy().mode is MtlsMode.DISABLE:
+            self._serve(conn, None, pctx)
             return
         fd = conn.fileno()
         timer = loop.call_later(self._settings.first_byte_timeout, self._sniff_timeout, fd)
-        self._pending[fd] = (conn, timer)
+        self._pending[fd] = (conn, timer, pctx)
         loop.add_reader(fd, self._first_byte, fd)
 
     def _sniff_timeout(self, fd: int) -> None:
@@ -455,13 +496,13 @@ class InboundListener:
         loop.remove_reader(fd)
         if entry is None:
             return
-        conn, timer = entry
+        conn, timer, pctx = entry
         timer.cancel()
         try:
             first = conn.recv(1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):  # spurious wake-up: wait again, same deadline
             timer = loop.call_at(timer.when(), self._sniff_timeout, fd)
-            self._pending[fd] = (conn, timer)
+            self._pending[fd] = (conn, timer, pctx)
             loop.add_reader(fd, self._first_byte, fd)
             return
         except OSError:
@@ -470,7 +511,7 @@ class InboundListener:
         if not first:
             conn.close()
             return
-        mode = self._ctx.policy().mode
+        mode = pctx.policy().mode
         if first[0] == TLS_HANDSHAKE and mode is not MtlsMode.DISABLE:
             store = self._ctx.identity
             ident = store.current if store is not None else None
@@ -483,7 +524,7 @@ class InboundListener:
                     )
                 conn.close()
                 return
-            self._serve(conn, ident.server_context)
+            self._serve(conn, ident.server_context, pctx)
             return
         if mode is MtlsMode.STRICT:
             self.refused_plaintext += 1
@@ -495,12 +536,12 @@ class InboundListener:
                 )
             conn.close()
             return
-        self._serve(conn, None)
+        self._serve(conn, None, pctx)
 
-    def _serve(self, conn: socket.socket, ctx: ssl.SSLContext | None) -> None:
+    def _serve(self, conn: socket.socket, ctx: ssl.SSLContext | None, pctx: InboundContext) -> None:
         loop = self._loop
         assert loop is not None
-        inner = InboundConnection(self._server_ctx)
+        inner = InboundConnection(self._server_ctx, None if pctx is self._ctx else pctx)
         layer: TlsLayer | None = None
         timer: asyncio.TimerHandle | None = None
         if ctx is None:
@@ -551,7 +592,7 @@ class InboundListener:
         if loop is not None:
             if sock is not None:
                 loop.remove_reader(sock.fileno())
-            for fd, (conn, timer) in list(self._pending.items()):
+            for fd, (conn, timer, _) in list(self._pending.items()):
                 timer.cancel()
                 loop.remove_reader(fd)
                 conn.close()

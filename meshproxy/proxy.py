@@ -13,7 +13,12 @@ deciding synchronously, against one ``state.snapshot`` read:
    or a hash policy needs one;
 2. route (404 ``NR``), then the route's action: direct response, redirect, or
    a weighted destination -> cluster (503 ``NC``) -> endpoint through the cluster's picker
-   (503 ``UH``);
+   (503 ``UH``). When the Host names no route and iptables redirected the connection
+   (``meshproxy capture``; :class:`OutboundConnection` reads ``SO_ORIGINAL_DST`` once, on the
+   first such request), the original destination decides instead: the ServiceEntry whose
+   ``addresses`` hold it, else Istio's ``outboundTrafficPolicy``: ``ALLOW_ANY`` forwards to the
+   original destination (``PassthroughCluster``), ``REGISTRY_ONLY`` answers ``502``
+   (``BlackHoleCluster``, flag ``NR``). Requests that were not redirected keep the ``404``;
 3. the upstream request head: hop-by-hop headers dropped, ``x-request-id`` / XFF / XFP /
    ``x-envoy-attempt-count``, rewrite (``x-envoy-original-path``), request header operations
    in Envoy's order: the destination's (weighted cluster's) first, then the route's, so a
@@ -46,11 +51,13 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
+from meshproxy.config.meta import Meta
 from meshproxy.config.model import (
     DEFAULT_RETRY,
     NO_HEADER_OPS,
     NO_HEADERS,
     Cluster,
+    Endpoint,
     FaultPolicy,
     HeaderOps,
     Match,
@@ -66,6 +73,7 @@ from meshproxy.core.routing import (
     RequestInfo,
     apply_header_ops,
     find_virtual_host,
+    host_for_address,
     pick_cluster,
     redirect_response,
     rewritten_path,
@@ -94,8 +102,9 @@ from meshproxy.http.codec import (
     upstream_request,
     uri_bytes,
 )
-from meshproxy.http.server import HttpConnection, RequestHead
+from meshproxy.http.server import HttpConnection, RequestHead, ServerContext
 from meshproxy.mirror import Mirrorer, shadow_request_head
+from meshproxy.net.origdst import original_dst
 from meshproxy.settings import Settings
 from meshproxy.state import State
 from meshproxy.upstream.connection import UpstreamConnection
@@ -136,6 +145,32 @@ _RETRY_BUFFER_EXCEEDED = LocalReply(
 )
 # methods a stale keep-alive connection is retried for at once (RFC 9110 9.2.2)
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+# Istio's clusters for traffic to no known service (outboundTrafficPolicy): ALLOW_ANY forwards
+# to the original destination, REGISTRY_ONLY answers 502 from the "block_all" route
+PASSTHROUGH_CLUSTER = "PassthroughCluster"
+BLACKHOLE_CLUSTER = "BlackHoleCluster"
+PASSTHROUGH_LIMIT = 1024  # original destinations with a live passthrough pool at once
+_MESH_META = Meta(kind="MeshConfig", name="outboundTrafficPolicy", namespace="")
+_ALLOW_ANY = VirtualHost(
+    name="allow_any",
+    meta=_MESH_META,
+    domains=("*",),
+    routes=(
+        Route(
+            name="allow_any",
+            meta=_MESH_META,
+            clusters=(WeightedCluster(cluster=PASSTHROUGH_CLUSTER, weight=100, host="*"),),
+            total_weight=100,
+            retries=None,  # Istio's allow_any route: no retry policy, no timeout
+            timeout=None,
+        ),
+    ),
+)
+BLACKHOLE = Cluster(
+    name=BLACKHOLE_CLUSTER, host=BLACKHOLE_CLUSTER, port=0, service_name=BLACKHOLE_CLUSTER
+)
+_BLACKHOLED = LocalReply(502, "NR", b"")
+_UNREAD = ("", -1)  # OutboundConnection: SO_ORIGINAL_DST not read yet
 # attempt failure -> what outlier detection is told (a local-origin failure of this kind)
 _LOST = {
     Failure.CONNECT_FAILURE: "connect",
@@ -229,6 +264,8 @@ class ProxyContext:
         "loop",
         "metrics",
         "mirrorer",
+        "passthrough",
+        "passthrough_snap",
         "pools",
         "random",
         "settings",
@@ -260,6 +297,9 @@ class ProxyContext:
         self.cache_snap: Snapshot | None = None
         self.cache: dict[str, Destination] = {}
         self.cache_limit = AUTHORITY_CACHE_BASE
+        # ALLOW_ANY: original destination -> (pool key, its PassthroughCluster); per snapshot
+        self.passthrough: dict[tuple[str, int], tuple[str, Cluster]] = {}
+        self.passthrough_snap: Snapshot | None = None
 
     def lookup(self, snap: Snapshot, authority: str) -> Destination:
         """What ``authority`` resolves to under ``snap``, memoised per snapshot.
@@ -283,6 +323,33 @@ class ProxyContext:
             cache[authority] = d
         return d
 
+    def passthrough_cluster(self, snap: Snapshot, ip: str, port: int) -> tuple[str, Cluster]:
+        """The pool key and ``PassthroughCluster`` for the original destination ``ip:port``
+        (made on first use). Pools drop such states at a snapshot swap (the snapshot does not
+        name them), so the table is rebuilt per snapshot too; past ``PASSTHROUGH_LIMIT``
+        destinations it starts over, closing the idle connections of the old ones."""
+        table = self.passthrough
+        if snap is not self.passthrough_snap:
+            self.passthrough_snap = snap
+            table.clear()
+        got = table.get((ip, port))
+        if got is None:
+            if len(table) >= PASSTHROUGH_LIMIT:
+                for key, _ in table.values():
+                    self.pools.drop(key)
+                table.clear()
+            host = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+            cluster = Cluster(
+                name=PASSTHROUGH_CLUSTER,
+                host=host,
+                port=port,
+                endpoints=(Endpoint(address=ip, port=port),),
+                service_name=PASSTHROUGH_CLUSTER,
+                meta=_MESH_META,
+            )
+            got = table[(ip, port)] = (f"{PASSTHROUGH_CLUSTER}|{host}", cluster)
+        return got
+
     @property
     def make_exchange(self) -> Callable[[HttpConnection, RequestHead], Exchange]:
         """The connection's exchange factory (a C-level partial: no Python frame per call)."""
@@ -294,6 +361,26 @@ class ProxyContext:
         self.metrics.record_request(
             ex.cluster, code, flags, _monotonic() - ex.head.t0, ex.req_bytes, ex.resp_bytes
         )
+
+
+class OutboundConnection(HttpConnection):
+    """A client connection of the outbound listener. Knows where the client meant to go when
+    iptables redirected it here: ``SO_ORIGINAL_DST``, read at most once per connection and
+    only when a request's Host names no route (routed traffic never pays the system call)."""
+
+    __slots__ = ("_orig",)
+
+    def __init__(self, ctx: ServerContext) -> None:
+        super().__init__(ctx)
+        self._orig: tuple[str, int] | None = _UNREAD
+
+    def original_dst(self) -> tuple[str, int] | None:
+        """The redirected connection's original ``(ip, port)``; None if not redirected."""
+        orig = self._orig
+        if orig is _UNREAD:
+            t = self.transport
+            orig = self._orig = original_dst(t.get_extra_info("socket") if t else None)
+        return orig
 
 
 class Exchange:
@@ -489,8 +576,11 @@ class Exchange:
             d = ctx.lookup(snap, authority)
         vh = d.vh
         if vh is None:
-            self._local(_NO_ROUTE)
-            return
+            d = self._by_original_dst(snap, authority)
+            if d is None:
+                return
+            vh = d.vh
+            assert vh is not None
         req: RequestInfo | None = None
         route = d.route
         match = None
@@ -532,11 +622,14 @@ class Exchange:
             plain = _plain(route, wc)
         self.wc = wc
         cluster = snap.clusters.get(cname)
-        if cluster is None:
-            self._local(local_reply(Failure.NO_CLUSTER))
-            return
+        if cluster is not None:
+            self.cs = ctx.pools.cluster_state(cluster)
+        else:
+            cluster = self._passthrough(snap) if cname is PASSTHROUGH_CLUSTER else None
+            if cluster is None:
+                self._local(local_reply(Failure.NO_CLUSTER))
+                return
         self.cluster = cluster
-        self.cs = ctx.pools.cluster_state(cluster)
         if cluster.lb.hash is not None:
             if req is None:
                 if path is None:
@@ -585,6 +678,40 @@ class Exchange:
         if head.expect_continue and head.http11 and not self.request_complete:
             conn.write(CONTINUE_100)
         self._route()
+
+    def _by_original_dst(self, snap: Snapshot, authority: str) -> Destination | None:
+        """The Host names no route. If iptables redirected the connection, route by where it
+        was going: the ServiceEntry whose ``addresses`` hold the original ``ip:port``, else
+        ``ALLOW_ANY`` passthrough to it, or ``REGISTRY_ONLY``'s 502. Otherwise (a client that
+        came to the listener itself) ``404 NR``. None when the request was answered here."""
+        conn = self.conn
+        orig = conn.original_dst() if isinstance(conn, OutboundConnection) else None
+        if orig is None:
+            self._local(_NO_ROUTE)
+            return None
+        ip, port = orig
+        host = host_for_address(snap.routes, ip, port)
+        if host is not None:
+            vh = find_virtual_host(snap.routes, host)
+            if vh is not None:
+                return Destination(authority, split_authority(authority)[0], port, vh)
+        if self.ctx.settings.outbound_traffic_policy == "REGISTRY_ONLY":
+            self.cluster = BLACKHOLE
+            self._local(_BLACKHOLED)
+            return None
+        return Destination(authority, split_authority(authority)[0], port, _ALLOW_ANY)
+
+    def _passthrough(self, snap: Snapshot) -> Cluster | None:
+        """The ``PassthroughCluster`` of this redirected connection's original destination,
+        its pool state in ``self.cs`` (the allow_any route chose it: the connection was
+        redirected, see :meth:`_by_original_dst`)."""
+        conn = self.conn
+        orig = conn.original_dst() if isinstance(conn, OutboundConnection) else None
+        if orig is None:
+            return None
+        key, cluster = self.ctx.passthrough_cluster(snap, orig[0], orig[1])
+        self.cs = self.ctx.pools.keyed_state(key, cluster)
+        return cluster
 
     def _general_head(
         self,

@@ -45,6 +45,10 @@ class Settings:
     outlier_min_ejectable: int = 1
     mirror_max_inflight: int = 1024  # concurrent mirror requests; more are dropped and counted
     mirror_timeout: float = 10.0  # a mirror's deadline when its route has no `timeout`
+    # a redirected request (meshproxy capture) whose Host and original destination match no
+    # service: ALLOW_ANY forwards it there (PassthroughCluster), REGISTRY_ONLY answers 502
+    # (Istio's meshConfig.outboundTrafficPolicy.mode, default ALLOW_ANY)
+    outbound_traffic_policy: str = "ALLOW_ANY"
     # lifecycle
     drain_seconds: float = 5.0
     # a stopping sidecar (--inbound) exits once no connection is open, but not before this

@@ -202,6 +202,8 @@ class Supervisor:
             format_retry_budget(o.retry_budget),
             "--outlier-min-ejectable",
             str(o.outlier_min_ejectable),
+            "--outbound-traffic-policy",
+            o.outbound_traffic_policy,
             "--reuse-port",
             "--parent-pid",
             str(os.getpid()),

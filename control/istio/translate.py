@@ -44,9 +44,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from control.istio import hosts as H
@@ -87,6 +88,7 @@ from meshproxy.config.model import (
     FaultPolicy,
     HeaderOps,
     HeaderPolicy,
+    IPNetwork,
     LbKind,
     LoadBalancer,
     Match,
@@ -171,6 +173,7 @@ class _Service:
     subject_alt_names: tuple[str, ...] = ()
     mesh_internal: bool = False  # ServiceEntry `location: MESH_INTERNAL` (auto-mTLS)
     known: bool = True  # False: a destination host no ServiceEntry defines
+    addresses: tuple[str, ...] = ()  # ServiceEntry `addresses`: VIPs / CIDRs of the service
     by_port: dict[int, ServicePort] = field(default_factory=dict)
     # the objects whose identity fixes this service's content (its ServiceEntry's spec and
     # the selected WorkloadEntries' specs): keys of the TranslationCache's clusters
@@ -613,6 +616,7 @@ class _Translator:
                 meta=_meta(se, f"spec.hosts[{i}]"),
                 subject_alt_names=spec.subject_alt_names,
                 mesh_internal=spec.location == "MESH_INTERNAL",
+                addresses=spec.addresses,
                 by_port=by_port,
                 anchors=tuple(anchors),
                 cacheable=cacheable,
@@ -1291,7 +1295,36 @@ class _Translator:
                     routes=(route,),
                 )
             )
-        return self.route_table(vhosts), self.clusters
+        table = self.route_table(vhosts)
+        addresses, ranges = self.address_table()
+        if addresses or ranges:
+            table = replace(table, addresses=addresses, address_ranges=ranges)
+        return table, self.clusters
+
+    def address_table(
+        self,
+    ) -> tuple[dict[str, dict[int, str]], tuple[tuple[IPNetwork, dict[int, str]], ...]]:
+        """ServiceEntry ``addresses`` -> the hosts a redirected connection to ``IP:port`` is
+        for (single addresses in a dict, CIDRs in a list); the first entry to claim an
+        address and port keeps it. Only what validation accepted gets here."""
+        exact: dict[str, dict[int, str]] = {}
+        ranges: dict[IPNetwork, dict[int, str]] = {}
+        for host, svc in self.services.items():
+            if not svc.known or not svc.addresses:
+                continue
+            ports = [p.number for p in svc.ports if p.number is not None]
+            for a in svc.addresses:
+                try:
+                    net = ipaddress.ip_network(a, strict=False)
+                except ValueError:
+                    continue
+                if net.num_addresses == 1:
+                    slot = exact.setdefault(str(net.network_address), {})
+                else:
+                    slot = ranges.setdefault(net, {})
+                for port in ports:
+                    slot.setdefault(port, host)
+        return exact, tuple(ranges.items())
 
     def virtual_host(
         self, vs: Resource[VirtualServiceSpec], domains: tuple[str, ...]

@@ -27,6 +27,7 @@ This module is stdlib-only.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 
 # Provenance (Meta, imported above) lives in its own module so meshproxy.config.security can use
 # it without importing this one (this module's Snapshot refers to security's types).
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # --------------------------------------------------------------------------- matching
 
@@ -260,6 +263,11 @@ class RouteTable:
     exact: Mapping[str, VirtualHost] = field(default_factory=dict)
     wildcards: Mapping[str, VirtualHost] = field(default_factory=dict)
     catch_all: VirtualHost | None = None
+    # ServiceEntry ``addresses`` (the service's VIPs) for requests redirected by iptables whose
+    # Host names no route: IP -> {service port: host}, CIDR entries in ``address_ranges``
+    # (first entry wins); see meshproxy.core.routing.host_for_address
+    addresses: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+    address_ranges: tuple[tuple[IPNetwork, Mapping[int, str]], ...] = ()
 
 
 # --------------------------------------------------------------------------- clusters

@@ -7,6 +7,8 @@ The data path builds one :class:`RequestInfo` per request and calls, in order:
 1. :func:`find_virtual_host` -- an exact dict lookup on the host (every alias is a key), then
    the wildcard table keyed by dot-suffix (``".b.c"``, ``".c"`` for ``a.b.c``, longest first),
    then the catch-all.  O(labels of the request host), never O(hosts in the table).
+   When it finds nothing and iptables redirected the connection, :func:`host_for_address`
+   names the ServiceEntry host whose ``addresses`` hold the original destination.
 2. :func:`select_route` -- Istio ``http`` rules in order, first match wins; inside a rule the
    ``match`` entries are OR-ed and the first one that holds is returned (a prefix rewrite needs
    to know which prefix matched).  A rule without ``match`` matches everything.
@@ -39,6 +41,7 @@ Istio -> behaviour notes (from Envoy's route / redirect code and Istio's API ref
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -63,6 +66,7 @@ __all__ = [
     "apply_header_ops",
     "default_port",
     "find_virtual_host",
+    "host_for_address",
     "matches",
     "pick_cluster",
     "redirect_response",
@@ -173,6 +177,35 @@ def find_virtual_host(table: RouteTable, host: str) -> VirtualHost | None:
                 return vh
             i = host.find(".", i + 1)
     return table.catch_all
+
+
+def host_for_address(table: RouteTable, ip: str, port: int) -> str | None:
+    """The ServiceEntry host whose ``addresses`` hold ``ip`` and whose ports include ``port``,
+    else None: where a connection iptables redirected to the outbound listener was going when
+    its request's Host names no route (Envoy finds the service by the listener's VIP:port).
+
+    ``ip`` is the original destination from ``SO_ORIGINAL_DST``, an argument like everything
+    else here. A single address is one dict lookup; CIDR entries are scanned in order (a
+    mesh has few). A v4-mapped IPv6 address is looked up as its IPv4 address."""
+    if ip.startswith("::ffff:"):
+        ip = ip[7:]
+    ports = table.addresses.get(ip)
+    if ports is not None:
+        host = ports.get(port)
+        if host is not None:
+            return host
+    ranges = table.address_ranges
+    if ranges:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        for net, by_port in ranges:
+            if addr.version == net.version and addr in net:
+                host = by_port.get(port)
+                if host is not None:
+                    return host
+    return None
 
 
 def select_route(vh: VirtualHost, req: RequestInfo) -> tuple[Route, Match | None] | None:

@@ -775,7 +775,32 @@ class Pools:
             return cs
         return self._update(cluster, cs)
 
-    def _update(self, cluster: Cluster, old: ClusterState | None) -> ClusterState:
+    def keyed_state(self, key: str, cluster: Cluster) -> ClusterState:
+        """The live state of ``cluster`` kept under ``key`` instead of its name: for clusters
+        the data plane makes itself, several under one name (Istio's ``PassthroughCluster``:
+        one state per original destination). Like every cluster the new snapshot does not
+        name, it is dropped at the next snapshot swap; :meth:`drop` forgets it sooner."""
+        cs = self._clusters.get(key)
+        if cs is not None and cs.cluster is cluster:
+            return cs
+        return self._update(cluster, cs, key)
+
+    def drop(self, key: str) -> None:
+        """Forget the cluster state under ``key``: idle connections close, waiters fail,
+        requests in flight finish on their connections (which are then closed)."""
+        cs = self._clusters.pop(key, None)
+        self._counters.pop(key, None)
+        if cs is None:
+            return
+        cs.stop_sweeps()
+        for st in cs.endpoints:
+            st.removed = True
+            st.close_idle()
+            st.fail_waiters()
+
+    def _update(
+        self, cluster: Cluster, old: ClusterState | None, key: str | None = None
+    ) -> ClusterState:
         if old is not None and old.cluster == cluster:
             old.cluster = cluster  # equal definition: keep state, remember the new object
             return old
@@ -799,11 +824,12 @@ class Pools:
             if old.sweep_timer is not None:
                 next_sweep = old.sweep_at
             old.stop_sweeps()
-        counters = self._counters.get(cluster.name)
+        name = cluster.name if key is None else key
+        counters = self._counters.get(name)
         if counters is None:
-            counters = self._counters[cluster.name] = ClusterCounters()
+            counters = self._counters[name] = ClusterCounters()
         cs = ClusterState(cluster, eps, self._settings, counters)
-        self._clusters[cluster.name] = cs
+        self._clusters[name] = cs
         self._apply_tls(cs)
         if cs.detector is not None:
             # a redefinition keeps the sweep's rhythm: redefined more often than `interval`
@@ -861,13 +887,7 @@ class Pools:
         for name in list(self._clusters):
             cluster = new.clusters.get(name)
             if cluster is None:
-                cs = self._clusters.pop(name)
-                self._counters.pop(name, None)
-                cs.stop_sweeps()
-                for st in cs.endpoints:
-                    st.removed = True
-                    st.close_idle()
-                    st.fail_waiters()
+                self.drop(name)
             else:
                 self._update(cluster, self._clusters[name])
 
