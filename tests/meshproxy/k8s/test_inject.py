@@ -90,6 +90,24 @@ def test_golden(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", CASES)
+def test_golden_outputs_are_valid_kubernetes(name: str) -> None:
+    """Every Kubernetes document of every output passes Kubernetes' own OpenAPI schema (1.30,
+    strict: no unknown field), so ``kubectl apply`` would accept it; Istio kinds have no
+    schema there and are skipped."""
+    import kubernetes_validate
+
+    _, _, docs, _ = run_case(name)
+    checked = 0
+    for doc in docs:
+        for obj in doc.get("items", [doc]) if doc.get("kind") == "List" else [doc]:
+            if obj["apiVersion"].endswith("istio.io/v1"):
+                continue
+            kubernetes_validate.validate(obj, "1.30", strict=True)
+            checked += 1
+    assert checked >= 1
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_golden_injected_twice_equals_once(name: str) -> None:
     """Idempotence over every golden: the injected documents pass through a second run as
     they are, and every workload reports why ("already injected" or its skip reason)."""
