@@ -8,7 +8,9 @@ must exit 2 with one line naming the file and document, never a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +162,103 @@ def test_help() -> None:
     assert proc.returncode == 0
     for flag in ("--filename", "--output", "--native-sidecar", "--control-plane", "--image"):
         assert flag in proc.stdout
+
+
+# --------------------------------------------------------------------------- the sidecar runs
+
+
+async def test_injected_sidecar_runs_as_written(tmp_path: Path) -> None:
+    """The sidecar ``meshproxy inject`` writes, run as the kubelet would run it: its args with
+    ``$(POD_NAME)`` / ``$(POD_NAMESPACE)`` substituted and, the test's one change, every fixed
+    port replaced by an OS-chosen one on 127.0.0.1 (``--app`` by a real upstream). It connects
+    to a real ``meshproxy control`` under its node id and labels, its postStart hook command
+    (``meshproxy wait``) returns 0, the readiness probe path answers 200 on the health listener,
+    metrics are served on the metrics listener, the inbound listener reaches the app, and
+    SIGTERM stops it with exit 0."""
+    import aiohttp
+
+    from tests.integration.proxyproc import (
+        Control,
+        Upstream,
+        kill_process,
+        reviews_yaml,
+        start_listening,
+        wait_until,
+        write_config,
+    )
+
+    app = await Upstream("app").start()
+    mesh = tmp_path / "mesh"
+    mesh.mkdir()
+    write_config(mesh / "reviews.yaml", reviews_yaml(app.port, app.port))
+    control = Control(mesh, tmp_path / "control.log")
+    sidecar = None
+    try:
+        await control.start()
+        workload = (
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\n"
+            "spec:\n  template:\n    metadata:\n      labels: {app: web, version: v2}\n"
+            "    spec:\n      containers:\n      - name: web\n        image: web:2\n"
+            "        ports: [{containerPort: 8080}]\n"
+        )
+        proc = inject("-f", "-", "--control-plane", control.url, stdin=workload)
+        assert proc.returncode == 0, proc.stderr
+        pod = yaml.safe_load(proc.stdout)["spec"]["template"]
+        container = pod["spec"]["containers"][0]
+        env = {"$(POD_NAME)": "web-7d4b9c-x2x9q", "$(POD_NAMESPACE)": "shop"}
+        fixed = {
+            "127.0.0.1:15001": "127.0.0.1:0",
+            "0.0.0.0:15006": "127.0.0.1:0",
+            "127.0.0.1:15000": "127.0.0.1:0",
+            "0.0.0.0:15021": "127.0.0.1:0",
+            "0.0.0.0:15090": "127.0.0.1:0",
+            "127.0.0.1:8080": f"127.0.0.1:{app.port}",
+        }
+        args = []
+        for a in container["args"]:
+            for var, value in env.items():
+                a = a.replace(var, value)
+            args.append(fixed.get(a, a))
+        assert sum(a != b for a, b in zip(args, container["args"], strict=True)) == 8
+        sidecar, fields = await start_listening(args, tmp_path / "sidecar.log", "sidecar")
+        assert set(fields) == {"outbound", "inbound", "admin", "health", "metrics"}
+
+        hook = container["lifecycle"]["postStart"]["exec"]["command"]
+        at = hook.index("--url") + 1
+        assert hook[0] == "meshproxy" and hook[at] == "http://127.0.0.1:15021/healthz/ready"
+        cmd = [*hook[1:at], f"http://{fields['health']}/healthz/ready", *hook[at + 1 :]]
+        waited = subprocess.run(
+            [sys.executable, "-m", "meshproxy", *cmd], capture_output=True, text=True, timeout=90
+        )
+        assert waited.returncode == 0, waited.stderr
+
+        probe = container["readinessProbe"]["httpGet"]
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://{fields['health']}{probe['path']}") as r:
+                assert r.status == 200
+            async with s.get(f"http://{fields['metrics']}/stats/prometheus") as r:
+                assert r.status == 200 and "meshproxy_" in await r.text()
+            async with s.get(f"http://{fields['inbound']}/hello") as r:
+                assert r.status == 200
+                assert (await r.json())["name"] == "app"
+
+        async def synced() -> bool:
+            for p in (await control.status())["proxies"]:
+                if p["node_id"] == "web-7d4b9c-x2x9q.shop" and p["status"] == "SYNCED":
+                    return True
+            return False
+
+        await wait_until(synced, timeout=15)
+        (status,) = [
+            p for p in (await control.status())["proxies"] if p["node_id"].endswith(".shop")
+        ]
+        assert status["namespace"] == "shop"
+        assert status["labels"]["app"] == "web" and status["labels"]["version"] == "v2"
+        assert status["labels"]["service.meshproxy.io/canonical-name"] == "web"
+
+        sidecar.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(sidecar.wait(), 30) == 0
+    finally:
+        await kill_process(sidecar)
+        await control.kill()
+        await app.close()

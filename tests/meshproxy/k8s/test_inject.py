@@ -189,6 +189,41 @@ def test_deployment_injected_shape() -> None:
     assert meta["annotations"]["prometheus.io/port"] == "15090"
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_injected_command_lines_parse(name: str) -> None:
+    """Every command the injector writes -- the sidecar's ``run``, the init container's
+    ``capture``, the postStart ``wait`` -- is accepted by meshproxy's own parser, with the
+    values the kubelet substitutes for ``$(POD_NAME)`` / ``$(POD_NAMESPACE)``; so a flag
+    renamed in one command and not in the injector fails here."""
+    _, _, docs, _ = run_case(name)
+    parser = build_parser()
+    seen = 0
+    for doc in docs:
+        for obj in doc.get("items", [doc]) if doc.get("kind") == "List" else [doc]:
+            if obj.get("kind") not in ("Pod", "Deployment", "StatefulSet", "DaemonSet", "Job",
+                                       "CronJob", "ReplicaSet"):  # fmt: skip
+                continue
+            spec = _pod_of(obj)["spec"]
+            for c in spec["containers"] + spec.get("initContainers", []):
+                if c["name"] not in (SIDECAR_NAME, INIT_NAME) or "args" not in c:
+                    continue  # skip.in.yaml's hand-written "already injected" pod has none
+                args = [a.replace("$(POD_NAME)", "p-1").replace("$(POD_NAMESPACE)", "ns")
+                        for a in c["args"]]  # fmt: skip
+                ns = parser.parse_args(args)
+                assert ns.command == ("run" if c["name"] == SIDECAR_NAME else "capture")
+                if ns.command == "run":
+                    assert ns.node_id == "p-1.ns" and ns.namespace == "ns"
+                    assert (ns.inbound is None) == (ns.app is None)
+                    assert ns.health == ("0.0.0.0", 15021) and ns.metrics == ("0.0.0.0", 15090)
+                hook = c.get("lifecycle", {}).get("postStart", {}).get("exec", {})
+                if hook:
+                    assert hook["command"][0] == "meshproxy"
+                    assert parser.parse_args(hook["command"][1:]).command == "wait"
+                seen += 1
+    if name != "skip":
+        assert seen >= 2
+
+
 def test_annotations_case() -> None:
     _, _, docs, _ = run_case("deployment-annotations")
     spec = _pod_of(docs[0])["spec"]
