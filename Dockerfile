@@ -53,11 +53,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# iptables and nftables for the init container (`meshproxy capture`), which runs this image as
-# root with NET_ADMIN and NET_RAW, as istio-init runs proxyv2. Versions: see the build stage.
+# iptables for the init container (`meshproxy capture`: iptables-restore / iptables-save, with
+# the nf_tables and legacy backends, iptables-nft-* and iptables-legacy-*), which runs this
+# image as root with NET_ADMIN and NET_RAW, as istio-init runs proxyv2. Versions: see the build
+# stage.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends iptables nftables \
+    && apt-get install -y --no-install-recommends iptables \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 1337 meshproxy \
     && useradd --system --uid 1337 --gid 1337 --no-create-home --home-dir /nonexistent \

@@ -377,9 +377,10 @@ def test_labels_agree_with_pyproject() -> None:
 
 
 def test_capture_tools_are_in_the_image() -> None:
-    """The init container runs ``meshproxy capture`` from this image: iptables and nft."""
+    """The init container runs ``meshproxy capture`` from this image: Debian's iptables has
+    iptables-restore/-save and their -nft and -legacy variants, all that capture runs."""
     packages = {p for i in FINAL.all("RUN") for p in apt_packages(run_flags(i.args)[1])}
-    assert {"iptables", "nftables"} <= packages
+    assert "iptables" in packages
 
 
 # --------------------------------------------------------------------------- build steps

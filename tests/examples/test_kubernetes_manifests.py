@@ -271,6 +271,29 @@ def test_deployments(docs: list[tuple[Path, Doc]]) -> None:
                 assert action["port"] in ports, f"{cwhere}: {kind} port {action['port']}"
 
 
+def test_every_meshproxy_command_line_parses(docs: list[tuple[Path, Doc]]) -> None:
+    """Containers of the meshproxy image without ``command`` run its ENTRYPOINT (meshproxy)
+    with ``args``; exec hooks name ``meshproxy`` themselves. All go through the real parser,
+    so a manifest (or the injector) cannot pass a flag meshproxy does not have."""
+    lines: list[list[str]] = []
+    for _, doc in of_kind(docs, "Deployment"):
+        for c, _ in containers(pod_spec(doc)):
+            if "command" not in c:
+                lines.append([str(a) for a in c["args"]])
+            hook = c.get("lifecycle", {}).get("postStart", {}).get("exec", {}).get("command")
+            if hook:
+                assert hook[0] == "meshproxy"
+                lines.append([str(a) for a in hook[1:]])
+    commands = {parse(line).command for line in lines}
+    assert {"control", "webhook"} <= commands
+    if any(inject.STATUS_ANNOTATION in json_of(d) for _, d in docs):
+        assert {"run", "capture", "wait"} <= commands
+
+
+def json_of(doc: Doc) -> str:
+    return yaml.safe_dump(doc)
+
+
 def _pods(docs: list[tuple[Path, Doc]], ns: str, selector: dict[str, str]) -> list[Doc]:
     return [
         d
