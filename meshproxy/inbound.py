@@ -247,12 +247,7 @@ class InboundContext(ProxyContext):
 
     @property
     def make_exchange(self) -> Callable[[HttpConnection, RequestHead], Exchange]:
-        return self._exchange
-
-    def _exchange(self, conn: HttpConnection, head: RequestHead) -> Exchange:
-        """The exchange factory: a redirected connection's requests go to its port's context."""
-        pctx: InboundContext | None = conn.port_ctx  # type: ignore[attr-defined]
-        return InboundExchange(self if pctx is None else pctx, conn, head)
+        return partial(InboundExchange, self)
 
     def record(self, ex: Exchange, code: int, flags: str) -> None:
         conn: InboundConnection = ex.conn  # type: ignore[assignment]  # this listener's
@@ -326,10 +321,14 @@ class InboundExchange(Exchange):
     __slots__ = ()
 
     def _start(self) -> None:
-        ctx = self.ctx
-        assert isinstance(ctx, InboundContext)
         conn = self.conn
         assert isinstance(conn, InboundConnection)
+        ctx = conn.port_ctx
+        if ctx is None:
+            ctx = self.ctx
+        else:  # redirected to another port of the pod: that port's application and policies
+            self.ctx = ctx
+        assert isinstance(ctx, InboundContext)
         pol = ctx.policy()
         if pol.mode is MtlsMode.STRICT and not conn.mtls:
             # the mode became STRICT after this plaintext connection was accepted

@@ -1,0 +1,126 @@
+"""The inbound listener with transparent capture: a redirected connection goes to
+``127.0.0.1:<original port>``, with that port's policies; others go to ``--app``.
+
+The kernel's answer (``SO_ORIGINAL_DST``) is simulated by replacing
+``meshproxy.inbound.original_dst``; sockets, listener, pools and applications are real (loopback).
+tests/integration/test_capture_netns.py does it with real iptables in network namespaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+import meshproxy.inbound as inbound_mod
+from control.istio import build_snapshot
+from meshproxy.config.model import ProxyIdentity, Snapshot
+from meshproxy.dataplane import DataPlane
+from meshproxy.metrics import Metrics
+from meshproxy.settings import Settings
+from meshproxy.state import State
+from tests.support.rawhttp import get, request
+
+WORKLOAD = ProxyIdentity(namespace="shop", labels={"app": "web"})
+
+
+async def _app(name: bytes) -> asyncio.Server:
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await r.readuntil(b"\r\n\r\n")
+                w.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(name), name))
+                await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+@asynccontextmanager
+async def sidecar(snap: Snapshot, app_port: int) -> AsyncIterator[tuple[DataPlane, int]]:
+    state = State()
+    state.apply(snap)
+    dp = DataPlane(state, Metrics(WORKLOAD), Settings())
+    _, port = await dp.start_inbound("127.0.0.1", 0, ("127.0.0.1", app_port), WORKLOAD)
+    try:
+        yield dp, port
+    finally:
+        await dp.close()
+
+
+def _snapshot(tmp_path: Path, text: str = "") -> Snapshot:
+    (tmp_path / "mesh.yaml").write_text(textwrap.dedent(text))
+    snap, report = build_snapshot([str(tmp_path)], WORKLOAD)
+    assert snap is not None, report.problems
+    return snap
+
+
+@pytest.mark.parametrize("redirected", [False, True])
+async def test_redirected_connection_goes_to_its_original_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redirected: bool
+) -> None:
+    main, other = await _app(b"main"), await _app(b"other")
+    main_port = main.sockets[0].getsockname()[1]
+    other_port = other.sockets[0].getsockname()[1]
+    reads: list[object] = []
+
+    def fake_original_dst(sock: object) -> tuple[str, int] | None:
+        reads.append(sock)
+        return ("10.1.2.3", other_port) if redirected else None
+
+    monkeypatch.setattr(inbound_mod, "original_dst", fake_original_dst)
+    try:
+        async with sidecar(_snapshot(tmp_path), main_port) as (_, port):
+            for _ in range(2):
+                r = await request("127.0.0.1", port, get("/", host="web"))
+                assert r.status == 200
+                assert r.body == (b"other" if redirected else b"main")
+            assert len(reads) == 2  # one read per accepted connection
+    finally:
+        for s in (main, other):
+            s.close()
+            await s.wait_closed()
+
+
+async def test_the_original_port_decides_authorization(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AuthorizationPolicy ``to.operation.ports`` sees the port the client connected to."""
+    main, other = await _app(b"main"), await _app(b"other")
+    main_port = main.sockets[0].getsockname()[1]
+    other_port = other.sockets[0].getsockname()[1]
+    orig: list[tuple[str, int] | None] = [None]
+    monkeypatch.setattr(inbound_mod, "original_dst", lambda sock: orig[0])
+    snap = _snapshot(
+        tmp_path,
+        f"""\
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {{name: no-admin-port, namespace: shop}}
+        spec:
+          selector: {{matchLabels: {{app: web}}}}
+          action: DENY
+          rules: [{{to: [{{operation: {{ports: ["{other_port}"]}}}}]}}]
+        """,
+    )
+    try:
+        async with sidecar(snap, main_port) as (_, port):
+            r = await request("127.0.0.1", port, get("/", host="web"))
+            assert r.status == 200 and r.body == b"main"
+            orig[0] = ("10.1.2.3", other_port)
+            r = await request("127.0.0.1", port, get("/", host="web"))
+            assert r.status == 403
+            orig[0] = ("10.1.2.3", main_port)  # redirected to --app's own port: allowed
+            r = await request("127.0.0.1", port, get("/", host="web"))
+            assert r.status == 200 and r.body == b"main"
+    finally:
+        for s in (main, other):
+            s.close()
+            await s.wait_closed()

@@ -1,0 +1,133 @@
+"""The outbound listener's original-destination fallback, on real loopback sockets.
+
+Only the kernel's answer is simulated: ``meshproxy.proxy.original_dst`` (the SO_ORIGINAL_DST
+read) is replaced by a function returning what iptables would have reported, so the routing
+fallback, the passthrough pools, REGISTRY_ONLY and the once-per-connection read are tested
+without root. tests/integration/test_capture_netns.py does the same with real iptables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+
+import meshproxy.proxy as proxy_mod
+from meshproxy.config.model import RouteTable, Snapshot
+from meshproxy.settings import Settings
+from tests.support.dataplane import running_dataplane
+from tests.support.fakes import service_snapshot
+from tests.support.rawhttp import get, read_response, request
+from tests.support.upstream import Reply, UpstreamServer
+
+
+class Kernel:
+    """Stands in for SO_ORIGINAL_DST: every accepted connection 'was redirected' from
+    ``orig`` (None: not redirected); counts the reads."""
+
+    def __init__(self) -> None:
+        self.orig: tuple[str, int] | None = None
+        self.reads = 0
+
+    def __call__(self, sock: object) -> tuple[str, int] | None:
+        assert sock is not None  # the connection's real socket is what gets asked
+        self.reads += 1
+        return self.orig
+
+
+@pytest.fixture
+def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Kernel]:
+    k = Kernel()
+    monkeypatch.setattr(proxy_mod, "original_dst", k)
+    yield k
+
+
+def with_vip(port: int, vip: str = "10.96.0.10", service_port: int = 80) -> Snapshot:
+    """Service ``svc`` (endpoint 127.0.0.1:port) whose ServiceEntry ``addresses`` hold ``vip``."""
+    snap = service_snapshot("svc", [port])
+    table = dataclasses.replace(snap.routes, addresses={vip: {service_port: "svc"}})
+    return dataclasses.replace(snap, routes=table)
+
+
+async def test_routed_requests_never_read_the_original_destination(kernel: Kernel) -> None:
+    kernel.orig = ("10.96.0.10", 80)
+    async with UpstreamServer(Reply(body=b"svc")) as up:
+        async with running_dataplane(with_vip(up.port)) as p:
+            for _ in range(3):
+                r = await request(p.host, p.port, get("/", host="svc"))
+                assert r.status == 200 and r.body == b"svc"
+    assert kernel.reads == 0
+
+
+async def test_not_redirected_unknown_host_is_404_nr(kernel: Kernel) -> None:
+    async with UpstreamServer(Reply(body=b"svc")) as up:
+        async with running_dataplane(with_vip(up.port)) as p:
+            r = await request(p.host, p.port, get("/", host="10.96.0.10"))
+            assert r.status == 404
+            assert [(m.cluster, m.code, m.flags) for m in p.metrics.requests] == [(None, 404, "NR")]
+            assert len(up.requests) == 0
+    assert kernel.reads == 1
+
+
+async def test_service_entry_address_routes_to_the_service(kernel: Kernel) -> None:
+    kernel.orig = ("10.96.0.10", 80)
+    async with UpstreamServer(Reply(body=b"svc")) as up:
+        async with running_dataplane(with_vip(up.port)) as p:
+            r = await request(p.host, p.port, get("/x", host="10.96.0.10"))
+            assert r.status == 200 and r.body == b"svc"
+            assert up.requests[0].header("host") == "10.96.0.10"  # the Host is kept
+            assert up.requests[0].header("x-envoy-attempt-count") == "1"
+            assert p.metrics.requests[-1].cluster == "svc"
+            # another port of the VIP is not the service's: passthrough to it (ALLOW_ANY)
+            kernel.orig = ("127.0.0.1", up.port)
+            r = await request(p.host, p.port, get("/y", host="10.96.0.10"))
+            assert r.status == 200
+            assert p.metrics.requests[-1].cluster == "PassthroughCluster"
+
+
+async def test_allow_any_passthrough_reads_once_per_connection_and_pools(kernel: Kernel) -> None:
+    async with UpstreamServer(Reply(body=b"elsewhere")) as other:
+        kernel.orig = ("127.0.0.1", other.port)
+        async with running_dataplane(service_snapshot("svc", [1])) as p:
+            reader, writer = await asyncio.open_connection(p.host, p.port)
+            try:
+                for i in range(3):
+                    writer.write(get(f"/p{i}", host="unknown.example"))
+                    r = await read_response(reader)
+                    assert r.status == 200 and r.body == b"elsewhere"
+            finally:
+                writer.close()
+            assert kernel.reads == 1  # once for the connection, not per request
+            r = await request(p.host, p.port, get("/again", host="unknown.example"))
+            assert r.status == 200
+            assert kernel.reads == 2
+            assert other.connections == 1  # one pooled keep-alive upstream connection
+            assert [m.cluster for m in p.metrics.requests] == ["PassthroughCluster"] * 4
+            assert p.metrics.opened == {"PassthroughCluster": 1}
+            # a config swap drops the passthrough pools (like any cluster it does not name)
+            p.state.apply(service_snapshot("svc", [1], version="v2"))
+            r = await request(p.host, p.port, get("/after", host="unknown.example"))
+            assert r.status == 200 and other.connections == 2
+
+
+async def test_registry_only_answers_502_blackhole(kernel: Kernel) -> None:
+    async with UpstreamServer(Reply(body=b"elsewhere")) as other:
+        kernel.orig = ("127.0.0.1", other.port)
+        settings = Settings(outbound_traffic_policy="REGISTRY_ONLY")
+        async with running_dataplane(with_vip(other.port), settings) as p:
+            r = await request(p.host, p.port, get("/", host="unknown.example"))
+            assert r.status == 502 and r.body == b""
+            assert [(m.cluster, m.code, m.flags) for m in p.metrics.requests] == [
+                ("BlackHoleCluster", 502, "NR")
+            ]
+            assert len(other.requests) == 0
+            # a ServiceEntry address still routes under REGISTRY_ONLY
+            kernel.orig = ("10.96.0.10", 80)
+            r = await request(p.host, p.port, get("/", host="10.96.0.10"))
+            assert r.status == 200 and p.metrics.requests[-1].cluster == "svc"
+
+
+def test_address_table_defaults_are_empty() -> None:
+    assert RouteTable().addresses == {} and RouteTable().address_ranges == ()
