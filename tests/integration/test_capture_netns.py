@@ -399,3 +399,28 @@ def test_app_reaches_a_service_vip_through_both_sidecars(pods: Pods) -> None:
     status, body = p.get(f"http://{p.server_ip}:9090/plain")
     assert status == 200 and isinstance(body, dict)
     assert body["peer"] == p.client_ip  # straight from the application, no sidecar
+
+
+def test_ipv6_capture_and_clean_in_a_namespace() -> None:
+    """``--ipv6`` installs the ip6tables chains too (with ``::6`` / ``::1``); ``--clean``
+    removes both families; the nf_tables backend named explicitly works the same."""
+    missing = _missing_tools() + [t for t in ("ip6tables-save",) if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"missing {', '.join(missing)}")
+    name = f"mp6-{os.getpid() % 10000:04d}{random.randrange(16**3):03x}"
+    if run(["ip", "netns", "add", name], check=False).returncode != 0:
+        pytest.skip("cannot create network namespaces here")
+    try:
+        mp = ["ip", "netns", "exec", name, sys.executable, "-m", "meshproxy", "capture"]
+        run([*mp, "--ipv6", "--exclude-outbound-cidrs", "10.0.0.0/8,fd00::/8"])
+        v4 = run(["ip", "netns", "exec", name, "iptables-save", "-t", "nat"]).stdout
+        v6 = run(["ip", "netns", "exec", name, "ip6tables-save", "-t", "nat"]).stdout
+        assert "-A ISTIO_OUTPUT -d 10.0.0.0/8 -j RETURN" in v4 and "fd00" not in v4
+        assert "-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN" in v6
+        assert "-A ISTIO_OUTPUT -d fd00::/8 -j RETURN" in v6 and "10.0.0.0" not in v6
+        out = run([*mp, "--clean", "--iptables-backend", "nft"]).stdout
+        assert out.splitlines() == ["iptables: removed", "ip6tables: removed"]
+        for save in ("iptables-save", "ip6tables-save"):
+            assert "ISTIO_" not in run(["ip", "netns", "exec", name, save, "-t", "nat"]).stdout
+    finally:
+        run(["ip", "netns", "del", name], check=False)
