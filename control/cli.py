@@ -4,11 +4,13 @@ Theory of operation
 -------------------
 :func:`add_control_parsers` registers both commands on :mod:`meshproxy.cli`'s subparsers.
 ``control`` loads DIR once synchronously (problems: exit 2 with one line per problem, like
-every command's bad config at start-up), optionally loads the CA (``--ca-dir``: signing and a
-TLS serving certificate), starts the aiohttp server on ``--listen``, prints
-``listening control=HOST:PORT`` (flushed) and watches DIR until SIGTERM/SIGINT, which close
-every stream and exit 0. ``status`` fetches ``/status`` and prints one row per proxy, like
-``istioctl proxy-status``; ``--json`` prints the object as it came.
+every command's bad config at start-up) -- or, with ``--kubernetes``, starts the reflectors of
+:mod:`control.kube`, whose first config comes once every watched kind is listed --,
+optionally loads the CA (``--ca-dir``: signing and a TLS serving certificate), starts the
+aiohttp server on ``--listen``, prints ``listening control=HOST:PORT`` (flushed) and watches
+DIR (or the API) until SIGTERM/SIGINT, which close every stream and exit 0. ``status``
+fetches ``/status`` and prints one row per proxy, like ``istioctl proxy-status``; ``--json``
+prints the object as it came.
 """
 
 from __future__ import annotations
@@ -42,8 +44,29 @@ def add_control_parsers(sub: Any) -> None:
         description="Watch DIR (Istio YAML), validate it, and push versioned per-proxy config "
         "to every proxy connected on /v1/stream; GET /status tells who runs what.",
     )
+    source = ctl.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", action="append", metavar="DIR", help="Istio YAML; repeatable")
+    source.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="list and watch the Istio resources, Services, EndpointSlices and Pods of a "
+        "Kubernetes API (in-cluster config when KUBERNETES_SERVICE_HOST is set, else kubeconfig)",
+    )
     ctl.add_argument(
-        "--config", action="append", required=True, metavar="DIR", help="Istio YAML; repeatable"
+        "--kubeconfig",
+        default=None,
+        metavar="FILE",
+        help="with --kubernetes: the kubeconfig file [$KUBECONFIG, else ~/.kube/config]",
+    )
+    ctl.add_argument(
+        "--context", default=None, metavar="NAME", help="with --kubernetes: the kubeconfig context"
+    )
+    ctl.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="with --kubernetes: watch only this namespace; repeatable [all namespaces]",
     )
     ctl.add_argument(
         "--listen",
@@ -103,9 +126,16 @@ def add_control_parsers(sub: Any) -> None:
 
 
 def run_control(ns: argparse.Namespace) -> int:
-    for p in ns.config:
+    for p in ns.config or []:
         if not os.path.exists(p):
             raise UsageError(f"{p}: no such file or directory")
+    if not ns.kubernetes:
+        for flag, value in (("--kubeconfig", ns.kubeconfig), ("--context", ns.context),
+                            ("--namespace", ns.namespace)):  # fmt: skip
+            if value:
+                raise UsageError(f"{flag} needs --kubernetes")
+    elif ns.kubeconfig is not None and not os.path.isfile(ns.kubeconfig):
+        raise UsageError(f"--kubeconfig {ns.kubeconfig}: no such file")
     if ns.ca_dir is not None and not os.path.isdir(ns.ca_dir):
         raise UsageError(f"--ca-dir {ns.ca_dir}: no such directory")
     if ns.debounce < 0:
@@ -138,27 +168,43 @@ async def _control_main(ns: argparse.Namespace) -> int:
         except CAError as e:
             raise UsageError(f"--ca-dir: {e}") from None
         ssl_ctx = serving.context
-    cp = ControlPlane(ns.config, ControlSettings(debounce=ns.debounce), signer=signer)
-    outcome = await asyncio.to_thread(cp.load_initial)
-    if outcome.config is None:
-        raise UsageError("invalid config:\n" + "\n".join(f"  {p}" for p in outcome.problems))
+    if ns.kubernetes:  # the first config comes once every watched kind is listed
+        from control.kube import open_source
+
+        kube = await open_source(ns)
+        cp = ControlPlane(
+            [], ControlSettings(debounce=ns.debounce), signer=signer, store=kube.store
+        )
+        kube.start()
+    else:
+        kube = None
+        cp = ControlPlane(ns.config, ControlSettings(debounce=ns.debounce), signer=signer)
+        outcome = await asyncio.to_thread(cp.load_initial)
+        if outcome.config is None:
+            raise UsageError("invalid config:\n" + "\n".join(f"  {p}" for p in outcome.problems))
     try:
         addr = await cp.start(host, port, ssl_ctx)
     except OSError as e:
+        if kube is not None:
+            await kube.close()
         raise UsageError(f"cannot listen on {format_addr(ns.listen)}: {e}") from None
     print(f"listening control={format_addr(addr)}", flush=True)
     log.info(
-        "control plane on %s%s: config %s, %d resource(s)",
+        "control plane on %s%s: %s",
         format_addr(addr),
         " (TLS)" if ssl_ctx is not None else "",
-        outcome.config.version,
-        len(outcome.config.resources),
+        "config from the Kubernetes API"
+        if cp.config is None
+        else f"config {cp.config.version}, {len(cp.config.resources)} resource(s)",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(cp.watch(stop), name="config-watch")]
+    if kube is not None:
+        tasks = [asyncio.create_task(kube.run(cp), name="kubernetes-source")]
+    else:
+        tasks = [asyncio.create_task(cp.watch(stop), name="config-watch")]
     if serving is not None:  # reissue our own certificate at half its lifetime
         tasks.append(asyncio.create_task(serving.run(), name="serving-cert"))
     await stop.wait()
@@ -166,6 +212,8 @@ async def _control_main(ns: argparse.Namespace) -> int:
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    if kube is not None:
+        await kube.close()
     await cp.close()
     return 0
 

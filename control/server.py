@@ -68,7 +68,7 @@ from control.protocol import (
     parse_message,
 )
 from control.scope import Scoper
-from control.store import Config, ConfigStore, LoadOutcome
+from control.store import Config, ConfigStore, DocumentSource, LoadOutcome
 from meshproxy.config.model import ProxyIdentity
 
 log = logging.getLogger("meshproxy.control")
@@ -244,10 +244,12 @@ class ControlPlane:
         settings: ControlSettings | None = None,
         *,
         signer: Any = None,
+        store: DocumentSource | None = None,
     ) -> None:
         self.paths = list(paths)
         self.settings = settings or ControlSettings()
-        self.store = ConfigStore(self.paths)
+        # another source of documents than the directory (the Kubernetes API: control.kube)
+        self.store: DocumentSource = store if store is not None else ConfigStore(self.paths)
         self.config: Config | None = None
         self.errors: tuple[str, ...] = ()
         self.conns: dict[str, ProxyConn] = {}  # node_id -> its live stream

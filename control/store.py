@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from control.istio.load import (
     cross_checks,
@@ -38,7 +38,7 @@ from control.istio.resources import Resource, Resources
 from control.istio.validate import ValidationReport
 from control.protocol import config_version
 
-__all__ = ["Config", "ConfigStore", "LoadOutcome"]
+__all__ = ["Config", "ConfigStore", "DocumentSource", "LoadOutcome", "assemble"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +76,40 @@ class _File:
     warnings: list[str] = field(default_factory=list)
 
 
+def assemble(
+    pairs: Sequence[tuple[Resource[Any], dict[str, Any]]], report: ValidationReport, inputs: int
+) -> LoadOutcome:
+    """The outcome of one load: the valid resources with their documents, in load order,
+    renumbered, cross-checked and versioned (no config when ``report`` has any problem)."""
+    resources: list[Resource[Any]] = []
+    documents: list[dict[str, Any]] = []
+    for r, doc in pairs:
+        order = len(resources)
+        resources.append(r if r.order == order else replace(r, order=order))
+        documents.append(doc)
+    grouped = Resources.of(resources)
+    cross_checks(grouped, report)
+    if report.problems:
+        return LoadOutcome(None, tuple(report.problems), tuple(report.warnings), inputs)
+    config = Config(
+        version=config_version(r.digest for r in resources),
+        resources=grouped,
+        documents=tuple(documents),
+        warnings=tuple(report.warnings),
+    )
+    return LoadOutcome(config, (), tuple(report.warnings), inputs)
+
+
+class DocumentSource(Protocol):
+    """What :class:`control.server.ControlPlane` loads configs from: :class:`ConfigStore` (a
+    directory) or :class:`control.kube.KubeStore` (the Kubernetes API). ``load`` runs in a
+    worker thread, one at a time; ``parsed`` is how many inputs the last load parsed again."""
+
+    parsed: int
+
+    def load(self) -> LoadOutcome: ...
+
+
 class ConfigStore:
     """Loads ``paths`` into a :class:`Config`, reusing unchanged files' work."""
 
@@ -89,8 +123,7 @@ class ConfigStore:
         with paused_gc():
             files = yaml_files(self.paths, report)
             cache: dict[str, _File] = {}
-            resources: list[Resource[Any]] = []
-            documents: list[dict[str, Any]] = []
+            pairs: list[tuple[Resource[Any], dict[str, Any]]] = []
             self.parsed = 0
             for f in files:
                 got = self._file(f, report)
@@ -99,22 +132,9 @@ class ConfigStore:
                 cache[f] = got
                 report.problems.extend(got.problems)
                 report.warnings.extend(got.warnings)
-                for r, doc in got.pairs:
-                    order = len(resources)
-                    resources.append(r if r.order == order else replace(r, order=order))
-                    documents.append(doc)
+                pairs.extend(got.pairs)
             self._files = cache
-            grouped = Resources.of(resources)
-            cross_checks(grouped, report)
-        if report.problems:
-            return LoadOutcome(None, tuple(report.problems), tuple(report.warnings), len(files))
-        config = Config(
-            version=config_version(r.digest for r in resources),
-            resources=grouped,
-            documents=tuple(documents),
-            warnings=tuple(report.warnings),
-        )
-        return LoadOutcome(config, (), tuple(report.warnings), len(files))
+            return assemble(pairs, report, len(files))
 
     def _file(self, file: str, report: ValidationReport) -> _File | None:
         try:

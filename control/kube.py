@@ -1,0 +1,225 @@
+"""``meshproxy control --kubernetes``: the Kubernetes API as the control plane's config source.
+
+Theory of operation
+-------------------
+:class:`KubeSource` runs one :class:`~control.kube_watch.Reflector` (list, then watch from the
+list's resourceVersion, bookmarks, relist on 410, reconnect with backoff) per watched kind
+(:data:`~control.kube_watch.KINDS`: the six Istio kinds, Services, EndpointSlices, Pods) and per
+``--namespace`` (none: the cluster-wide collections). Every change sets a flag; the
+:meth:`KubeSource.run` loop waits until changes have been quiet for ``debounce`` seconds (at
+most ``max_delay`` after the first one, so a steady churn still gets through), takes a
+snapshot of every reflector's objects (shallow copies: reflectors replace objects, never
+mutate them) and calls :meth:`control.server.ControlPlane.reload`, exactly as the file watcher
+does. A burst of events therefore gives one load, and a load whose content did not change
+(a Pod's status, a relist of the same objects) gives the same version and pushes nothing.
+
+:class:`KubeStore` is the :class:`~control.store.DocumentSource` the control plane loads
+from, in a worker thread: :func:`control.kube_registry.documents_of` turns the snapshot into
+documents (Istio objects as their files would hold them; each Service, with its
+EndpointSlices and Pods, as a ServiceEntry -- see that module for the exact mapping), and
+each document goes through the file source's decoder and validator
+(:func:`control.istio.load.load_documents`) under the name ``k8s://Kind/NS/NAME``, so a
+problem reads ``k8s://VirtualService/default/reviews: VirtualService/reviews: spec...: msg``.
+As with files, a load is all or nothing over the Istio objects: one invalid object (or a
+failed cross-resource check) is reported in ``/status`` ``errors`` and nothing is pushed --
+proxies keep the last valid config. A document derived from a Kubernetes Service that does
+not validate is skipped with a warning instead (a Service is not mesh configuration; it must
+not freeze the mesh). Validation is reused per document while its content is unchanged.
+The version is :func:`control.protocol.config_version` over the documents' digests in load
+order: the same cluster content gives the same version, also across restarts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from control.istio.load import load_documents, paused_gc
+from control.istio.resources import Resource
+from control.istio.validate import ValidationReport
+from control.kube_registry import CLUSTER_DOMAIN, documents_of
+from control.kube_watch import KINDS, KubeClient, KubeError, Reflector, ReflectorSettings
+from control.store import LoadOutcome, assemble
+
+log = logging.getLogger("meshproxy.control.kube")
+
+__all__ = ["KubeSource", "KubeStore", "open_source", "slim_pod"]
+
+Objects = dict[str, dict[str, dict[str, Any]]]  # kind -> "ns/name" -> object
+
+
+def slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
+    """What the registry reads from a Pod: name, namespace, labels, service account."""
+    meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
+    spec = pod.get("spec") if isinstance(pod.get("spec"), dict) else {}
+    assert isinstance(meta, dict) and isinstance(spec, dict)
+    keep = ("name", "namespace", "labels", "resourceVersion", "creationTimestamp")
+    out: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {k: meta[k] for k in keep if k in meta},
+    }
+    if "serviceAccountName" in spec:
+        out["spec"] = {"serviceAccountName": spec["serviceAccountName"]}
+    return out
+
+
+@dataclass(slots=True)
+class _Doc:
+    document: dict[str, Any]
+    resource: Resource[Any] | None
+    problems: list[str]
+    warnings: list[str]
+
+
+class KubeStore:
+    """Validated, versioned configs from snapshots of the watched objects."""
+
+    def __init__(self, domain: str = CLUSTER_DOMAIN) -> None:
+        self.domain = domain
+        self.objects: Mapping[str, Mapping[str, dict[str, Any]]] = {}  # set before each load
+        self.parsed = 0
+        self._docs: dict[str, _Doc] = {}
+
+    def load(self) -> LoadOutcome:
+        objects = self.objects  # one reference: the source replaces it, never mutates it
+        report = ValidationReport()
+        pairs: list[tuple[Resource[Any], dict[str, Any]]] = []
+        cache: dict[str, _Doc] = {}
+        self.parsed = 0
+        with paused_gc():
+            sources = documents_of(objects, self.domain)
+            for src in sources:
+                got = self._docs.get(src.name)
+                if got is None or got.document != src.document:
+                    self.parsed += 1
+                    own = ValidationReport()
+                    loaded = load_documents(src.name, [src.document], own)
+                    got = _Doc(src.document, loaded[0] if loaded else None, own.problems,
+                               own.warnings)  # fmt: skip
+                cache[src.name] = got
+                if src.derived and got.problems:
+                    report.warnings.extend(f"{p} (Service skipped)" for p in got.problems)
+                    continue
+                report.problems.extend(got.problems)
+                report.warnings.extend(got.warnings)
+                if got.resource is not None:
+                    pairs.append((got.resource, src.document))
+            self._docs = cache
+            return assemble(pairs, report, len(sources))
+
+    def __repr__(self) -> str:
+        return f"KubeStore(documents={len(self._docs)})"
+
+
+class KubeSource:
+    """The reflectors of every watched kind and the debounced reloads they cause."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        namespaces: Sequence[str] = (),
+        *,
+        debounce: float = 0.1,
+        max_delay: float = 2.0,
+        settings: ReflectorSettings | None = None,
+        store: KubeStore | None = None,
+    ) -> None:
+        self.client = client
+        self.namespaces = list(dict.fromkeys(namespaces))
+        self.debounce = debounce
+        self.max_delay = max(max_delay, debounce)
+        self.store = store or KubeStore()
+        self.reflectors = [
+            Reflector(
+                client,
+                kind,
+                ns,
+                self._on_event,
+                settings,
+                transform=slim_pod if kind.kind == "Pod" else None,
+            )
+            for kind in KINDS
+            for ns in (self.namespaces or [None])
+        ]
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.events = 0
+        self.on_event: Callable[[str, str, str, dict[str, Any]], None] | None = None  # tests
+
+    def __repr__(self) -> str:
+        return f"KubeSource({self.client.host}, namespaces={self.namespaces or 'all'})"
+
+    def _on_event(self, kind: str, typ: str, key: str, obj: dict[str, Any]) -> None:
+        self.events += 1
+        log.debug("%s %s %s", typ, kind, key)
+        self._changed.set()
+        if self.on_event is not None:
+            self.on_event(kind, typ, key, obj)
+
+    def start(self) -> None:
+        for r in self.reflectors:
+            self._tasks.append(asyncio.create_task(r.run(), name=f"reflector {r.path}"))
+
+    async def synced(self) -> None:
+        """Until every reflector's first list is in."""
+        await asyncio.gather(*(r.synced.wait() for r in self.reflectors))
+
+    def snapshot(self) -> Objects:
+        out: Objects = {}
+        for r in self.reflectors:
+            out.setdefault(r.kind.kind, {}).update(r.objects)
+        return out
+
+    async def run(self, cp: Any) -> None:
+        """Reload ``cp`` (a :class:`control.server.ControlPlane` whose store is ours) after the
+        first sync and after every debounced burst of changes, until cancelled."""
+        loop = asyncio.get_running_loop()
+        await self.synced()
+        while True:
+            first = loop.time()
+            while True:  # quiet for `debounce`, or `max_delay` since the burst began
+                self._changed.clear()
+                wait = min(self.debounce, first + self.max_delay - loop.time())
+                if wait <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self._changed.wait(), wait)
+                except TimeoutError:
+                    break
+            self.store.objects = self.snapshot()
+            try:
+                await cp.reload()
+            except Exception:  # a bug must not stop the source
+                log.exception("reload failed")
+            await self._changed.wait()
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        with contextlib.suppress(Exception):
+            await self.client.close()
+
+
+async def open_source(ns: argparse.Namespace) -> KubeSource:
+    """The source ``meshproxy control --kubernetes`` asked for (a config that cannot be loaded:
+    :class:`meshproxy.cli.UsageError`)."""
+    from meshproxy.cli import UsageError
+
+    try:
+        client = await KubeClient.create(ns.kubeconfig, ns.context)
+    except KubeError as e:
+        raise UsageError(str(e)) from None
+    log.info(
+        "Kubernetes API %s, watching %s",
+        client.host,
+        ", ".join(ns.namespace) if ns.namespace else "all namespaces",
+    )
+    return KubeSource(client, ns.namespace or (), debounce=ns.debounce)
