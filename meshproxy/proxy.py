@@ -169,6 +169,10 @@ _ALLOW_ANY = VirtualHost(
 BLACKHOLE = Cluster(
     name=BLACKHOLE_CLUSTER, host=BLACKHOLE_CLUSTER, port=0, service_name=BLACKHOLE_CLUSTER
 )
+# what metrics and the access log see of every passthrough request (bounded label values)
+PASSTHROUGH = Cluster(
+    name=PASSTHROUGH_CLUSTER, host=PASSTHROUGH_CLUSTER, port=0, service_name=PASSTHROUGH_CLUSTER
+)
 _BLACKHOLED = LocalReply(502, "NR", b"")
 _UNREAD = ("", -1)  # OutboundConnection: SO_ORIGINAL_DST not read yet
 # attempt failure -> what outlier detection is told (a local-origin failure of this kind)
@@ -623,13 +627,13 @@ class Exchange:
         self.wc = wc
         cluster = snap.clusters.get(cname)
         if cluster is not None:
+            self.cluster = cluster
             self.cs = ctx.pools.cluster_state(cluster)
         else:
             cluster = self._passthrough(snap) if cname is PASSTHROUGH_CLUSTER else None
             if cluster is None:
                 self._local(local_reply(Failure.NO_CLUSTER))
                 return
-        self.cluster = cluster
         if cluster.lb.hash is not None:
             if req is None:
                 if path is None:
@@ -702,15 +706,18 @@ class Exchange:
         return Destination(authority, split_authority(authority)[0], port, _ALLOW_ANY)
 
     def _passthrough(self, snap: Snapshot) -> Cluster | None:
-        """The ``PassthroughCluster`` of this redirected connection's original destination,
-        its pool state in ``self.cs`` (the allow_any route chose it: the connection was
-        redirected, see :meth:`_by_original_dst`)."""
+        """The passthrough cluster of this redirected connection's original destination (the
+        allow_any route chose it, see :meth:`_by_original_dst`), its pool state in
+        ``self.cs``. ``self.cluster``, which metrics and the access log read, is the one
+        shared :data:`PASSTHROUGH`: one series and label set for every destination, as
+        Istio's single ``PassthroughCluster``, whatever the number of destinations."""
         conn = self.conn
         orig = conn.original_dst() if isinstance(conn, OutboundConnection) else None
         if orig is None:
             return None
         key, cluster = self.ctx.passthrough_cluster(snap, orig[0], orig[1])
         self.cs = self.ctx.pools.keyed_state(key, cluster)
+        self.cluster = PASSTHROUGH
         return cluster
 
     def _general_head(

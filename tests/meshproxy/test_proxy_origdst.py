@@ -131,3 +131,19 @@ async def test_registry_only_answers_502_blackhole(kernel: Kernel) -> None:
 
 def test_address_table_defaults_are_empty() -> None:
     assert RouteTable().addresses == {} and RouteTable().address_ranges == ()
+
+
+async def test_each_destination_has_its_own_pool_under_one_cluster_name(kernel: Kernel) -> None:
+    async with UpstreamServer(Reply(body=b"a")) as a, UpstreamServer(Reply(body=b"b")) as b:
+        async with running_dataplane(service_snapshot("svc", [1])) as p:
+            for up, body in ((a, b"a"), (b, b"b"), (a, b"a")):
+                kernel.orig = ("127.0.0.1", up.port)
+                r = await request(p.host, p.port, get("/", host="unknown.example"))
+                assert r.status == 200 and r.body == body
+                assert p.metrics.requests[-1].cluster == "PassthroughCluster"
+            assert (a.connections, b.connections) == (1, 1)  # a's connection was reused
+            assert p.metrics.opened == {"PassthroughCluster": 2}
+            states = p.dp._pools.states()
+            assert sorted(k for k in states if k.startswith("PassthroughCluster|")) == sorted(
+                f"PassthroughCluster|127.0.0.1:{up.port}" for up in (a, b)
+            )
