@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from meshproxy.admin import Admin, AdminRequest
-from meshproxy.cli import UsageError, listening_line
+from meshproxy.cli import UsageError, build_parser, listening_line
 from meshproxy.config.model import ProxyIdentity
 from meshproxy.dataplane import DataPlane
 from meshproxy.lifecycle import (
@@ -331,3 +331,36 @@ async def test_inbound_only_drain_keeps_the_outbound_listener_accepting() -> Non
         await dp.close()
         app_server.close()
         await app_server.wait_closed()
+
+
+# --------------------------------------------------------------------------- run flags
+
+
+def test_run_flags_parse_into_run_options() -> None:
+    argv = ["run", "--config", "x", "--health", "0.0.0.0:15021", "--metrics", "[::]:15090"]
+    ns = build_parser().parse_args(
+        [*argv, "--min-drain-seconds", "1.5", "--exit-with-app", "port:8080"]
+    )
+    assert ns.health == ("0.0.0.0", 15021) and ns.metrics == ("::", 15090)
+    assert ns.min_drain_seconds == 1.5
+    assert ns.exit_with_app == AppTarget(addr=("127.0.0.1", 8080))
+    defaults = build_parser().parse_args(["run", "--config", "x"])
+    assert defaults.health is None and defaults.metrics is None
+    assert defaults.exit_with_app is None
+    assert defaults.min_drain_seconds == Settings().min_drain_seconds == 5.0
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--health", "15021"],
+        ["--metrics", "host"],
+        ["--min-drain-seconds", "-1"],
+        ["--exit-with-app", "pid:-3"],
+    ],
+)
+def test_bad_run_flags_exit_2(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["run", "--config", "x", *flags])
+    assert e.value.code == 2
+    assert flags[0] in capsys.readouterr().err
