@@ -190,7 +190,7 @@ def inject(obj: Any, opts: InjectOptions, namespace: str | None = None) -> Injec
     if not isinstance(obj, dict):
         return InjectResult(obj, False, "not a Kubernetes object", False)
     kind = obj.get("kind")
-    if kind not in TEMPLATE_PATHS:
+    if not isinstance(kind, str) or kind not in TEMPLATE_PATHS:
         return InjectResult(
             obj, False, f"{kind or 'an object without kind'} is not a workload", False
         )
@@ -294,7 +294,9 @@ def _inject_pod(
     opts: InjectOptions,
     tpl_path: tuple[str, ...],
 ) -> None:
-    meta = pod.setdefault("metadata", {})
+    if not isinstance(pod.get("metadata"), dict):  # absent or null
+        pod["metadata"] = {}
+    meta = pod["metadata"]
     spec = pod["spec"]
     native = _flag(annotations, NATIVE_ANNOTATION, opts.native_sidecar, tpl_path)
     hold = _flag(annotations, HOLD_ANNOTATION, opts.hold_application, tpl_path)
@@ -571,7 +573,7 @@ def _field_env(name: str, path: str) -> dict[str, Any]:
 
 def _first_app_port(containers: list[dict[str, Any]]) -> int | None:
     for c in containers:
-        for p in c.get("ports") or ():
+        for p in _list_or_empty(c.get("ports")):
             if not isinstance(p, dict):
                 continue
             port = p.get("containerPort")
@@ -587,7 +589,7 @@ def _workload_name(kind: str, own_meta: dict[str, Any], labels: dict[str, str]) 
     name = own_meta.get("name")
     if kind != "Pod":
         return str(name or kind.lower())
-    for ref in own_meta.get("ownerReferences") or ():
+    for ref in _list_or_empty(own_meta.get("ownerReferences")):
         if isinstance(ref, dict) and ref.get("controller") and ref.get("name"):
             owner = str(ref["name"])
             suffix = "-" + labels.get("pod-template-hash", "\0")
@@ -650,6 +652,12 @@ def _string_map(meta: dict[str, Any], key: str, base: tuple[str, ...]) -> dict[s
         else:
             out[str(k)] = str(v)
     return out
+
+
+def _list_or_empty(value: Any) -> list[Any]:
+    """Optional informational lists (container ports, owner references): the API server has
+    validated them; anything else is read as none."""
+    return value if isinstance(value, list) else []
 
 
 def _list(spec: dict[str, Any], key: str, tpl_path: tuple[str, ...]) -> list[Any]:

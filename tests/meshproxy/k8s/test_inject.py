@@ -518,3 +518,66 @@ def test_injecting_twice_equals_injecting_once(
         assert spec["initContainers"][0]["name"] == INIT_NAME
         # round trip through YAML, as the CLI writes it
         assert yaml.safe_load(dump_documents([once.obj])) == once.obj
+
+
+def json_paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every path into a JSON value, the root's ``()`` first."""
+    out = [prefix]
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += json_paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += json_paths(v, (*prefix, i))
+    return out
+
+
+def replaced(doc: Any, path: tuple[Any, ...], value: Any) -> Any:
+    """``doc`` (copied) with the node at ``path`` replaced by ``value``."""
+    if not path:
+        return copy.deepcopy(value)
+    out = copy.deepcopy(doc)
+    node = out
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = copy.deepcopy(value)
+    return out
+
+
+JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-2, 70000),
+    st.text(max_size=4),
+    st.lists(st.none() | st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=2), st.none() | st.integers(), max_size=2),
+)
+FUZZ_BASE = yaml.safe_load((DATA / "deployment-annotations.in.yaml").read_text())
+FUZZ_PATHS = json_paths(FUZZ_BASE)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    edits=st.lists(st.tuples(st.sampled_from(FUZZ_PATHS), JUNK), min_size=1, max_size=3),
+    as_pod=st.booleans(),
+)
+def test_malformed_workloads_raise_inject_error_only(
+    edits: list[tuple[tuple[Any, ...], Any]], as_pod: bool
+) -> None:
+    """Any field of a workload replaced by any JSON value: the injector answers or raises
+    InjectError (exit 2 / a refused admission), never another exception."""
+    doc: Any = FUZZ_BASE
+    for path, value in edits:
+        try:
+            doc = replaced(doc, path, value)
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier edit removed that path
+    if as_pod and isinstance(doc, dict) and isinstance(doc.get("spec"), dict):
+        template = doc["spec"].get("template")
+        doc = {"kind": "Pod", **template} if isinstance(template, dict) else doc
+    try:
+        result = inject(doc, InjectOptions())
+    except InjectError:
+        return
+    if result.injected:
+        assert inject(result.obj, InjectOptions()).reason == "already injected"

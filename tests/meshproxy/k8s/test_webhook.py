@@ -32,6 +32,7 @@ from meshproxy.k8s.inject_cli import load_documents
 from meshproxy.k8s.patch import diff
 from meshproxy.k8s.webhook import ReloadingCert, review, serve
 from tests.integration.proxyproc import kill_process, run_cli, start_listening
+from tests.meshproxy.k8s.test_inject import json_paths
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "inject"
 OPTS = InjectOptions()
@@ -490,3 +491,33 @@ def test_golden_reviews_as_yaml_round_trip() -> None:
     assert isinstance(answer.body, dict)
     golden = yaml.safe_load((DATA / "pod.out.yaml").read_text())
     assert applied(pod, answer.body["response"]) == golden
+
+
+_JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-1, 3),
+    st.sampled_from(["", "Pod", "CREATE", "UPDATE", "admission.k8s.io/v1", "x"]),
+    st.lists(st.none(), max_size=1),
+    st.dictionaries(st.sampled_from(["kind", "group"]), st.sampled_from(["Pod", "", "apps"])),
+)
+_REVIEW = admission_review(
+    {"kind": "Pod", "metadata": {"name": "p", "labels": {"a": "b"}}, "spec": {"containers": [{}]}}
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(path=st.sampled_from(json_paths(_REVIEW)[1:]), value=_JUNK)
+def test_review_never_fails_on_odd_fields(path: tuple[Any, ...], value: Any) -> None:
+    """Any field of a review replaced by any JSON value: a 200 review (same uid when it has
+    one) or a 400 line, never an exception (which aiohttp would turn into a 500)."""
+    ar = copy.deepcopy(_REVIEW)
+    node: Any = ar
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    answer = review(encode(ar), "application/json", OPTS)
+    assert answer.status in (200, 400)
+    if answer.status == 200:
+        assert isinstance(answer.body, dict)
+        assert answer.body["response"]["uid"] == ar["request"]["uid"]
