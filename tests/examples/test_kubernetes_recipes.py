@@ -23,12 +23,21 @@ scratch directory) and reached the way Kubernetes would reach it:
   the readiness and liveness probes' paths answer 200 over HTTPS.
 - **Demo apps.** examples/demo_backend.py runs with a Deployment's arguments and answers its
   probes.
+- **The whole mesh.** An API server that speaks list/watch (:mod:`tests.support.kubeapi`)
+  holds the demo as a cluster would once it is applied (its Istio objects, Services with
+  cluster IPs, one Pod per Deployment, their EndpointSlices); the control plane runs with the
+  Deployment's arguments, ``--kubernetes`` included (a kubeconfig stands in for the in-cluster
+  config); productpage's sidecar runs with demo/app-injected.yaml's arguments (``$(POD_NAME)``
+  expanded, addresses on loopback, the bootstrap token of its service account) and must get
+  reviews' v1 and v2 subsets with the Pods' addresses. Every request the control plane made
+  to the API server must be allowed by the manifest's ClusterRole, and every rule used.
 
 Every process is started with an OS-chosen port on 127.0.0.1 and stopped by its PID.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import json
@@ -48,9 +57,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import yaml
 
 from meshproxy.k8s import inject
+from tests.support.kubeapi import FakeKubeAPI
 
 REPO = Path(__file__).resolve().parents[2]
 KUBE = REPO / "examples" / "kubernetes"
@@ -289,3 +300,192 @@ def test_demo_apps_answer_their_probes(tmp_path: Path) -> None:
                 assert resp.status == 200
                 assert body["service"] == d["metadata"]["labels"]["app"]
                 assert body["version"] == d["metadata"]["labels"]["version"]
+
+
+# --------------------------------------------------------------------------- whole mesh
+
+
+def cluster_objects() -> list[Doc]:
+    """The demo as an API server holds it once applied: its Istio objects, its Services with
+    cluster IPs, one running Pod per Deployment and the EndpointSlices the endpoint-slice
+    controller would write for them."""
+    app = KUBE / "demo" / "app.yaml"
+    objects: list[Doc] = list(docs(KUBE / "demo" / "istio.yaml"))
+    pods: list[tuple[Doc, str]] = []
+    for i, d in enumerate(x for x in docs(app) if x["kind"] == "Deployment"):
+        template = d["spec"]["template"]
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": f"{d['metadata']['name']}-0",
+                "namespace": d["metadata"]["namespace"],
+                "labels": template["metadata"]["labels"],
+            },
+            "spec": template["spec"],
+        }
+        pods.append((pod, f"10.244.0.{10 + i}"))
+        objects.append(pod)
+    for i, svc in enumerate(x for x in docs(app) if x["kind"] == "Service"):
+        ns, name = svc["metadata"]["namespace"], svc["metadata"]["name"]
+        ip = f"10.96.0.{10 + i}"
+        objects.append({**svc, "spec": {**svc["spec"], "clusterIP": ip, "clusterIPs": [ip]}})
+        selected = [
+            (p, pod_ip)
+            for p, pod_ip in pods
+            if all(p["metadata"]["labels"].get(k) == v for k, v in svc["spec"]["selector"].items())
+        ]
+        objects.append(
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": f"{name}-x7k2p",
+                    "namespace": ns,
+                    "labels": {"kubernetes.io/service-name": name},
+                },
+                "addressType": "IPv4",
+                "ports": [
+                    {"name": port["name"], "port": 9080, "protocol": "TCP"}
+                    for port in svc["spec"]["ports"]
+                ],
+                "endpoints": [
+                    {
+                        "addresses": [pod_ip],
+                        "conditions": {"ready": True},
+                        "targetRef": {
+                            "kind": "Pod",
+                            "namespace": ns,
+                            "name": p["metadata"]["name"],
+                        },
+                    }
+                    for p, pod_ip in selected
+                ],
+            }
+        )
+    return objects
+
+
+def substitute(args: list[str], env: dict[str, str]) -> list[str]:
+    """Kubernetes' $(VAR) expansion of container args."""
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
+
+
+async def _listening(proc: asyncio.subprocess.Process, what: str) -> int:
+    assert proc.stdout is not None
+    async with asyncio.timeout(START_TIMEOUT):
+        while True:
+            line = (await proc.stdout.readline()).decode()
+            assert line, f"{what}: exited before listening"
+            m = re.search(rf"\b{what}=\S+:(\d+)", line)
+            if m:
+                return int(m.group(1))
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            async with asyncio.timeout(10):
+                await proc.wait()
+        except TimeoutError:
+            os.kill(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+
+def _allowed(rules: list[Doc], group: str, plural: str, verb: str) -> bool:
+    return any(
+        group in r["apiGroups"] and plural in r["resources"] and verb in r["verbs"] for r in rules
+    )
+
+
+async def test_injected_sidecar_gets_the_demo_from_the_control_plane_of_the_manifests(
+    tmp_path: Path,
+) -> None:
+    """The control plane as control-plane.yaml runs it, against an API server holding the
+    demo, with the identity and permissions the manifest grants; the sidecar as
+    demo/app-injected.yaml runs it for productpage gets reviews' subsets with the Pods'
+    addresses."""
+    api = FakeKubeAPI()
+    kubeconfig = tmp_path / "kubeconfig"
+    await api.start(str(kubeconfig))
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        for obj in cluster_objects():
+            api.create(obj)
+        ca_dir = tmp_path / "ca"
+        meshproxy = [sys.executable, "-m", "meshproxy"]
+        subprocess.run(
+            [*meshproxy, "ca", "init", "--dir", str(ca_dir)], check=True, capture_output=True
+        )
+
+        control = one(KUBE / "control-plane.yaml", "Deployment", "meshproxy-control")
+        args = with_value(container(control, "control")["args"], "--listen", "127.0.0.1:0")
+        args = with_value(args, "--ca-dir", str(ca_dir))
+        args += ["--kubeconfig", str(kubeconfig)]  # in a Pod: the in-cluster config instead
+        proc = await asyncio.create_subprocess_exec(
+            *meshproxy, *args, stdout=asyncio.subprocess.PIPE, cwd=tmp_path
+        )
+        procs.append(proc)
+        control_port = await _listening(proc, "control")
+
+        injected = one(KUBE / "demo" / "app-injected.yaml", "Deployment", "productpage-v1")
+        pod = injected["spec"]["template"]["spec"]
+        sidecar = container(injected, inject.SIDECAR_NAME)
+        sa = pod["serviceAccountName"]
+        token = tmp_path / "token"
+        token.write_text(
+            subprocess.run(
+                [*meshproxy, "ca", "token", "--dir", str(ca_dir), "--namespace", "demo",
+                 "--service-account", sa],
+                check=True, capture_output=True, text=True,
+            ).stdout.strip()
+        )  # fmt: skip
+        env = {"POD_NAME": "productpage-v1-0", "POD_NAMESPACE": "demo"}
+        args = substitute([str(a) for a in sidecar["args"]], env)
+        url = urlsplit(args[args.index("--control-plane") + 1])
+        args = with_value(args, "--control-plane", f"https://127.0.0.1:{control_port}")
+        args = with_value(args, "--control-plane-ca", str(ca_dir / "ca.pem"))
+        args = with_value(args, "--token-file", str(token))
+        for flag in ("--outbound", "--inbound", "--admin", "--health", "--metrics"):
+            args = with_value(args, flag, "127.0.0.1:0")
+        assert url.hostname == "meshproxy-control.istio-system.svc"
+        proc = await asyncio.create_subprocess_exec(
+            *meshproxy, *args, stdout=asyncio.subprocess.PIPE, cwd=tmp_path
+        )
+        procs.append(proc)
+        admin = await _listening(proc, "admin")
+
+        async with aiohttp.ClientSession() as session:
+            async with asyncio.timeout(START_TIMEOUT):
+                while True:
+                    async with session.get(f"http://127.0.0.1:{admin}/ready") as r:
+                        if r.status == 200:
+                            break
+                    await asyncio.sleep(0.1)
+            async with session.get(f"http://127.0.0.1:{admin}/clusters") as r:
+                clusters = {c["name"]: c["endpoints"] for c in (await r.json())["clusters"]}
+        # cluster_objects gives productpage-v1, reviews-v1, reviews-v2 10.244.0.10, .11, .12
+        subsets = {
+            name.rsplit("|", 1)[1]: sorted(e["address"] for e in endpoints)
+            for name, endpoints in clusters.items()
+            if name.startswith("reviews.demo.svc.cluster.local|")
+        }
+        assert subsets == {"v1": ["10.244.0.11:9080"], "v2": ["10.244.0.12:9080"]}, clusters
+
+        # everything the control plane asked the API server, the ClusterRole allows, and it
+        # uses every rule
+        rules = one(KUBE / "control-plane.yaml", "ClusterRole")["rules"]
+        used: set[tuple[str, str]] = set()
+        for path, query in api.requests:
+            parts = path.strip("/").split("/")
+            group = "" if parts[0] == "api" else parts[1]
+            plural = parts[-1]
+            verb = "watch" if query.get("watch") in ("1", "true") else "list"
+            assert _allowed(rules, group, plural, verb), (path, query)
+            used.add((group, plural))
+        assert used == {(g, p) for r in rules for g in r["apiGroups"] for p in r["resources"]}
+    finally:
+        for p in procs:
+            await _stop(p)
+        await api.close()
