@@ -27,10 +27,10 @@ closed at once and busy ones after their in-flight response. Stopping = drain, t
 ``--drain-seconds`` for in-flight requests, then close everything. A second SIGTERM/SIGINT
 while stopping cuts the wait short.
 
-A sidecar (``--inbound``) stops differently on SIGTERM/SIGINT (:mod:`meshproxy.lifecycle`):
-only the inbound side drains, the outbound listener keeps serving the application while it
-shuts down, and the process exits once no connection is open (after ``--min-drain-seconds``,
-before ``--drain-seconds``). ``--health`` / ``--metrics`` start with admin
+A sidecar (``--inbound``, or ``--stop-order sidecar``) stops differently on SIGTERM/SIGINT
+(:mod:`meshproxy.lifecycle`): only the inbound side drains, the outbound listener keeps
+serving the application while it shuts down, and the process exits once no connection is
+open (after ``--min-drain-seconds``, before ``--drain-seconds``). ``--health`` / ``--metrics`` start with admin
 (:class:`~meshproxy.lifecycle.StatusListeners`) and are on the ``listening`` line.
 
 With ``--access-log PATH|-`` the file is opened before anything listens (cannot open -> exit
@@ -58,7 +58,7 @@ from meshproxy.admin import Admin, snapshot_dump
 from meshproxy.certclient import CertificateClient
 from meshproxy.cli import Addr, RunOptions, UsageError, format_addr, listening_line
 from meshproxy.config.model import ProxyIdentity
-from meshproxy.lifecycle import StatusListeners, drain_window, watch_app
+from meshproxy.lifecycle import StatusListeners, drain_window, sidecar_stop, watch_app
 from meshproxy.metrics import Export, Metrics
 from meshproxy.settings import Settings
 from meshproxy.sources.file import ConfigError, FileSource
@@ -170,9 +170,10 @@ class Proxy:
         self.listening = False
         self.draining = False
         self.stopping = False
-        # how a stop request is carried out: the sidecar order (SIGTERM with --inbound) or
-        # the full drain (no --inbound; /quitquitquit, the app or the supervisor is gone)
-        self._full_stop = opts.inbound is None
+        # how a stop request is carried out: the sidecar order (SIGTERM with --inbound, or
+        # --stop-order sidecar) or the full drain (/quitquitquit, the app or the supervisor
+        # is gone, and SIGTERM otherwise)
+        self._full_stop = not sidecar_stop(opts.stop_order, opts.inbound is not None)
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []

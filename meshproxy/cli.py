@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from meshproxy import __version__
-from meshproxy.lifecycle import AppTarget, parse_app_target
+from meshproxy.lifecycle import STOP_ORDERS, AppTarget, parse_app_target
 from meshproxy.settings import DEFAULT_SETTINGS
 
 # meshproxy's default retry budget (Settings), as --retry-budget takes it
@@ -199,6 +199,7 @@ class RunOptions:
     health: Addr | None = None  # GET /healthz/ready on its own listener (Istio's 15021)
     metrics: Addr | None = None  # GET /stats/prometheus on its own listener (Istio's 15090)
     min_drain_seconds: float = DEFAULT_SETTINGS.min_drain_seconds
+    stop_order: str = "auto"  # auto: the sidecar order with --inbound, else the full drain
     exit_with_app: AppTarget | None = None  # drain and exit once the application is gone
 
 
@@ -354,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
         "MINIMUM_DRAIN_DURATION) nor after --drain-seconds [5]",
     )
     run.add_argument(
+        "--stop-order",
+        choices=STOP_ORDERS,
+        default="auto",
+        help="how SIGTERM/SIGINT stop: sidecar (as --min-drain-seconds says), drain (every "
+        "listener refuses new connections at once), auto: sidecar with --inbound [auto]",
+    )
+    run.add_argument(
         "--health",
         type=parse_addr,
         default=None,
@@ -491,6 +499,7 @@ def _run(ns: argparse.Namespace) -> int:
         health=ns.health,
         metrics=ns.metrics,
         min_drain_seconds=ns.min_drain_seconds,
+        stop_order=ns.stop_order,
         exit_with_app=ns.exit_with_app,
     )
     _check_paths(opts.config)

@@ -35,6 +35,8 @@ sidecar waits 5 s, like Istio's default. :func:`drain_window` is that rule.
 
 Without ``--inbound`` (an egress or front proxy) SIGTERM keeps the standalone order: every
 listener refuses new connections at once and in-flight requests get ``--drain-seconds``.
+``--stop-order sidecar|drain`` overrides that choice (:func:`sidecar_stop`): a sidecar of a pod
+that declares no port has no inbound listener and still wants the sidecar order.
 ``POST /drain`` is always that full drain, and so are ``POST /quitquitquit`` and
 ``--exit-with-app``: the application is done, so nobody needs the outbound listener.
 
@@ -248,6 +250,15 @@ def run_wait(ns: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- the stop rule
 
 
+STOP_ORDERS = ("auto", "sidecar", "drain")
+
+
+def sidecar_stop(stop_order: str, inbound: bool) -> bool:
+    """Whether SIGTERM/SIGINT stop in the sidecar order (``--stop-order``): ``sidecar``, or
+    ``auto`` [the default] with an inbound listener; ``drain`` is the standalone order."""
+    return stop_order == "sidecar" or (stop_order == "auto" and inbound)
+
+
 def drain_window(drain_seconds: float, min_drain_seconds: float) -> tuple[float, float]:
     """A stopping sidecar's (earliest, latest) exit, in seconds after SIGTERM: it exits at the
     first moment past ``earliest`` with no downstream connection open, and at ``latest`` in
@@ -286,7 +297,10 @@ class StatusListeners:
                 await self.close()
                 raise UsageError(f"cannot listen on {what} {format_addr(addr)}: {e}") from e
             self._servers.append(server)
-            setattr(self, what, bound)
+            if what == "health":
+                self.health = bound
+            else:
+                self.metrics = bound
 
     async def close(self) -> None:
         servers, self._servers = self._servers, []

@@ -194,6 +194,8 @@ class Supervisor:
             str(o.drain_seconds),
             "--min-drain-seconds",
             str(o.min_drain_seconds),
+            "--stop-order",
+            o.stop_order,
             "--log-level",
             o.log_level,
             "--access-log",

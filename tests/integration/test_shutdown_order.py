@@ -322,6 +322,28 @@ async def test_without_inbound_sigterm_refuses_new_connections_at_once(
         busy.close()
 
 
+async def test_stop_order_flag_overrides_the_choice_by_inbound(
+    world: World, sidecars: list[Sidecar]
+) -> None:
+    """A pod without ports has no inbound listener and still wants the sidecar order; and an
+    inbound listener does not force it."""
+    side = await start_sidecar(
+        world, sidecars, "--stop-order", "sidecar", "--min-drain-seconds", "1.5", inbound=False
+    )
+    t0 = side.sigterm()
+    await wait_until(lambda: healthz(side, 503), timeout=3)
+    assert (await app_calls_backend(world, side))["status"] == 200
+    assert await side.exit_code(15) == 0
+    assert 1.5 <= time.monotonic() - t0 < 10
+    side = await start_sidecar(
+        world, sidecars, "--stop-order", "drain", "--min-drain-seconds", "20"
+    )
+    t0 = side.sigterm()
+    await wait_until(lambda: refused(side.fields["outbound"]), timeout=3)
+    assert await side.exit_code(15) == 0
+    assert time.monotonic() - t0 < 8
+
+
 async def test_quitquitquit_is_a_prompt_full_drain_for_a_sidecar(
     world: World, sidecars: list[Sidecar]
 ) -> None:

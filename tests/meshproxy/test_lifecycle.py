@@ -30,6 +30,7 @@ from meshproxy.lifecycle import (
     parse_duration,
     parse_http_url,
     poll_until_ready,
+    sidecar_stop,
     watch_app,
 )
 from meshproxy.metrics import Metrics
@@ -175,6 +176,12 @@ def test_drain_window() -> None:
     assert drain_window(5.0, 5.0) == (5.0, 5.0)  # Istio's defaults: 5 s, like its sleep
     assert drain_window(30.0, 1.0) == (1.0, 30.0)
     assert drain_window(2.0, 10.0) == (2.0, 2.0)  # the minimum never outlasts the maximum
+
+
+def test_stop_order() -> None:
+    assert sidecar_stop("auto", inbound=True) and not sidecar_stop("auto", inbound=False)
+    assert sidecar_stop("sidecar", inbound=False)  # a pod that declares no port
+    assert not sidecar_stop("drain", inbound=True)
 
 
 def test_listening_line_names_health_and_metrics_when_on() -> None:
