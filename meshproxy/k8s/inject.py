@@ -43,6 +43,9 @@ What is added mirrors Istio's ``injection-template.yaml`` under the ``meshproxy.
   With native sidecars (``--native-sidecar`` or ``sidecar.meshproxy.io/nativeSidecar: "true"``)
   the sidecar is an init container right after ``meshproxy-init`` with ``restartPolicy: Always``;
   its startup probe then gates the app containers, so no hook is needed.
+- Jobs: ``sidecar.meshproxy.io/exitWithApp: "port:8080"`` passes ``--exit-with-app`` so the
+  sidecar drains and exits once the app's port is gone and the Job can complete (without it,
+  the app calls ``POST 127.0.0.1:15000/quitquitquit``, or use native sidecars).
 - Pod metadata: labels ``security.meshproxy.io/tlsMode``, ``service.meshproxy.io/canonical-name``
   and ``-revision`` (from ``app.kubernetes.io/name`` / ``app`` / the workload name and
   ``app.kubernetes.io/version`` / ``version`` / ``latest``), annotations
@@ -81,6 +84,7 @@ HOLD_ANNOTATION = f"sidecar.{DOMAIN}/holdApplicationUntilProxyStarts"
 NATIVE_ANNOTATION = f"sidecar.{DOMAIN}/nativeSidecar"
 IMAGE_ANNOTATION = f"sidecar.{DOMAIN}/proxyImage"
 LOG_LEVEL_ANNOTATION = f"sidecar.{DOMAIN}/logLevel"
+EXIT_WITH_APP_ANNOTATION = f"sidecar.{DOMAIN}/exitWithApp"
 TLS_MODE_LABEL = f"security.{DOMAIN}/tlsMode"
 CANONICAL_NAME_LABEL = f"service.{DOMAIN}/canonical-name"
 CANONICAL_REVISION_LABEL = f"service.{DOMAIN}/canonical-revision"
@@ -495,6 +499,18 @@ def _sidecar_container(
                 f"{', '.join(_LOG_LEVELS)}, got {annotations[LOG_LEVEL_ANNOTATION]!r}"
             )
         args += ["--log-level", level]
+    if EXIT_WITH_APP_ANNOTATION in annotations:  # Jobs: the sidecar ends with the app
+        target = annotations[EXIT_WITH_APP_ANNOTATION].strip()
+        from argparse import ArgumentTypeError
+
+        from meshproxy.lifecycle import parse_app_target
+
+        try:
+            parse_app_target(target)
+        except ArgumentTypeError as e:
+            where = _annotation_path(tpl_path, EXIT_WITH_APP_ANNOTATION)
+            raise InjectError(f"{where}: {e}") from None
+        args += ["--exit-with-app", target]
 
     probe_handler = {"httpGet": {"path": HEALTH_PATH, "port": HEALTH_PORT}}
     readiness = {

@@ -395,6 +395,15 @@ def test_not_workloads() -> None:
             "metadata.annotations[sidecar.meshproxy.io/logLevel]: expected one of debug, info, "
             "warning, error, got 'trace'",
         ),
+        (
+            {
+                "kind": "Pod",
+                "metadata": {"annotations": {"sidecar.meshproxy.io/exitWithApp": "port:x"}},
+                "spec": {"containers": [{"name": "a"}]},
+            },
+            "metadata.annotations[sidecar.meshproxy.io/exitWithApp]: 'port:x': port: expects a "
+            "number",
+        ),
     ],
 )
 def test_inject_errors_name_the_field(doc: dict[str, Any], message: str) -> None:
