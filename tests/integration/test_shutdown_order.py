@@ -322,6 +322,22 @@ async def test_without_inbound_sigterm_refuses_new_connections_at_once(
         busy.close()
 
 
+async def test_a_second_signal_cuts_the_sidecar_drain_short(
+    world: World, sidecars: list[Sidecar]
+) -> None:
+    side = await start_sidecar(
+        world, sidecars, "--drain-seconds", "30", "--min-drain-seconds", "30"
+    )
+    side.sigterm()
+    await wait_until(lambda: healthz(side, 503), timeout=3)
+    await asyncio.sleep(0.5)
+    assert side.proc.returncode is None  # waiting for its minimum drain
+    t0 = side.sigterm()
+    assert await side.exit_code(15) == 0
+    assert time.monotonic() - t0 < 5
+    assert "second signal" in side.stderr()
+
+
 async def test_stop_order_flag_overrides_the_choice_by_inbound(
     world: World, sidecars: list[Sidecar]
 ) -> None:
