@@ -99,8 +99,9 @@ class DataPlane:
     ) -> tuple[str, int]:
         """Start an outbound listener; returns the bound (host, port)."""
         ctx = self._contexts()
+        proxy = self._proxy
         server, addr = await listen(
-            lambda: OutboundConnection(ctx), host, port, reuse_port=reuse_port
+            lambda: OutboundConnection(ctx, proxy), host, port, reuse_port=reuse_port
         )
         self._servers.append(server)
         if self._idle_timer is None:

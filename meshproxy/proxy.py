@@ -18,7 +18,9 @@ deciding synchronously, against one ``state.snapshot`` read:
    first such request), the original destination decides instead: the ServiceEntry whose
    ``addresses`` hold it, else Istio's ``outboundTrafficPolicy``: ``ALLOW_ANY`` forwards to the
    original destination (``PassthroughCluster``), ``REGISTRY_ONLY`` answers ``502``
-   (``BlackHoleCluster``, flag ``NR``). Requests that were not redirected keep the ``404``;
+   (``BlackHoleCluster``, flag ``NR``). Requests that were not redirected keep the ``404``.
+   A redirected connection that does not start like HTTP (TLS, a database protocol) is
+   tunnelled byte for byte to its original destination (:class:`OutboundConnection`);
 3. the upstream request head: hop-by-hop headers dropped, ``x-request-id`` / XFF / XFP /
    ``x-envoy-attempt-count``, rewrite (``x-envoy-original-path``), request header operations
    in Envoy's order: the destination's (weighted cluster's) first, then the route's, so a
@@ -57,6 +59,7 @@ from meshproxy.config.model import (
     NO_HEADER_OPS,
     NO_HEADERS,
     Cluster,
+    ConnectionPool,
     Endpoint,
     FaultPolicy,
     HeaderOps,
@@ -105,6 +108,7 @@ from meshproxy.http.codec import (
 from meshproxy.http.server import HttpConnection, RequestHead, ServerContext
 from meshproxy.mirror import Mirrorer, shadow_request_head
 from meshproxy.net.origdst import original_dst
+from meshproxy.net.tunnel import TcpTunnel
 from meshproxy.settings import Settings
 from meshproxy.state import State
 from meshproxy.upstream.connection import UpstreamConnection
@@ -175,6 +179,8 @@ PASSTHROUGH = Cluster(
 )
 _BLACKHOLED = LocalReply(502, "NR", b"")
 _UNREAD = ("", -1)  # OutboundConnection: SO_ORIGINAL_DST not read yet
+_CRLF = (0x0D, 0x0A)  # empty lines may precede a request line (RFC 9112 2.2)
+TCP_CONNECT_TIMEOUT = ConnectionPool().connect_timeout  # Istio's connectTimeout (10 s)
 # attempt failure -> what outlier detection is told (a local-origin failure of this kind)
 _LOST = {
     Failure.CONNECT_FAILURE: "connect",
@@ -370,13 +376,23 @@ class ProxyContext:
 class OutboundConnection(HttpConnection):
     """A client connection of the outbound listener. Knows where the client meant to go when
     iptables redirected it here: ``SO_ORIGINAL_DST``, read at most once per connection and
-    only when a request's Host names no route (routed traffic never pays the system call)."""
+    only when it matters (routed HTTP never pays the system call).
 
-    __slots__ = ("_orig",)
+    Its first bytes decide what it is, once: a request line (an upper-case method) makes it an
+    HTTP connection for good (the class becomes :class:`_HttpOutbound`, whose
+    ``data_received`` is the HTTP server's own: nothing more per read); anything else (TLS, a
+    database protocol) on a redirected connection is tunnelled byte for byte to the original
+    destination (:class:`_TunnelOutbound`, Envoy's ``tcp_proxy`` to ``PassthroughCluster``;
+    under REGISTRY_ONLY only to a ServiceEntry address, else it is closed). Not redirected, it
+    stays HTTP (and gets its 400)."""
 
-    def __init__(self, ctx: ServerContext) -> None:
+    __slots__ = ("_orig", "proxy", "tunnel")
+
+    def __init__(self, ctx: ServerContext, proxy: ProxyContext | None = None) -> None:
         super().__init__(ctx)
         self._orig: tuple[str, int] | None = _UNREAD
+        self.proxy = proxy
+        self.tunnel: TcpTunnel | None = None
 
     def original_dst(self) -> tuple[str, int] | None:
         """The redirected connection's original ``(ip, port)``; None if not redirected."""
@@ -385,6 +401,78 @@ class OutboundConnection(HttpConnection):
             t = self.transport
             orig = self._orig = original_dst(t.get_extra_info("socket") if t else None)
         return orig
+
+    def data_received(self, data: bytes) -> None:
+        """The connection's first bytes (called once: the class changes here)."""
+        b = data[0] if data else 0x41
+        if not (0x41 <= b <= 0x5A or b in _CRLF) and self._tunnel_to_original(data):
+            return
+        self.__class__ = _HttpOutbound
+        HttpConnection.data_received(self, data)
+
+    def _tunnel_to_original(self, data: bytes) -> bool:
+        """Not HTTP: tunnel a redirected connection to where it was going; False when it was
+        not redirected (then it is parsed as HTTP, and answered 400)."""
+        orig = self.original_dst()
+        t = self.transport
+        if orig is None or t is None:
+            return False
+        ip, port = orig
+        proxy = self.proxy
+        if (
+            proxy is not None
+            and proxy.settings.outbound_traffic_policy == "REGISTRY_ONLY"
+            and host_for_address(proxy.state.snapshot.routes, ip, port) is None
+        ):
+            log.debug("REGISTRY_ONLY: TCP to %s:%d closed (BlackHoleCluster)", ip, port)
+            self._no_more = True
+            t.close()
+            return True
+        if self._timer is not None:  # the HTTP idle / head deadlines do not apply to TCP
+            self._timer.cancel()
+            self._timer = None
+        self._no_more = True
+        self.tunnel = tunnel = TcpTunnel(t, data)
+        self.__class__ = _TunnelOutbound
+        tunnel.start(ip, port, TCP_CONNECT_TIMEOUT)
+        return True
+
+
+class _HttpOutbound(OutboundConnection):
+    """An outbound connection whose first bytes were HTTP: the plain HTTP server from now on."""
+
+    __slots__ = ()
+    data_received = HttpConnection.data_received
+
+
+class _TunnelOutbound(OutboundConnection):
+    """An outbound connection tunnelled to its original destination: the client's events
+    go to the :class:`~meshproxy.net.tunnel.TcpTunnel`."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        assert self.tunnel is not None
+        self.tunnel.client_data(data)
+
+    def eof_received(self) -> bool:
+        assert self.tunnel is not None
+        return self.tunnel.client_eof()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        assert self.tunnel is not None
+        self.tunnel.client_paused_writing()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        assert self.tunnel is not None
+        self.tunnel.client_resumed_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        assert self.tunnel is not None
+        self.tunnel.close()
+        HttpConnection.connection_lost(self, exc)
 
 
 class Exchange:

@@ -73,6 +73,37 @@ print("ready", flush=True)
 srv.serve_forever()
 """
 
+# A TCP echo server (not HTTP): echoes each read, prints ready once listening.
+ECHO_APP = """\
+import socket, sys, threading
+srv = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+def serve(c):
+    with c:
+        while data := c.recv(65536):
+            c.sendall(data)
+while True:
+    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
+"""
+
+# A client speaking no HTTP: sends bytes that start like a TLS record, prints what comes back.
+RAW_CLIENT = """\
+import socket, sys
+msg = b"\\x16\\x03\\x01 not http at all"
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as s:
+        s.sendall(msg)
+        got = b""
+        while len(got) < len(msg):
+            piece = s.recv(65536)
+            if not piece:
+                break
+            got += piece
+    print("echoed" if got == msg else f"got {got!r}")
+except OSError as e:
+    print(f"error {e}")
+"""
+
 # The client application: one GET without any proxy, prints {status, body}.
 CLIENT_APP = """\
 import json, sys, urllib.error, urllib.request
@@ -205,6 +236,11 @@ class Pods:
         except ValueError:
             return got["status"], body
 
+    def raw(self, host: str, port: int) -> str:
+        """The client application's non-HTTP exchange (uid 1000): 'echoed' when it worked."""
+        argv = self.ns(self.client, sys.executable, "-c", RAW_CLIENT, host, str(port), uid=APP_UID)
+        return run(argv).stdout.strip()
+
     def fetch(self, name: str, url: str) -> str:
         """GET from inside ``name`` as root (loopback: never captured)."""
         code = f"import urllib.request as u; print(u.urlopen({url!r}, timeout=5).read().decode())"
@@ -303,6 +339,7 @@ def test_app_reaches_a_service_vip_through_both_sidecars(pods: Pods) -> None:
     # the server pod: two applications, its sidecar, capture
     for port in ("8080", "9090"):
         p.start(p.ns(p.server, sys.executable, "-c", SERVER_APP, port, uid=APP_UID), "ready")
+    p.start(p.ns(p.server, sys.executable, "-c", ECHO_APP, "9443", uid=APP_UID), "ready")
     _, server_admin = p.sidecar(
         p.server,
         server_cfg,
@@ -316,7 +353,8 @@ def test_app_reaches_a_service_vip_through_both_sidecars(pods: Pods) -> None:
         "--labels",
         "app=web",
     )
-    run(p.meshproxy(p.server, "capture"))
+    # the inbound listener speaks HTTP only: the TCP echo port is left out of its capture
+    run(p.meshproxy(p.server, "capture", "--exclude-inbound-ports", "9443"))
 
     # the client pod: its sidecar, capture (twice: the same rules once)
     client_sidecar, client_admin = p.sidecar(
@@ -376,6 +414,9 @@ def test_app_reaches_a_service_vip_through_both_sidecars(pods: Pods) -> None:
         for ln in metrics.splitlines()
     )
 
+    # ... and a connection that is not HTTP (TLS-like bytes) is tunnelled to where it went
+    assert p.raw(p.server_ip, 9443) == "echoed"
+
     # 3. the outbound listener called directly (not redirected: loopback): 404 NR, no loop
     status, _ = p.get("http://127.0.0.1:15001/")
     assert status == 404
@@ -390,6 +431,7 @@ def test_app_reaches_a_service_vip_through_both_sidecars(pods: Pods) -> None:
     assert entry["upstream_cluster"] == "BlackHoleCluster" and entry["response_flags"] == "NR"
     status, body = p.get(f"http://{p.vip}/again")
     assert status == 200 and isinstance(body, dict) and body["port"] == 8080
+    assert p.raw(p.server_ip, 9443) != "echoed"  # TCP to an unknown destination: closed
 
     # 5. --clean removes everything (twice is fine); nothing is captured any more
     for name in (p.client, p.server):

@@ -147,3 +147,85 @@ async def test_each_destination_has_its_own_pool_under_one_cluster_name(kernel: 
             assert sorted(k for k in states if k.startswith("PassthroughCluster|")) == sorted(
                 f"PassthroughCluster|127.0.0.1:{up.port}" for up in (a, b)
             )
+
+
+# --------------------------------------------------------------------------- TCP passthrough
+
+TLS_HELLO = b"\x16\x03\x01\x00\x05hello"  # starts like a TLS ClientHello record
+
+
+async def _echo_server() -> tuple[asyncio.Server, list[bytes]]:
+    """Echoes every read; at the client's EOF writes b"|eof" and closes."""
+    got: list[bytes] = []
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(65536):
+                got.append(data)
+                w.write(data)
+            w.write(b"|eof")
+            await w.drain()
+        finally:
+            w.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0), got
+
+
+async def test_non_http_redirected_connection_is_tunnelled(kernel: Kernel) -> None:
+    echo, got = await _echo_server()
+    kernel.orig = ("127.0.0.1", echo.sockets[0].getsockname()[1])
+    try:
+        async with running_dataplane(service_snapshot("svc", [1])) as p:
+            reader, writer = await asyncio.open_connection(p.host, p.port)
+            writer.write(TLS_HELLO)
+            assert await reader.readexactly(len(TLS_HELLO)) == TLS_HELLO
+            big = bytes(range(256)) * 4096  # 1 MiB: flow control both ways
+            writer.write(big)
+            assert await reader.readexactly(len(big)) == big
+            writer.write_eof()  # half-close reaches the server, its answer still comes back
+            assert await asyncio.wait_for(reader.read(), 5) == b"|eof"
+            writer.close()
+            assert b"".join(got) == TLS_HELLO + big
+            assert p.metrics.requests == []  # no HTTP request was made of it
+    finally:
+        echo.close()
+        await echo.wait_closed()
+
+
+async def test_non_http_not_redirected_is_a_bad_request(kernel: Kernel) -> None:
+    async with running_dataplane(service_snapshot("svc", [1])) as p:
+        r = await request(p.host, p.port, TLS_HELLO)
+        assert r.status == 400
+
+
+async def test_tunnel_to_a_closed_port_closes_the_client(kernel: Kernel) -> None:
+    echo, _ = await _echo_server()
+    kernel.orig = ("127.0.0.1", echo.sockets[0].getsockname()[1])
+    echo.close()
+    await echo.wait_closed()  # nothing listens there any more
+    async with running_dataplane(service_snapshot("svc", [1])) as p:
+        reader, writer = await asyncio.open_connection(p.host, p.port)
+        writer.write(TLS_HELLO)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+
+
+async def test_registry_only_tunnels_service_entry_addresses_only(kernel: Kernel) -> None:
+    echo, _ = await _echo_server()
+    echo_port = echo.sockets[0].getsockname()[1]
+    settings = Settings(outbound_traffic_policy="REGISTRY_ONLY")
+    try:
+        async with running_dataplane(with_vip(1, "127.0.0.1", echo_port), settings) as p:
+            kernel.orig = ("127.0.0.1", echo_port)  # a ServiceEntry address and port: tunnelled
+            reader, writer = await asyncio.open_connection(p.host, p.port)
+            writer.write(TLS_HELLO)
+            assert await reader.readexactly(len(TLS_HELLO)) == TLS_HELLO
+            writer.close()
+            kernel.orig = ("127.0.0.2", echo_port)  # unknown: closed without a byte
+            reader, writer = await asyncio.open_connection(p.host, p.port)
+            writer.write(TLS_HELLO)
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+    finally:
+        echo.close()
+        await echo.wait_closed()
