@@ -34,8 +34,10 @@ What is added mirrors Istio's ``injection-template.yaml`` under the ``meshproxy.
 - Inbound: the sidecar's inbound listener is ``0.0.0.0:15006`` (REDIRECT rewrites an inbound
   connection's destination to the pod IP) and ``--app`` is ``127.0.0.1:<first TCP containerPort
   of the first app container that declares one>``; a pod without a declared port gets no inbound
-  listener (the proxy then serves outbound only). ``meshproxy run``'s ``--app`` takes one address
-  today; the original-destination forwarding of capture makes the other ports work.
+  listener (the proxy then serves outbound only, with ``--stop-order sidecar`` so that on
+  SIGTERM it keeps serving the app's outbound calls as a sidecar with an inbound side does).
+  ``meshproxy run``'s ``--app`` takes one address today; the original-destination forwarding
+  of capture makes the other ports work.
 - Ordering (holdApplicationUntilProxyStarts, ON by default here, off in Istio): the sidecar is
   the first container and has a ``postStart`` hook running ``meshproxy wait`` against its health
   endpoint, so the kubelet starts the app only once the proxy is ready.
@@ -478,6 +480,8 @@ def _sidecar_container(
     app_port = _first_app_port(app_containers)
     if app_port is not None:
         args += ["--inbound", f"0.0.0.0:{INBOUND_PORT}", "--app", f"127.0.0.1:{app_port}"]
+    else:  # no inbound listener: still a sidecar, serving the app's calls while it stops
+        args += ["--stop-order", "sidecar"]
     args += [
         "--admin",
         f"127.0.0.1:{ADMIN_PORT}",
