@@ -35,9 +35,10 @@ Service, in its namespace, whose source is ``k8s://Service/NS/NAME``:
 * ``endpoints``: every address of every EndpointSlice labelled
   ``kubernetes.io/service-name: NAME`` in NS (``addressType`` IPv4/IPv6; FQDN slices are
   skipped) whose ``conditions.ready`` is not false (unset means ready, as the EndpointSlice API
-  says), first slice wins for a duplicated address. Each endpoint's ``ports`` maps the Service
-  port's name to the slice port of the same name (its resolved target port: this is how named
-  ``targetPort``\\ s map), and when the endpoint's ``targetRef`` is a Pod that is known, its
+  says), the first slice (by name) winning for an address listed twice with the same ports
+  (a slice update in flight). Each endpoint's ``ports`` maps the Service port's name to the
+  slice port of the same name (its resolved target port: this is how named ``targetPort``\\ s
+  map), and when the endpoint's ``targetRef`` is a Pod that is known, its
   ``labels`` are the Pod's labels and ``serviceAccount`` its ``spec.serviceAccountName``
   (``default`` when unset) -- what DestinationRule subsets, ``sourceLabels`` and SAN checks use.
   WorkloadEntries of NS whose labels match the Service's ``selector`` are added too, as
@@ -185,7 +186,7 @@ def _slice_endpoints(
 ) -> list[dict[str, Any]]:
     """The ready endpoints of ``slices``; ``names``: slice port name -> ServiceEntry port name."""
     out: list[dict[str, Any]] = []
-    seen: set[str] = set()
+    seen: set[tuple[str, tuple[tuple[str, int], ...]]] = set()
     for sl in slices:
         if sl.get("addressType") not in ("IPv4", "IPv6"):
             continue
@@ -209,9 +210,9 @@ def _slice_endpoints(
             if ref.get("kind") == "Pod":
                 pod = pods.get(f"{ref.get('namespace') or ns}/{ref.get('name')}")
             for addr in _list(ep.get("addresses")):
-                if not isinstance(addr, str) or addr in seen:
+                if not isinstance(addr, str) or (addr, tuple(ports.items())) in seen:
                     continue
-                seen.add(addr)
+                seen.add((addr, tuple(ports.items())))
                 entry: dict[str, Any] = {"address": addr}
                 if ports:
                     entry["ports"] = dict(ports)

@@ -328,7 +328,7 @@ class Reflector:
                 continue
             except Gone as e:
                 self.gone += 1
-                log.info("%s: %s; relisting", self.path, e)
+                log.info("%s; relisting", e)
                 need_list = True
                 delay = backoff.next() if relisted else 0.0  # at once, unless it repeats
                 relisted = True
@@ -336,7 +336,7 @@ class Reflector:
                 self.errors += 1
                 self.last_error = str(e)
                 delay = backoff.next()
-                log.warning("%s: %s (retrying in %.1f s)", self.path, e, delay)
+                log.warning("%s (retrying in %.1f s)", e, delay)
             await asyncio.sleep(delay)
 
     async def list(self) -> None:

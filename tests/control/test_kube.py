@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from control.istio.translate import translate
 from control.kube import KubeSource, KubeStore, slim_pod
@@ -594,3 +595,22 @@ async def test_unloadable_kubeconfig_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_text("apiVersion: v1\nkind: Config\ncontexts: []\nclusters: []\nusers: []\n")
     with pytest.raises(KubeError, match="cannot load the Kubernetes client config"):
         await KubeClient.create(str(bad), None)
+
+
+async def test_kubeconfig_context_is_chosen(tmp_path: Path) -> None:
+    api = FakeKubeAPI(tls=False)
+    path = tmp_path / "kubeconfig"
+    await api.start()
+    try:
+        cfg = api.kubeconfig("staging")
+        cfg["current-context"] = "nowhere"  # only --context makes it loadable
+        path.write_text(yaml.safe_dump(cfg))
+        client = await KubeClient.create(str(path), "staging")
+        try:
+            assert client.host == api.url
+        finally:
+            await client.close()
+        with pytest.raises(KubeError, match="cannot load"):
+            await KubeClient.create(str(path), None)
+    finally:
+        await api.close()
