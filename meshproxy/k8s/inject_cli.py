@@ -32,7 +32,14 @@ DEFAULT_WEBHOOK_LISTEN = "0.0.0.0:15017"  # istiod's injection webhook port
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_Dumper: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
+    """Plain YAML: a value the input shared through an anchor is written out each time
+    (kubectl and most tools accept ``&id001`` / ``*id001``, but a reader should not meet them)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _add_injection_flags(p: argparse.ArgumentParser) -> None:

@@ -429,6 +429,13 @@ def test_cli_level_errors_name_file_and_document() -> None:
         options(["--control-plane", "ftp://x"])
 
 
+def test_anchors_are_written_out_plainly() -> None:
+    text = "kind: ConfigMap\ndata: &d {a: '1'}\nmetadata: {name: m, labels: *d}\n"
+    docs, _ = inject_documents("f", load_documents("f", text), InjectOptions())
+    assert dump_documents(docs) == "kind: ConfigMap\ndata:\n  a: '1'\nmetadata:\n  name: m\n" \
+        "  labels:\n    a: '1'\n"  # fmt: skip
+
+
 def test_empty_documents_are_dropped() -> None:
     docs = load_documents("f", "---\n# only a comment\n---\nkind: Service\n---\n")
     assert docs == [(2, {"kind": "Service"})]
