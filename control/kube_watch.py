@@ -23,6 +23,9 @@ following the protocol of the Kubernetes API concepts page, "Efficient detection
    seen, so every change since is replayed and none is lost; only 410 forces a relist. Failures
    (connection refused, 5xx, 401/403) are retried with exponential backoff and jitter
    (0.2 s doubling to 30 s, reset after a healthy stream); a failed list is retried the same way.
+   A collection the server does not serve (404 on the first list: Istio's CRDs not installed)
+   counts as synced and empty, so it does not hold back the first config, and is listed
+   again with backoff until it appears.
 
 ``on_event(kind, type, key, obj)`` is called for every change, from the event loop; it must not
 block. A ``transform`` may slim objects before they are kept (client-go's TransformFunc: the
@@ -325,7 +328,8 @@ class Reflector:
                 if await self.watch():
                     backoff.reset()
                     relisted = False
-                continue
+                    continue
+                delay = backoff.next()  # closed at once with nothing said: do not spin
             except Gone as e:
                 self.gone += 1
                 log.info("%s; relisting", e)
@@ -336,8 +340,20 @@ class Reflector:
                 self.errors += 1
                 self.last_error = str(e)
                 delay = backoff.next()
-                log.warning("%s (retrying in %.1f s)", e, delay)
+                if e.status == 404 and need_list and not self.synced.is_set():
+                    # the resource type is not served (Istio's CRDs not installed): count it
+                    # as listed and empty, so the rest of the config is not held back, and keep
+                    # trying to list it
+                    log.warning("%s: not served by this API server; retrying", self.path)
+                    self._mark_synced()
+                else:
+                    log.warning("%s (retrying in %.1f s)", e, delay)
             await asyncio.sleep(delay)
+
+    def _mark_synced(self) -> None:
+        if not self.synced.is_set():
+            self.synced.set()
+            self.on_event(self.kind.kind, "SYNCED", "", {})
 
     async def list(self) -> None:
         resp = await self.client.get(self.path, [], self.settings.list_timeout)
@@ -364,9 +380,7 @@ class Reflector:
         self.lists += 1
         for typ, key, o in diff(old, new):
             self.on_event(self.kind.kind, typ, key, o)
-        if not self.synced.is_set():
-            self.synced.set()
-            self.on_event(self.kind.kind, "SYNCED", "", {})
+        self._mark_synced()
         log.debug("%s: listed %d at %s", self.path, len(new), rv)
 
     def _typed(self, obj: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,9 @@ The pure parts (Service -> ServiceEntry, diff, line splitting) are tested withou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -285,14 +287,18 @@ class Env:
             await asyncio.sleep(0.02)
 
 
-@pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    api = FakeKubeAPI(history=50)
+@contextlib.asynccontextmanager
+async def running(
+    tmp_path: Path, api: FakeKubeAPI | None = None, **settings: float
+) -> AsyncIterator[Env]:
+    """The fake API server, a :class:`KubeSource` on it and a :class:`ControlPlane` it
+    reloads, all synced; ``settings``: :class:`ReflectorSettings` fields."""
+    api = api or FakeKubeAPI(history=50)
     kubeconfig = str(tmp_path / "kubeconfig")
     await api.start(kubeconfig)
     client = await KubeClient.create(kubeconfig, None)
-    settings = ReflectorSettings(backoff_initial=0.05, backoff_max=0.2)
-    source = KubeSource(client, debounce=0.05, settings=settings)
+    settings = {"backoff_initial": 0.05, "backoff_max": 0.2, **settings}
+    source = KubeSource(client, debounce=0.05, settings=ReflectorSettings(**settings))
     cp = ControlPlane([], ControlSettings(debounce=0.05), store=source.store)
     e = Env(api, source, cp)
     original = cp.reload
@@ -315,6 +321,12 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         await source.close()
         await cp.close()
         await api.close()
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    async with running(tmp_path) as e:
+        yield e
 
 
 async def test_lists_then_watches_every_kind_with_bookmarks(env: Env) -> None:
@@ -614,3 +626,66 @@ async def test_kubeconfig_context_is_chosen(tmp_path: Path) -> None:
             await KubeClient.create(str(path), None)
     finally:
         await api.close()
+
+
+async def test_watch_timeouts_reconnect_from_the_last_resource_version(tmp_path: Path) -> None:
+    # timeoutSeconds=1: the server ends every watch after a second
+    async with running(tmp_path, min_watch_timeout=1.0) as env:
+        ref = env.reflector("VirtualService")
+        env.api.create(vs("a", "a"))
+        await env.until(lambda: env.api.request_count("virtualservices", watch=True) >= 3)
+        assert {q["timeoutSeconds"] for p, q in env.api.requests if "watch" in q} == {"1"}
+        env.api.create(vs("b", "b"))
+        await env.until(lambda: {"VirtualService/default/a", "VirtualService/default/b"}
+                        <= set(env.docs()))  # fmt: skip
+        assert ref.lists == 1 and ref.gone == 0 and ref.errors == 0
+
+
+async def test_a_stuck_watch_is_abandoned_after_its_read_timeout(tmp_path: Path) -> None:
+    api = FakeKubeAPI()
+    api.hang_watches = True  # streams that say nothing, past timeoutSeconds
+    async with running(tmp_path, api, min_watch_timeout=1.0, read_margin=0.3) as env:
+        ref = env.reflector("VirtualService")
+        await env.until(lambda: ref.errors >= 1)
+        assert ref.last_error is not None and "watch /apis/" in ref.last_error
+        api.hang_watches = False
+        env.api.create(vs("late", "late"))
+        await env.until(lambda: "VirtualService/default/late" in env.docs(), timeout=15)
+        assert ref.lists == 1 and ref.gone == 0  # resumed from its resourceVersion
+
+
+async def test_an_uninstalled_crd_does_not_hold_back_the_config(tmp_path: Path) -> None:
+    api = FakeKubeAPI()
+    api.missing = {"AuthorizationPolicy"}
+    api.create(vs("a", "a"))
+    async with running(tmp_path, api) as env:
+        await env.until(lambda: "VirtualService/default/a" in env.docs())
+        api.missing = set()
+        api.create(
+            {
+                "apiVersion": "security.istio.io/v1",
+                "kind": "AuthorizationPolicy",
+                "metadata": {"name": "deny", "namespace": "default"},
+                "spec": {"action": "DENY", "rules": [{}]},
+            }
+        )
+        await env.until(lambda: "AuthorizationPolicy/default/deny" in env.docs())
+
+
+def test_version_does_not_depend_on_arrival_order() -> None:
+    objs = [vs(f"v{i}", f"h{i}") for i in range(8)] + [dr(f"d{i}", f"h{i}") for i in range(8)]
+    for i, o in enumerate(objs):
+        o["metadata"]["creationTimestamp"] = f"2026-01-01T00:00:0{i % 3}Z"
+    versions = set()
+    for seed in range(5):
+        shuffled = objs[:]
+        random.Random(seed).shuffle(shuffled)
+        by_kind: dict[str, dict[str, Any]] = {}
+        for o in shuffled:
+            by_kind.setdefault(o["kind"], {})[f"default/{o['metadata']['name']}"] = o
+        store = KubeStore()
+        store.objects = by_kind
+        out = store.load()
+        assert out.config is not None, out.problems
+        versions.add(out.config.version)
+    assert len(versions) == 1

@@ -27,7 +27,9 @@ concepts page describes ("Efficient detection of changes", "Watch bookmarks"):
 
 Test hooks (synchronous, call them from the server's event loop): :meth:`create`,
 :meth:`update`, :meth:`apply`, :meth:`delete`, :meth:`compact`, :meth:`close_watches`,
-:meth:`bookmark`; ``requests`` records each request's path and query. :meth:`start` serves over
+:meth:`bookmark`; ``gone_as_http`` (above), ``missing`` (kinds answered 404, as when a CRD is
+not installed), ``hang_watches`` (watch streams that stay open and silent past their timeout,
+a stuck connection); ``requests`` records each request's path and query. :meth:`start` serves over
 HTTPS with a trustme CA and writes a kubeconfig (certificate-authority-data + token) that
 kubernetes_asyncio loads like any other.
 """
@@ -133,6 +135,8 @@ class FakeKubeAPI:
         }
         self.watchers: set[_Watcher] = set()
         self.gone_as_http = False
+        self.missing: set[str] = set()  # kinds answered 404 (their CRD "not installed")
+        self.hang_watches = False  # new watch streams stay silent and open, ignoring timeouts
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.url = ""
         self.ca_pem = b""
@@ -282,6 +286,11 @@ class FakeKubeAPI:
                 status=404,
             )
         rtype, namespace = route
+        if rtype.kind in self.missing:
+            return web.json_response(
+                status(404, "NotFound", "the server could not find the requested resource"),
+                status=404,
+            )
         if request.query.get("watch") in ("1", "true"):
             return await self._watch(request, rtype, namespace)
         items = [
@@ -344,6 +353,12 @@ class FakeKubeAPI:
         watcher = _Watcher(rtype, namespace, bookmarks)
         self.watchers.add(watcher)
         loop = asyncio.get_running_loop()
+        if self.hang_watches:  # a stuck connection: nothing is sent until close_watches()
+            try:
+                await watcher.queue.get()
+            finally:
+                self.watchers.discard(watcher)
+            return resp
         deadline = loop.time() + timeout
         next_bookmark = (
             loop.time() + self.bookmark_interval if self.bookmark_interval else float("inf")
