@@ -35,12 +35,13 @@ Service, in its namespace, whose source is ``k8s://Service/NS/NAME``:
 * ``endpoints``: every address of every EndpointSlice labelled
   ``kubernetes.io/service-name: NAME`` in NS (``addressType`` IPv4/IPv6; FQDN slices are
   skipped) whose ``conditions.ready`` is not false (unset means ready, as the EndpointSlice API
-  says), the first slice (by name) winning for an address listed twice with the same ports
-  (a slice update in flight). Each endpoint's ``ports`` maps the Service port's name to the
-  slice port of the same name (its resolved target port: this is how named ``targetPort``\\ s
-  map), and when the endpoint's ``targetRef`` is a Pod that is known, its
-  ``labels`` are the Pod's labels and ``serviceAccount`` its ``spec.serviceAccountName``
-  (``default`` when unset) -- what DestinationRule subsets, ``sourceLabels`` and SAN checks use.
+  says; with ``publishNotReadyAddresses: true`` every endpoint), the first slice (by name)
+  winning for an address listed twice with the same ports (a slice update in flight). Each
+  endpoint's ``ports`` maps the Service port's name to the slice port of the same name (its
+  resolved target port: this is how named ``targetPort``\\ s map), and when the endpoint's
+  ``targetRef`` is a Pod that is known, its ``labels`` are the Pod's labels and
+  ``serviceAccount`` its ``spec.serviceAccountName`` (``default`` when unset) -- what
+  DestinationRule subsets, ``sourceLabels`` and SAN checks use.
   WorkloadEntries of NS whose labels match the Service's ``selector`` are added too, as
   Istio's Kubernetes registry does for VM workloads.
 * A Service with no ready endpoint keeps its host with an empty cluster (requests get 503 UH)
@@ -183,6 +184,7 @@ def _slice_endpoints(
     slices: Iterable[Mapping[str, Any]],
     names: Mapping[str, str],
     pods: Mapping[str, Mapping[str, Any]],
+    not_ready: bool = False,
 ) -> list[dict[str, Any]]:
     """The ready endpoints of ``slices``; ``names``: slice port name -> ServiceEntry port name."""
     out: list[dict[str, Any]] = []
@@ -203,7 +205,7 @@ def _slice_endpoints(
                 ports[se_name] = number
         for ep in _list(sl.get("endpoints")):
             ep = _dict(ep)
-            if _dict(ep.get("conditions")).get("ready") is False:
+            if _dict(ep.get("conditions")).get("ready") is False and not not_ready:
                 continue
             ref = _dict(ep.get("targetRef"))
             pod: Mapping[str, Any] | None = None
@@ -281,7 +283,9 @@ def service_document(
         se["addresses"] = addresses
     se.update(ports=ports, location="MESH_INTERNAL", resolution="STATIC")
     selector = _str_map(spec.get("selector"))
-    endpoints = _slice_endpoints(ns, slices, names, pods)
+    endpoints = _slice_endpoints(
+        ns, slices, names, pods, spec.get("publishNotReadyAddresses") is True
+    )
     if selector:
         for we in workload_entries:
             we_spec = _dict(we.get("spec"))

@@ -165,6 +165,16 @@ def test_service_document_maps_ports_endpoints_and_pods() -> None:
     }
 
 
+def test_publish_not_ready_addresses_keeps_unready_endpoints() -> None:
+    svc = service("db")
+    sl = endpoint_slice("db-a", "db", [("10.0.0.1", "db-0", False)])
+    doc = service_document(svc, [sl], {})
+    assert doc is not None and "endpoints" not in doc["spec"]
+    svc["spec"]["publishNotReadyAddresses"] = True
+    doc = service_document(svc, [sl], {})
+    assert doc is not None and [e["address"] for e in doc["spec"]["endpoints"]] == ["10.0.0.1"]
+
+
 def test_service_without_endpoints_keeps_its_host_and_unnamed_port() -> None:
     svc = service("ratings", target=8080)
     svc["spec"]["ports"][0].pop("name")
@@ -689,3 +699,11 @@ def test_version_does_not_depend_on_arrival_order() -> None:
         assert out.config is not None, out.problems
         versions.add(out.config.version)
     assert len(versions) == 1
+
+
+async def test_periodic_bookmarks_move_the_resource_version(tmp_path: Path) -> None:
+    async with running(tmp_path, FakeKubeAPI(bookmark_interval=0.1)) as env:
+        ref = env.reflector("DestinationRule")
+        env.api.create(vs("a", "a"))  # moves the global resourceVersion, not this collection
+        await env.until(lambda: ref.bookmarks >= 2 and ref.resource_version == str(env.api.rv))
+        assert ref.objects == {}

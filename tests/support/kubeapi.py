@@ -329,6 +329,11 @@ class FakeKubeAPI:
                 if namespace is None or ns == namespace:
                     initial.append({"type": "ADDED", "object": self._wire(rtype, o)})
         else:
+            if not rv_param.isdigit():
+                return web.json_response(
+                    status(400, "BadRequest", f"invalid resource version: {rv_param!r}"),
+                    status=400,
+                )
             since = int(rv_param)
             if since < self.compacted:
                 gone = status(
