@@ -215,16 +215,21 @@ class KubeClient:
         from kubernetes_asyncio import client, config
 
         cfg = client.Configuration()
+        where = "in-cluster"
         try:
             if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
                 config.load_incluster_config(client_configuration=cfg)
             else:
                 path = kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None
+                where = path or "~/.kube/config"
                 await config.load_kube_config(
                     config_file=path, context=context, client_configuration=cfg
                 )
-        except (config.ConfigException, OSError, ValueError, KeyError, TypeError) as e:
-            raise KubeError(f"cannot load the Kubernetes client config: {e}") from None
+        except Exception as e:  # the loader raises anything for a bad file (yaml, KeyError...)
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise KubeError(
+                f"cannot load the Kubernetes client config ({where}): {reason}"
+            ) from None
         return cls(client.ApiClient(configuration=cfg))
 
     @property

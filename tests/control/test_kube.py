@@ -612,11 +612,24 @@ async def test_bad_token_is_retried_with_backoff(tmp_path: Path) -> None:
         await api.close()
 
 
-async def test_unloadable_kubeconfig_is_a_clear_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "text",
+    [
+        "apiVersion: v1\nkind: Config\ncontexts: []\nclusters: []\nusers: []\n",
+        "a: [\n::",  # not YAML
+        "just a string",
+        "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:1', certificate-authority: "
+        "/nonexistent/ca.pem}}]\nusers: [{name: u, user: {token: t}}]\n"
+        "contexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n",
+    ],
+)
+async def test_unloadable_kubeconfig_is_a_one_line_error(tmp_path: Path, text: str) -> None:
     bad = tmp_path / "kubeconfig"
-    bad.write_text("apiVersion: v1\nkind: Config\ncontexts: []\nclusters: []\nusers: []\n")
-    with pytest.raises(KubeError, match="cannot load the Kubernetes client config"):
+    bad.write_text(text)
+    with pytest.raises(KubeError) as e:
         await KubeClient.create(str(bad), None)
+    assert str(e.value).startswith(f"cannot load the Kubernetes client config ({bad}): ")
+    assert "\n" not in str(e.value)
 
 
 async def test_kubeconfig_context_is_chosen(tmp_path: Path) -> None:
