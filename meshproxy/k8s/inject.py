@@ -276,18 +276,6 @@ def _whole(annotations: dict[str, str], key: str, default: int, tpl_path: tuple[
     return int(text)
 
 
-def _port_list(annotations: dict[str, str], key: str, tpl_path: tuple[str, ...]) -> list[str]:
-    """A comma-separated port list annotation ('' and '*' aside), checked: capture gets it as is."""
-    text = annotations.get(key, "")
-    ports = [p.strip() for p in text.split(",") if p.strip()]
-    for p in ports:
-        if not p.isdigit() or not 0 < int(p) < 65536:
-            raise InjectError(
-                f"{_annotation_path(tpl_path, key)}: {p!r} is not a port number 1..65535"
-            )
-    return ports
-
-
 # --------------------------------------------------------------------------- the mutation
 
 
@@ -412,17 +400,38 @@ def _init_container(
     resources: dict[str, dict[str, str]],
     tpl_path: tuple[str, ...],
 ) -> dict[str, Any]:
-    """istio-init's arguments (-p -z -u -i -x -b -d -o) in ``meshproxy capture``'s names."""
-    exclude_inbound = [str(METRICS_PORT), str(HEALTH_PORT)]
-    for p in _port_list(annotations, f"{TRAFFIC}/excludeInboundPorts", tpl_path):
-        if p not in exclude_inbound:
-            exclude_inbound.append(p)
-    include_inbound = annotations.get(f"{TRAFFIC}/includeInboundPorts", "*").strip()
-    if include_inbound != "*":
-        _port_list(annotations, f"{TRAFFIC}/includeInboundPorts", tpl_path)
-    exclude_outbound = ",".join(
-        _port_list(annotations, f"{TRAFFIC}/excludeOutboundPorts", tpl_path)
-    )
+    """istio-init's arguments (-p -z -u -i -x -b -d -o) in ``meshproxy capture``'s names,
+    checked with capture's own parser so that a bad annotation fails injection (naming the
+    annotation) rather than the pod's init container."""
+    from meshproxy.k8s.capture import CaptureError, parse_options
+
+    sources = {  # capture flag -> (the annotation that sets it, Istio's default)
+        "--include-outbound-cidrs": ("includeOutboundIPRanges", "*"),
+        "--exclude-outbound-cidrs": ("excludeOutboundIPRanges", ""),
+        "--include-inbound-ports": ("includeInboundPorts", "*"),
+        "--exclude-inbound-ports": ("excludeInboundPorts", ""),
+        "--exclude-outbound-ports": ("excludeOutboundPorts", ""),
+    }
+    values = {
+        flag: annotations.get(f"{TRAFFIC}/{name}", default).strip()
+        for flag, (name, default) in sources.items()
+    }
+    exclude_inbound = [str(METRICS_PORT), str(HEALTH_PORT)]  # never captured, as in Istio
+    for p in values["--exclude-inbound-ports"].split(","):
+        if p.strip() and p.strip() not in exclude_inbound:
+            exclude_inbound.append(p.strip())
+    values["--exclude-inbound-ports"] = ",".join(exclude_inbound)
+    try:
+        parse_options(
+            proxy_port=str(OUTBOUND_PORT),
+            inbound_port=str(INBOUND_PORT),
+            proxy_uid=str(PROXY_UID),
+            **{flag[2:].replace("-", "_"): value for flag, value in values.items()},
+        )
+    except CaptureError as e:  # e.flag is one of ``sources``: the other values are constants
+        key = f"{TRAFFIC}/{sources[e.flag][0]}"
+        problem = str(e).removeprefix(f"{e.flag}: ")
+        raise InjectError(f"{_annotation_path(tpl_path, key)}: {problem}") from None
     args = [
         "capture",
         "--proxy-port",
@@ -431,17 +440,9 @@ def _init_container(
         str(INBOUND_PORT),
         "--proxy-uid",
         str(PROXY_UID),
-        "--include-outbound-cidrs",
-        annotations.get(f"{TRAFFIC}/includeOutboundIPRanges", "*").strip(),
-        "--exclude-outbound-cidrs",
-        annotations.get(f"{TRAFFIC}/excludeOutboundIPRanges", "").strip(),
-        "--include-inbound-ports",
-        include_inbound,
-        "--exclude-inbound-ports",
-        ",".join(exclude_inbound),
-        "--exclude-outbound-ports",
-        exclude_outbound,
     ]
+    for flag, value in values.items():
+        args += [flag, value]
     container = _base_container(INIT_NAME, annotations, opts, args)
     container["resources"] = copy.deepcopy(resources)
     container["securityContext"] = {

@@ -384,7 +384,20 @@ def test_not_workloads() -> None:
                 "spec": {"containers": [{"name": "a"}]},
             },
             "metadata.annotations[traffic.sidecar.meshproxy.io/excludeInboundPorts]: 'http' is "
-            "not a port number 1..65535",
+            "not a port (1-65535)",
+        ),
+        (
+            {
+                "kind": "Pod",
+                "metadata": {
+                    "annotations": {
+                        "traffic.sidecar.meshproxy.io/excludeOutboundIPRanges": "10.0.0.0/8,10.1/33"
+                    }
+                },
+                "spec": {"containers": [{"name": "a"}]},
+            },
+            "metadata.annotations[traffic.sidecar.meshproxy.io/excludeOutboundIPRanges]: "
+            "'10.1/33' is not an IP address or CIDR",
         ),
         (
             {
