@@ -54,17 +54,18 @@ Objects = dict[str, dict[str, dict[str, Any]]]  # kind -> "ns/name" -> object
 
 
 def slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
-    """What the registry reads from a Pod: name, namespace, labels, service account."""
-    meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
-    spec = pod.get("spec") if isinstance(pod.get("spec"), dict) else {}
-    assert isinstance(meta, dict) and isinstance(spec, dict)
-    keep = ("name", "namespace", "labels", "resourceVersion", "creationTimestamp")
+    """What the registry reads from a Pod: name, namespace, labels, service account. Without
+    ``resourceVersion`` or ``status``, so a Pod's status updates leave it equal and cause no
+    reload (the reflector drops a MODIFIED event whose kept object did not change)."""
+    meta = pod.get("metadata")
+    spec = pod.get("spec")
+    meta = meta if isinstance(meta, dict) else {}
     out: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {k: meta[k] for k in keep if k in meta},
+        "metadata": {k: meta[k] for k in ("name", "namespace", "labels") if k in meta},
     }
-    if "serviceAccountName" in spec:
+    if isinstance(spec, dict) and "serviceAccountName" in spec:
         out["spec"] = {"serviceAccountName": spec["serviceAccountName"]}
     return out
 

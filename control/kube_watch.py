@@ -452,10 +452,12 @@ class Reflector:
             return
         obj = self._typed(obj)
         key = object_key(obj)
-        if typ == "DELETED":
-            self.objects.pop(key, None)
-        else:
-            self.objects[key] = obj
         if rv is not None:
             self.resource_version = rv
+        if typ == "DELETED":
+            self.objects.pop(key, None)
+        elif self.objects.get(key) == obj:
+            return  # nothing that we keep changed (a transformed object's status, say)
+        else:
+            self.objects[key] = obj
         self.on_event(self.kind.kind, typ, key, obj)

@@ -489,6 +489,15 @@ async def test_service_endpointslice_pods_become_a_registry_entry(env: Env) -> N
     snap = translate(env.cp.config.resources, ProxyIdentity("default", {}))
     assert [e.address for e in snap.clusters[f"{host}|v2"].endpoints] == ["10.0.0.1"]
     assert snap.clusters[f"{host}|v1"].endpoints == ()
+    # a Pod's status-only update is no event and no reload
+    seen = len(env.events)
+    versions = len(env.versions)
+    moved = pod("reviews-v2", "10.0.0.2", {"app": "reviews", "version": "v2"}, sa="rv2")
+    moved["status"] = {"phase": "Running", "podIP": "10.0.0.2"}
+    env.api.update(moved)
+    await env.until(lambda: env.reflector("Pod").resource_version == str(env.api.rv))
+    await asyncio.sleep(0.2)
+    assert env.events[seen:] == [] and len(env.versions) == versions
     # the Service goes: so does its entry
     env.api.delete("Service", "default", "reviews")
     await env.until(lambda: key not in env.docs())
