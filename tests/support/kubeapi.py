@@ -321,6 +321,9 @@ class FakeKubeAPI:
         rv_param = q.get("resourceVersion", "")
         bookmarks = q.get("allowWatchBookmarks") == "true"
         timeout = float(q["timeoutSeconds"]) if "timeoutSeconds" in q else 1800.0
+        # what to replay and the watcher that queues what comes next are set up together,
+        # before the first await, so no event falls between the two
+        watcher = _Watcher(rtype, namespace, bookmarks)
         initial: list[dict[str, Any]] = []
         backlog: list[dict[str, Any]] = []
         gone: dict[str, Any] | None = None
@@ -340,58 +343,62 @@ class FakeKubeAPI:
                     410, "Expired", f"too old resource version: {since} ({self.compacted + 1})"
                 )
             else:
-                w0 = _Watcher(rtype, namespace, bookmarks)
                 backlog = [
                     {"type": ev.type, "object": self._wire(rtype, ev.object)}
                     for ev in self.history
-                    if ev.rv > since and w0.wants(ev)
+                    if ev.rv > since and watcher.wants(ev)
                 ]
-        if gone is not None and self.gone_as_http:
+        if gone is None:
+            self.watchers.add(watcher)
+        elif self.gone_as_http:
             return web.json_response(gone, status=410)
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         resp.enable_chunked_encoding()
-        await resp.prepare(request)
-        if gone is not None:
-            await resp.write(json.dumps({"type": "ERROR", "object": gone}).encode() + b"\n")
-            await resp.write_eof()
-            return resp
-        watcher = _Watcher(rtype, namespace, bookmarks)
-        self.watchers.add(watcher)
-        loop = asyncio.get_running_loop()
-        if self.hang_watches:  # a stuck connection: nothing is sent until close_watches()
-            try:
+        try:
+            await resp.prepare(request)
+            if gone is not None:
+                await resp.write(json.dumps({"type": "ERROR", "object": gone}).encode() + b"\n")
+                await resp.write_eof()
+                return resp
+            if self.hang_watches:  # a stuck connection: nothing is sent until close_watches()
                 await watcher.queue.get()
-            finally:
-                self.watchers.discard(watcher)
-            return resp
+                return resp
+            return await self._stream(resp, watcher, initial + backlog, timeout)
+        finally:
+            self.watchers.discard(watcher)
+
+    async def _stream(
+        self,
+        resp: web.StreamResponse,
+        watcher: _Watcher,
+        replay: list[dict[str, Any]],
+        timeout: float,
+    ) -> web.StreamResponse:
+        rtype, bookmarks = watcher.rtype, watcher.bookmarks
+        loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         next_bookmark = (
             loop.time() + self.bookmark_interval if self.bookmark_interval else float("inf")
         )
-        try:
-            for ev in initial + backlog:
-                await resp.write(json.dumps(ev).encode() + b"\n")
-            while True:
-                now = loop.time()
-                if now >= deadline:
-                    break
-                if bookmarks and now >= next_bookmark:
-                    watcher.queue.put_nowait(self._bookmark(rtype))
-                    next_bookmark = now + (self.bookmark_interval or 0)
-                try:
-                    item = await asyncio.wait_for(
-                        watcher.queue.get(), min(deadline, next_bookmark) - now
-                    )
-                except TimeoutError:
-                    continue
-                if item is None:  # close_watches()
-                    break
-                await resp.write(json.dumps(item).encode() + b"\n")
-        except (ConnectionResetError, asyncio.CancelledError):
-            self.watchers.discard(watcher)
-            raise
-        finally:
-            self.watchers.discard(watcher)
+        for ev in replay:
+            await resp.write(json.dumps(ev).encode() + b"\n")
+        while True:
+            now = loop.time()
+            if now >= deadline:
+                break
+            if bookmarks and now >= next_bookmark:
+                watcher.queue.put_nowait(self._bookmark(rtype))
+                next_bookmark = now + (self.bookmark_interval or 0)
+            try:
+                item = await asyncio.wait_for(
+                    watcher.queue.get(), min(deadline, next_bookmark) - now
+                )
+            except TimeoutError:
+                continue
+            if item is None:  # close_watches()
+                break
+            await resp.write(json.dumps(item).encode() + b"\n")
+        self.watchers.discard(watcher)
         with contextlib.suppress(ConnectionResetError):
             await resp.write_eof()
         return resp
