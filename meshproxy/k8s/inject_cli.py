@@ -279,7 +279,10 @@ def run_webhook(ns: argparse.Namespace) -> int:
     except (ssl.SSLError, OSError) as e:
         raise UsageError(f"--cert {ns.cert} / --key {ns.key}: not a usable pair: {e}") from None
     setup_logging(ns.log_level)
+    import prometheus_client
     import uvloop
+
+    prometheus_client.disable_created_metrics()  # no *_created series in /metrics
 
     host, port = ns.listen
     return uvloop.run(run_until_signalled(host, port, cert, opts))

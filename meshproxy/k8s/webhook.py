@@ -26,7 +26,9 @@ Answers, following Istio's ``serveInject``:
 
 :func:`serve` is the edge: an aiohttp server on ``--listen`` with a TLS context from ``--cert`` /
 ``--key`` (re-read when the files change, so a rotated certificate needs no restart), ``GET
-/ready`` for probes, the ``listening webhook=HOST:PORT`` line once bound, SIGTERM/SIGINT to stop.
+/ready`` for probes, ``GET /metrics`` (istiod's ``sidecar_injection_*`` counters as
+``meshproxy_injection_*``), the ``listening webhook=HOST:PORT`` line once bound, SIGTERM/SIGINT
+to stop.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ log = logging.getLogger("meshproxy.webhook")
 
 INJECT_PATH = "/inject"
 READY_PATH = "/ready"
+METRICS_PATH = "/metrics"
 API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
 MAX_BODY = 3 * 1024 * 1024  # an etcd object is at most ~1.5 MiB; the review wraps it (and old)
 
@@ -170,12 +173,64 @@ class ReloadingCert:
             log.warning("serving certificate not reloaded: %s", e)
 
 
+def outcome(answer: Answer) -> tuple[str, str | None]:
+    """``("success" | "skip" | "failure", failure type)`` of an answer, for the metrics."""
+    if answer.status != 200 or not isinstance(answer.body, dict):
+        return "failure", "unsupported_media_type" if answer.status == 415 else "bad_request"
+    response = answer.body["response"]
+    if not response["allowed"]:
+        return "failure", "inject"
+    return ("success", None) if "patch" in response else ("skip", None)
+
+
+class _Metrics:
+    """Istio's sidecar_injection_* counters (istiod's injector), under meshproxy_injection_*."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter
+
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        p = "meshproxy_injection_"
+        self.requests = Counter(
+            p + "requests", "Admission reviews received (sidecar_injection_requests_total)",
+            registry=r,
+        )  # fmt: skip
+        self.success = Counter(
+            p + "success", "Pods patched with the sidecar (sidecar_injection_success_total)",
+            registry=r,
+        )  # fmt: skip
+        self.skip = Counter(
+            p + "skip", "Reviews allowed without a patch (sidecar_injection_skip_total)",
+            registry=r,
+        )  # fmt: skip
+        self.failure = Counter(
+            p + "failure",
+            "Reviews refused or malformed, by type (sidecar_injection_failure_total)",
+            ["type"],
+            registry=r,
+        )
+
+    def count(self, answer: Answer) -> None:
+        self.requests.inc()
+        result, kind = outcome(answer)
+        if result == "success":
+            self.success.inc()
+        elif result == "skip":
+            self.skip.inc()
+        else:
+            self.failure.labels(type=kind).inc()
+
+
 def make_app(opts: InjectOptions) -> Any:
     from aiohttp import web
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+    metrics = _Metrics()
 
     async def inject_handler(request: web.Request) -> web.Response:
         body = await request.read()
         answer = review(body, request.headers.get("Content-Type"), opts)
+        metrics.count(answer)
         if isinstance(answer.body, dict):
             return web.json_response(answer.body, status=answer.status)
         log.warning("POST %s: %d %s", INJECT_PATH, answer.status, answer.body)
@@ -184,9 +239,15 @@ def make_app(opts: InjectOptions) -> Any:
     async def ready_handler(_request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
+    async def metrics_handler(_request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
     app = web.Application(client_max_size=MAX_BODY)
     app.router.add_post(INJECT_PATH, inject_handler)
     app.router.add_get(READY_PATH, ready_handler)
+    app.router.add_get(METRICS_PATH, metrics_handler)
     return app
 
 

@@ -26,6 +26,7 @@ import trustme
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from meshproxy.k8s.inject import InjectOptions, inject
 from meshproxy.k8s.inject_cli import load_documents
@@ -378,6 +379,41 @@ async def test_server_errors_and_ready(server: tuple[str, ReloadingCert], ca: tr
         async with aiohttp.ClientSession() as s:
             async with s.get(base.replace("https", "http") + "/ready") as r:
                 await r.read()
+
+
+async def test_server_metrics_count_every_outcome(
+    server: tuple[str, ReloadingCert], ca: trustme.CA
+) -> None:
+    base, _ = server
+    ctx = client_context(ca)
+    injected = [p for _, p in PODS if inject(p, OPTS).injected][:3]
+    skipped = {"kind": "Pod", "metadata": {"name": "h"}, "spec": {"hostNetwork": True}}
+    refused = {
+        "kind": "Pod",
+        "metadata": {"annotations": {"sidecar.meshproxy.io/nativeSidecar": "perhaps"}},
+        "spec": {"containers": [{"name": "a"}]},
+    }
+    for pod in [*injected, skipped, refused]:
+        assert (await post(base, ctx, encode(admission_review(pod))))[0] == 200
+    assert (await post(base, ctx, b"{"))[0] == 400
+    assert (await post(base, ctx, b"{}", "text/plain"))[0] == 415
+    async with aiohttp.ClientSession() as s, s.get(f"{base}/metrics", ssl=ctx) as r:
+        assert r.status == 200 and r.content_type == "text/plain"
+        text = await r.text()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("meshproxy_injection_") and not sample.name.endswith("_created")
+    }
+    assert samples == {
+        ("meshproxy_injection_requests_total", ()): 7,
+        ("meshproxy_injection_success_total", ()): 3,
+        ("meshproxy_injection_skip_total", ()): 1,
+        ("meshproxy_injection_failure_total", (("type", "inject"),)): 1,
+        ("meshproxy_injection_failure_total", (("type", "bad_request"),)): 1,
+        ("meshproxy_injection_failure_total", (("type", "unsupported_media_type"),)): 1,
+    }
 
 
 async def test_server_reloads_a_rotated_certificate(
