@@ -27,17 +27,25 @@ not validate is skipped with a warning instead (a Service is not mesh configurat
 not freeze the mesh). Validation is reused per document while its content is unchanged.
 The version is :func:`control.protocol.config_version` over the documents' digests in load
 order: the same cluster content gives the same version, also across restarts.
+
+Its metrics join the control plane's ``/metrics`` (a collector read at scrape time, nothing
+counted twice): ``meshproxy_control_k8s_events_total{kind,event}`` and, per kind, ``lists``
+(first list and relists), ``watches``, ``gone`` (410s), ``errors`` and ``bookmarks``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
 
 from control.istio.load import load_documents, paused_gc
 from control.istio.resources import Resource
@@ -150,14 +158,14 @@ class KubeSource:
         ]
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self.events = 0
+        self.events: collections.Counter[tuple[str, str]] = collections.Counter()
         self.on_event: Callable[[str, str, str, dict[str, Any]], None] | None = None  # tests
 
     def __repr__(self) -> str:
         return f"KubeSource({self.client.host}, namespaces={self.namespaces or 'all'})"
 
     def _on_event(self, kind: str, typ: str, key: str, obj: dict[str, Any]) -> None:
-        self.events += 1
+        self.events[(kind, typ)] += 1
         log.debug("%s %s %s", typ, kind, key)
         self._changed.set()
         if self.on_event is not None:
@@ -177,10 +185,41 @@ class KubeSource:
             out.setdefault(r.kind.kind, {}).update(r.objects)
         return out
 
+    def collect(self) -> Iterator[Metric]:
+        """The source's metrics, read at scrape time (a prometheus_client collector)."""
+        events = CounterMetricFamily(
+            "meshproxy_control_k8s_events",
+            "Changes seen per kind and type, relists included (pilot_k8s_reg_events, "
+            "pilot_k8s_cfg_events)",
+            labels=["kind", "event"],
+        )
+        for (kind, typ), n in sorted(self.events.items()):
+            if typ != "SYNCED":
+                events.add_metric([kind, typ.lower()], n)
+        yield events
+        per_kind = {
+            "lists": ("Lists per kind: the first one and each relist", "lists"),
+            "watches": ("Watch requests per kind (reconnects included)", "watches"),
+            "gone": ("410 Gone answers per kind (each causes a relist)", "gone"),
+            "errors": ("Failed list/watch requests per kind (retried with backoff)", "errors"),
+            "bookmarks": ("BOOKMARK events per kind", "bookmarks"),
+        }
+        for name, (help_text, attr) in per_kind.items():
+            m = CounterMetricFamily(f"meshproxy_control_k8s_{name}", help_text, labels=["kind"])
+            totals: collections.Counter[str] = collections.Counter()
+            for r in self.reflectors:
+                totals[r.kind.kind] += getattr(r, attr)
+            for kind, n in totals.items():
+                m.add_metric([kind], n)
+            yield m
+
     async def run(self, cp: Any) -> None:
         """Reload ``cp`` (a :class:`control.server.ControlPlane` whose store is ours) after the
-        first sync and after every debounced burst of changes, until cancelled."""
+        first sync and after every debounced burst of changes, until cancelled. The source's
+        metrics join ``cp``'s ``/metrics``."""
         loop = asyncio.get_running_loop()
+        with contextlib.suppress(ValueError):  # already registered (run again)
+            cp.metrics.registry.register(self)
         await self.synced()
         while True:
             first = loop.time()

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.exposition import generate_latest
 
 from control.istio.translate import translate
 from control.kube import KubeSource, KubeStore, slim_pod
@@ -173,6 +174,34 @@ def test_publish_not_ready_addresses_keeps_unready_endpoints() -> None:
     svc["spec"]["publishNotReadyAddresses"] = True
     doc = service_document(svc, [sl], {})
     assert doc is not None and [e["address"] for e in doc["spec"]["endpoints"]] == ["10.0.0.1"]
+
+
+def test_service_selects_workload_entries_of_its_namespace() -> None:
+    svc = service("legacy")
+    we = {
+        "kind": "WorkloadEntry",
+        "metadata": {"name": "vm-1", "namespace": "default"},
+        "spec": {"address": "10.9.0.1", "labels": {"app": "legacy", "zone": "a"},
+                 "serviceAccount": "legacy-vm", "ports": {"http": 8000}},
+    }  # fmt: skip
+    other = copy.deepcopy(we)
+    other["metadata"]["name"] = "vm-2"
+    other["spec"]["labels"] = {"app": "else"}
+    objects = {
+        "Service": {"default/legacy": svc},
+        "WorkloadEntry": {"default/vm-1": we, "default/vm-2": other},
+    }
+    se = next(s for s in documents_of(objects) if s.derived)
+    assert se.document["spec"]["endpoints"] == [we["spec"]]
+    store = KubeStore()
+    store.objects = objects
+    out = store.load()
+    assert out.config is not None, out.problems
+    snap = translate(out.config.resources, ProxyIdentity("default", {}))
+    eps = snap.clusters["legacy.default.svc.cluster.local"].endpoints
+    assert [(e.address, e.port, e.service_account) for e in eps] == [
+        ("10.9.0.1", 8000, "legacy-vm")
+    ]
 
 
 def test_service_without_endpoints_keeps_its_host_and_unnamed_port() -> None:
@@ -534,6 +563,12 @@ async def test_forced_410_relists_without_losing_an_event(env: Env) -> None:
     assert ("VirtualService", "MODIFIED", "default/change") in relisted
     assert ("VirtualService", "ADDED", "default/new") in relisted
     assert ("VirtualService", "MODIFIED", "default/keep") not in relisted
+    metrics = generate_latest(env.cp.metrics.registry).decode()
+    assert 'meshproxy_control_k8s_gone_total{kind="VirtualService"} 1.0' in metrics
+    assert 'meshproxy_control_k8s_lists_total{kind="VirtualService"} 2.0' in metrics
+    assert 'meshproxy_control_k8s_events_total{event="deleted",kind="VirtualService"} 1.0' in (
+        metrics
+    )
     # and the watch goes on from the relist
     env.api.delete("VirtualService", "default", "keep")
     await env.until(lambda: "VirtualService/default/keep" not in env.docs())

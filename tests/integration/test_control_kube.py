@@ -246,6 +246,7 @@ async def test_routes_follow_the_kubernetes_api(world: World) -> None:
     w.api.compact()
     await wait_until(lambda: lands_on(w, {(200, "v2")}), timeout=CONVERGE)
     assert w.api.request_count("virtualservices", watch=False) == lists + 1  # one relist
+    assert await w.control.metric('meshproxy_control_k8s_gone_total{kind="VirtualService"}') == 1
 
     # deleting the VirtualService: the default route spreads over both endpoints
     w.api.delete("VirtualService", "default", "reviews")
