@@ -41,8 +41,9 @@ def add_control_parsers(sub: Any) -> None:
     ctl = sub.add_parser(
         "control",
         help="run the control plane",
-        description="Watch DIR (Istio YAML), validate it, and push versioned per-proxy config "
-        "to every proxy connected on /v1/stream; GET /status tells who runs what.",
+        description="Watch DIR (Istio YAML) or, with --kubernetes, the Kubernetes API, validate "
+        "the config, and push versioned per-proxy config to every proxy connected on "
+        "/v1/stream; GET /status tells who runs what.",
     )
     source = ctl.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", action="append", metavar="DIR", help="Istio YAML; repeatable")
@@ -103,7 +104,7 @@ def add_control_parsers(sub: Any) -> None:
         type=float,
         default=0.1,
         metavar="S",
-        help="quiet time after a file change before reloading [0.1]",
+        help="quiet time after a file (or Kubernetes object) change before reloading [0.1]",
     )
     ctl.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="[info]")
 
