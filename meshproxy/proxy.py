@@ -403,12 +403,25 @@ class OutboundConnection(HttpConnection):
         return orig
 
     def data_received(self, data: bytes) -> None:
-        """The connection's first bytes (called once: the class changes here)."""
+        """The connection's first bytes: the class changes here, and the transport is told
+        (uvloop caches the bound ``data_received``), so later reads go straight to the new
+        class's method."""
+        cls = self.__class__
+        if cls is not OutboundConnection:  # a stale cached method: these are not the first bytes
+            cls.data_received(self, data)
+            return
         b = data[0] if data else 0x41
         if not (0x41 <= b <= 0x5A or b in _CRLF) and self._tunnel_to_original(data):
             return
         self.__class__ = _HttpOutbound
+        self._rebind()
         HttpConnection.data_received(self, data)
+
+    def _rebind(self) -> None:
+        """Make the transport look the protocol's methods up again (after a class change)."""
+        set_protocol = getattr(self.transport, "set_protocol", None)
+        if set_protocol is not None:
+            set_protocol(self)
 
     def _tunnel_to_original(self, data: bytes) -> bool:
         """Not HTTP: tunnel a redirected connection to where it was going; False when it was
@@ -434,6 +447,7 @@ class OutboundConnection(HttpConnection):
         self._no_more = True
         self.tunnel = tunnel = TcpTunnel(t, data)
         self.__class__ = _TunnelOutbound
+        self._rebind()
         tunnel.start(ip, port, TCP_CONNECT_TIMEOUT)
         return True
 

@@ -88,11 +88,13 @@ while True:
 
 # A client speaking no HTTP: sends bytes that start like a TLS record, prints what comes back.
 RAW_CLIENT = """\
-import socket, sys
+import socket, sys, time
 msg = b"\\x16\\x03\\x01 not http at all"
 try:
     with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as s:
-        s.sendall(msg)
+        s.sendall(msg[:5])
+        time.sleep(0.1)  # two reads on the sidecar's side: the tunnel gets the second one
+        s.sendall(msg[5:])
         got = b""
         while len(got) < len(msg):
             piece = s.recv(65536)

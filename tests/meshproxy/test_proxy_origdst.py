@@ -229,3 +229,59 @@ async def test_registry_only_tunnels_service_entry_addresses_only(kernel: Kernel
     finally:
         echo.close()
         await echo.wait_closed()
+
+
+def test_under_uvloop_later_reads_are_http_body_not_first_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uvloop caches the protocol's bound ``data_received``: after the first bytes made the
+    connection HTTP, a body piece that starts like TLS must still be body (the transport is
+    re-bound to the new class's method, and a stale call is passed on)."""
+    import uvloop
+
+    kernel = Kernel()
+    monkeypatch.setattr(proxy_mod, "original_dst", kernel)
+    bodies: list[bytes] = []
+
+    async def upstream(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await r.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                bodies.append(await r.readexactly(length))
+                w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+    async def scenario() -> None:
+        up = await asyncio.start_server(upstream, "127.0.0.1", 0)
+        kernel.orig = ("127.0.0.1", up.sockets[0].getsockname()[1])
+        try:
+            async with running_dataplane(service_snapshot("svc", [1])) as p:
+                reader, writer = await asyncio.open_connection(p.host, p.port)
+                body = b"\x16\x03\x01 binary body"
+                writer.write(
+                    b"POST /up HTTP/1.1\r\nHost: unknown.example\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(body)
+                )
+                await writer.drain()
+                await asyncio.sleep(0.05)  # the body arrives in a read of its own
+                writer.write(body)
+                r = await read_response(reader)
+                assert r.status == 200 and r.body == b"ok"
+                writer.write(get("/second", host="unknown.example"))
+                r = await read_response(reader)
+                assert r.status == 200
+                writer.close()
+        finally:
+            up.close()
+            await up.wait_closed()
+        assert bodies == [body, b""]
+        assert kernel.reads == 1
+
+    uvloop.run(scenario())
