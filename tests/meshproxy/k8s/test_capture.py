@@ -7,6 +7,9 @@ is tested in network namespaces (tests/integration/test_capture_netns.py).
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from meshproxy.cli import main
@@ -268,3 +271,68 @@ def test_cli_dry_run_prints_the_rules(capsys: pytest.CaptureFixture[str]) -> Non
     out = capsys.readouterr().out
     assert out.startswith("# iptables-legacy-restore --noflush\n*nat\n")
     assert "# ip6tables-legacy-restore --noflush\n" in out and "-s ::6/128" in out
+
+
+# --------------------------------------------------------------------------- the edge
+
+
+CAT = shutil.which("cat") or "/bin/cat"  # the fakes run with PATH = their own directory
+
+
+def _fake_iptables(bin_dir: Path, log: Path, saved: str, fail_restore: bool = False) -> None:
+    """iptables-save / iptables-restore stand-ins: save prints ``saved``; restore appends its
+    argv and stdin to ``log`` (or fails like a kernel without permission)."""
+    bin_dir.mkdir()
+    (bin_dir / "saved.txt").write_text(saved)
+    save = f"#!/bin/sh\nexec {CAT} {bin_dir / 'saved.txt'}\n"
+    restore = (
+        "#!/bin/sh\necho 'iptables-restore v1.8.9 (nf_tables): Permission denied' >&2\nexit 4\n"
+        if fail_restore
+        else f'#!/bin/sh\necho "== $0 $*" >> {log}\n{CAT} >> {log}\n'
+    )
+    for name, text in (("iptables-save", save), ("iptables-restore", restore)):
+        path = bin_dir / name
+        path.write_text(text)
+        path.chmod(0o755)
+
+
+def test_cli_capture_cleans_then_installs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "restore.log"
+    _fake_iptables(tmp_path / "bin", log, SAVED)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no ip6tables here
+    assert main(["capture", "--exclude-inbound-ports", "22"]) == 0
+    assert capsys.readouterr().out == "iptables: capture installed\n"
+    restore = str(tmp_path / "bin" / "iptables-restore")
+    expected_clean = clean_rules(SAVED)
+    assert expected_clean is not None
+    assert log.read_text() == (
+        f"== {restore} --noflush\n{expected_clean}"
+        f"== {restore} --noflush\n{capture_rules(parse_options(exclude_inbound_ports='22'))}"
+    )
+
+
+def test_cli_clean_skips_a_missing_ip6tables_and_a_clean_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "restore.log"
+    _fake_iptables(tmp_path / "bin", log, "*nat\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert main(["capture", "--clean"]) == 0
+    assert capsys.readouterr().out == "iptables: nothing to remove\n"
+    assert not log.exists()  # nothing was restored
+
+
+def test_cli_restore_failure_is_one_line_exit_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _fake_iptables(tmp_path / "bin", tmp_path / "log", SAVED, fail_restore=True)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert main(["capture"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("meshproxy capture: iptables-restore --noflush: exit 4: ")
+    assert "Permission denied" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert main(["capture"]) == 1
+    assert "iptables-save" in capsys.readouterr().err
