@@ -28,6 +28,11 @@ not freeze the mesh). Validation is reused per document while its content is unc
 The version is :func:`control.protocol.config_version` over the documents' digests in load
 order: the same cluster content gives the same version, also across restarts.
 
+Pods serve the registry only (endpoint labels and service accounts). A proxy's namespace and
+labels stay the ones of its ``hello`` (the injector passes the Pod's): the proxy translates
+with that identity, so scoping its documents with another one (say, the Pod's labels edited
+since) would break :mod:`control.scope`'s invariant.
+
 Its metrics join the control plane's ``/metrics`` (a collector read at scrape time, nothing
 counted twice): ``meshproxy_control_k8s_events_total{kind,event}`` and, per kind, ``lists``
 (first list and relists), ``watches``, ``gone`` (410s), ``errors`` and ``bookmarks``.
