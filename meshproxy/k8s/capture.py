@@ -15,6 +15,8 @@ namespace, the nat table sends
   listener (``--inbound-port``, 15006), for the ``--include-inbound-ports`` (``*`` = every port)
   except the sidecar's own ports 15090 (Prometheus), 15021 (health) and 15020 (merged metrics;
   Istio's injection template passes these three with ``-d``) and ``--exclude-inbound-ports``.
+  The admin port 15000 needs no exclusion: it listens on 127.0.0.1, which inbound capture
+  (``PREROUTING``: traffic from outside the pod) never sees.
 
 The chains, rules and their order are istio-iptables' (``tools/istio-iptables/pkg/capture``,
 REDIRECT mode, DNS capture off), including its special cases:
