@@ -30,8 +30,9 @@ while stopping cuts the wait short.
 A sidecar (``--inbound``, or ``--stop-order sidecar``) stops differently on SIGTERM/SIGINT
 (:mod:`meshproxy.lifecycle`): only the inbound side drains, the outbound listener keeps
 serving the application while it shuts down, and the process exits once no connection is
-open (after ``--min-drain-seconds``, before ``--drain-seconds``). ``--health`` / ``--metrics`` start with admin
-(:class:`~meshproxy.lifecycle.StatusListeners`) and are on the ``listening`` line.
+open (after ``--min-drain-seconds``, before ``--drain-seconds``). ``--health`` /
+``--metrics`` start with admin (:class:`~meshproxy.lifecycle.StatusListeners`) and are on the
+``listening`` line.
 
 With ``--access-log PATH|-`` the file is opened before anything listens (cannot open -> exit
 2), handed to the data plane, started right after the ``listening`` line is flushed (so on
