@@ -16,7 +16,9 @@ per finished request); its owner (the composition root) starts and closes it.
 
 One timer per data plane runs the stream idle check (Envoy's ``stream_idle_timeout``): every
 ``Settings.stream_idle_timeout / 4`` each in-flight request compares its byte and attempt counts
-with the last look and ends itself once nothing moved for the timeout.
+with the last look and ends itself once nothing moved for the timeout. The same sweep closes TCP
+passthrough tunnels idle for ``Settings.tcp_idle_timeout`` (tcp_proxy's ``idle_timeout``); it
+runs at a quarter of the shorter of the two timeouts, at most every 30 s.
 
 While it exists the data plane also installs the metrics' cyclic-GC hook
 (``Metrics.gc``; removed by :meth:`close`), since a collection is a stall of every request.
@@ -156,7 +158,8 @@ class DataPlane:
         return [c for c in (self._server_ctx, self._inbound_ctx) if c is not None]
 
     def _arm_idle_sweep(self) -> None:
-        timeout = self._settings.stream_idle_timeout
+        s = self._settings
+        timeout = min(s.stream_idle_timeout, s.tcp_idle_timeout)
         every = min(max(timeout / 4, 0.05), 30.0)
         self._idle_timer = asyncio.get_running_loop().call_later(every, self._idle_sweep)
 
@@ -173,6 +176,10 @@ class DataPlane:
                         ex.idle_check(now, timeout)
                     except Exception:  # a bug: never stop the sweep for everybody else
                         log.exception("internal error in the stream idle check of %r", ex)
+        if self._proxy is not None and self._proxy.tunnels:
+            tcp_timeout = self._settings.tcp_idle_timeout
+            for tunnel in list(self._proxy.tunnels):
+                tunnel.idle_check(now, tcp_timeout)
         self._arm_idle_sweep()
 
     def stop_accepting(self, *, inbound_only: bool = False) -> None:

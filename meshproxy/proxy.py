@@ -280,6 +280,7 @@ class ProxyContext:
         "random",
         "settings",
         "state",
+        "tunnels",
     )
 
     def __init__(
@@ -310,6 +311,7 @@ class ProxyContext:
         # ALLOW_ANY: original destination -> (pool key, its PassthroughCluster); per snapshot
         self.passthrough: dict[tuple[str, int], tuple[str, Cluster]] = {}
         self.passthrough_snap: Snapshot | None = None
+        self.tunnels: set[TcpTunnel] = set()  # open TCP passthrough tunnels (the idle sweep's)
 
     def lookup(self, snap: Snapshot, authority: str) -> Destination:
         """What ``authority`` resolves to under ``snap``, memoised per snapshot.
@@ -445,7 +447,11 @@ class OutboundConnection(HttpConnection):
             self._timer.cancel()
             self._timer = None
         self._no_more = True
-        self.tunnel = tunnel = TcpTunnel(t, data)
+        if proxy is not None:  # the idle sweep's
+            self.tunnel = tunnel = TcpTunnel(t, data, proxy.tunnels.discard)
+            proxy.tunnels.add(tunnel)
+        else:
+            self.tunnel = tunnel = TcpTunnel(t, data)
         self.__class__ = _TunnelOutbound
         self._rebind()
         tunnel.start(ip, port, TCP_CONNECT_TIMEOUT)

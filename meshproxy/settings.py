@@ -22,6 +22,9 @@ class Settings:
     # stream_idle_timeout, 5 min): 408 "stream timeout" (flag SI), or a reset once the
     # response started. The deadline of every wait the route's timeouts leave open.
     stream_idle_timeout: float = 300.0
+    # a TCP passthrough tunnel with no byte moving either way for this long is closed
+    # (Envoy's tcp_proxy idle_timeout, 1 h)
+    tcp_idle_timeout: float = 3600.0
     # inbound listener: a new connection's first byte tells TLS from plaintext; a client
     # that sends nothing for this long is closed (Envoy's listener_filters_timeout, 15 s)
     first_byte_timeout: float = 15.0

@@ -15,8 +15,15 @@ client's bytes go to the original destination unchanged and the answer comes bac
   reading on the other side (``pause_writing`` / ``resume_writing``), so neither buffers more
   than the transports' limits.
 * **Half-close** is passed on (``write_eof``), so request/response protocols that end with a
-  shutdown work; either side's close closes the other. :meth:`close` ends everything and
-  cancels a connect in progress; nothing is left running after it.
+  shutdown work. The EOF of each direction is recorded: once both directions have ended (or
+  one has and the other side is already closing) the tunnel closes both transports (pending
+  bytes are flushed first), so a connection whose two peers each shut down their sending side
+  is not left open forever. Either side's close closes the other. :meth:`close` ends
+  everything and cancels a connect in progress; nothing is left running after it.
+* **Idle timeout** (Envoy's tcp_proxy ``idle_timeout``, 1 h by default): every read counts in
+  :attr:`TcpTunnel.moved`; the data plane's periodic sweep (one timer for every connection,
+  none per tunnel) calls :meth:`TcpTunnel.idle_check`, which closes a tunnel whose count has
+  not changed for the timeout.
 """
 
 from __future__ import annotations
@@ -37,14 +44,12 @@ class _Upstream(asyncio.Protocol):
         self.tunnel = tunnel
 
     def data_received(self, data: bytes) -> None:
-        self.tunnel.client.write(data)
+        tunnel = self.tunnel
+        tunnel.moved += 1
+        tunnel.client.write(data)
 
     def eof_received(self) -> bool:
-        client = self.tunnel.client
-        if client.can_write_eof() and not client.is_closing():
-            client.write_eof()
-            return True  # the client may still send: keep our side open
-        return False
+        return self.tunnel.upstream_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.tunnel.upstream_lost()
@@ -64,16 +69,20 @@ class TcpTunnel:
         self,
         client: asyncio.Transport,
         first: bytes,
-        on_close: Callable[[], None] | None = None,
+        on_close: Callable[[TcpTunnel], None] | None = None,
     ) -> None:
         self.client = client
         self._held: list[bytes] = [first] if first else []
-        self._held_eof = False
+        self._client_eof = False  # the client half-closed (held back while connecting)
+        self._up_eof = False  # the upstream half-closed
         self._up: asyncio.Transport | None = None
         self._task: asyncio.Task[None] | None = None
         self._on_close = on_close
         self.closed = False
         self.target = ""
+        self.moved = 1  # reads so far, both ways (the idle check compares it with its last look)
+        self._seen = 0  # `moved` at the idle check's last look, and since when it is unchanged
+        self._seen_at = 0.0
 
     def start(self, host: str, port: int, timeout: float) -> None:
         """Connect in the background (the client is paused until then)."""
@@ -100,13 +109,17 @@ class TcpTunnel:
         for piece in self._held:
             up.write(piece)
         self._held = []
-        if self._held_eof and up.can_write_eof():
+        if self._client_eof:
+            if self._up_eof or not up.can_write_eof():
+                self.close()
+                return
             up.write_eof()
         self.client.resume_reading()
 
     # ------------------------------------------------------------------ client events
 
     def client_data(self, data: bytes) -> None:
+        self.moved += 1
         up = self._up
         if up is not None:
             up.write(data)
@@ -114,15 +127,32 @@ class TcpTunnel:
             self._held.append(data)  # at most what arrived before pause_reading took effect
 
     def client_eof(self) -> bool:
-        """The client half-closed; True keeps the client transport open for the answer."""
+        """The client half-closed; True keeps the client transport open for the answer
+        (False: the tunnel is closed, both directions having ended)."""
+        if self._client_eof or self.closed:
+            return not self.closed
+        self._client_eof = True
         up = self._up
         if up is None:
-            self._held_eof = True
-            return True
-        if up.can_write_eof() and not up.is_closing():
-            up.write_eof()
-            return True
-        return False
+            return True  # passed on once connected
+        if self._up_eof or up.is_closing() or not up.can_write_eof():
+            self.close()
+            return False
+        up.write_eof()
+        return True
+
+    def upstream_eof(self) -> bool:
+        """The upstream half-closed; True keeps the upstream transport open (the client may
+        still send)."""
+        if self._up_eof or self.closed:
+            return not self.closed
+        self._up_eof = True
+        client = self.client
+        if self._client_eof or client.is_closing() or not client.can_write_eof():
+            self.close()
+            return False
+        client.write_eof()
+        return True
 
     def client_paused_writing(self) -> None:
         if self._up is not None:
@@ -133,6 +163,16 @@ class TcpTunnel:
             self._up.resume_reading()
 
     # ------------------------------------------------------------------ endings
+
+    def idle_check(self, now: float, timeout: float) -> None:
+        """Called by the data plane's periodic sweep: close the tunnel once no byte has moved
+        either way for ``timeout`` seconds (Envoy's tcp_proxy ``idle_timeout``)."""
+        if self.moved != self._seen:
+            self._seen = self.moved
+            self._seen_at = now
+        elif now - self._seen_at >= timeout:
+            log.debug("tcp passthrough to %s idle for %.0fs: closed", self.target, timeout)
+            self.close()
 
     def upstream_lost(self) -> None:
         self._up = None
@@ -152,7 +192,7 @@ class TcpTunnel:
         if not self.client.is_closing():
             self.client.close()
         if self._on_close is not None:
-            self._on_close()
+            self._on_close(self)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("open" if self._up is not None else "connecting")
