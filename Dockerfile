@@ -66,10 +66,12 @@ RUN apt-get update \
        --shell /usr/sbin/nologin meshproxy
 
 # Only wheels, from the build stage, never an index: nothing is compiled or fetched here, and
-# the wheels are bind-mounted, so they take no layer of the image.
+# the wheels are bind-mounted, so they take no layer of the image. The project's wheel is named
+# by file: /wheels holds exactly one meshproxy version, the one pyproject.toml says, whatever
+# --build-arg VERSION says (VERSION only labels the image).
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --only-binary=:all: --find-links=/wheels \
-        "meshproxy==${VERSION}"
+        /wheels/meshproxy-*.whl
 
 USER 1337:1337
 WORKDIR /
