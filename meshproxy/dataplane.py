@@ -102,6 +102,7 @@ class DataPlane:
         """Start an outbound listener; returns the bound (host, port)."""
         ctx = self._contexts()
         proxy = self._proxy
+        assert proxy is not None  # made with the context
         server, addr = await listen(
             lambda: OutboundConnection(ctx, proxy), host, port, reuse_port=reuse_port
         )

@@ -390,7 +390,9 @@ class OutboundConnection(HttpConnection):
 
     __slots__ = ("_orig", "proxy", "tunnel")
 
-    def __init__(self, ctx: ServerContext, proxy: ProxyContext | None = None) -> None:
+    def __init__(self, ctx: ServerContext, proxy: ProxyContext) -> None:
+        if proxy is None:  # the outbound policy (REGISTRY_ONLY) is the proxy's: never fail open
+            raise TypeError("OutboundConnection needs its ProxyContext")
         super().__init__(ctx)
         self._orig: tuple[str, int] | None = _UNREAD
         self.proxy = proxy
@@ -435,8 +437,7 @@ class OutboundConnection(HttpConnection):
         ip, port = orig
         proxy = self.proxy
         if (
-            proxy is not None
-            and proxy.settings.outbound_traffic_policy == "REGISTRY_ONLY"
+            proxy.settings.outbound_traffic_policy == "REGISTRY_ONLY"
             and host_for_address(proxy.state.snapshot.routes, ip, port) is None
         ):
             log.debug("REGISTRY_ONLY: TCP to %s:%d closed (BlackHoleCluster)", ip, port)
@@ -447,11 +448,8 @@ class OutboundConnection(HttpConnection):
             self._timer.cancel()
             self._timer = None
         self._no_more = True
-        if proxy is not None:  # the idle sweep's
-            self.tunnel = tunnel = TcpTunnel(t, data, proxy.tunnels.discard)
-            proxy.tunnels.add(tunnel)
-        else:
-            self.tunnel = tunnel = TcpTunnel(t, data)
+        self.tunnel = tunnel = TcpTunnel(t, data, proxy.tunnels.discard)
+        proxy.tunnels.add(tunnel)  # the idle sweep's
         self.__class__ = _TunnelOutbound
         self._rebind()
         tunnel.start(ip, port, TCP_CONNECT_TIMEOUT)

@@ -285,3 +285,17 @@ def test_under_uvloop_later_reads_are_http_body_not_first_bytes(
         assert kernel.reads == 1
 
     uvloop.run(scenario())
+
+
+async def test_the_outbound_policy_cannot_be_left_out() -> None:
+    """An outbound connection always knows its ProxyContext (REGISTRY_ONLY is read from it):
+    there is no way to build one that would tunnel without the check."""
+    from meshproxy.http.server import ServerContext
+    from meshproxy.proxy import OutboundConnection
+    from tests.support.fakes import FakeMetrics
+
+    ctx = ServerContext(Settings(), FakeMetrics(), lambda conn, head: None)  # type: ignore[arg-type,return-value]
+    with pytest.raises(TypeError):
+        OutboundConnection(ctx)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        OutboundConnection(ctx, None)  # type: ignore[arg-type]
