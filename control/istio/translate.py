@@ -1306,7 +1306,11 @@ class _Translator:
     ) -> tuple[dict[str, dict[int, str]], tuple[tuple[IPNetwork, dict[int, str]], ...]]:
         """ServiceEntry ``addresses`` -> the hosts a redirected connection to ``IP:port`` is
         for (single addresses in a dict, CIDRs in a list); the first entry to claim an
-        address and port keeps it. Only what validation accepted gets here."""
+        address and port keeps it. CIDRs are listed longest prefix first (a stable sort, so
+        document order among equal lengths), which :func:`~meshproxy.core.routing.host_for_address`
+        scans in order: the most specific range holding the address and port wins, as Envoy's
+        filter-chain match picks the most specific prefix. Only what validation accepted gets
+        here."""
         exact: dict[str, dict[int, str]] = {}
         ranges: dict[IPNetwork, dict[int, str]] = {}
         for host, svc in self.services.items():
@@ -1324,7 +1328,7 @@ class _Translator:
                     slot = ranges.setdefault(net, {})
                 for port in ports:
                     slot.setdefault(port, host)
-        return exact, tuple(ranges.items())
+        return exact, tuple(sorted(ranges.items(), key=lambda r: -r[0].prefixlen))
 
     def virtual_host(
         self, vs: Resource[VirtualServiceSpec], domains: tuple[str, ...]

@@ -186,7 +186,9 @@ def host_for_address(table: RouteTable, ip: str, port: int) -> str | None:
 
     ``ip`` is the original destination from ``SO_ORIGINAL_DST``, an argument like everything
     else here. A single address is one dict lookup; CIDR entries are scanned in order (a
-    mesh has few). A v4-mapped IPv6 address is looked up as its IPv4 address."""
+    mesh has few), which the translation makes longest prefix first: the most specific range
+    holding the address and port wins. A v4-mapped IPv6 address is looked up as its IPv4
+    address."""
     if ip.startswith("::ffff:"):
         ip = ip[7:]
     ports = table.addresses.get(ip)

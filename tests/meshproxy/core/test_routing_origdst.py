@@ -11,6 +11,8 @@ import ipaddress
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from control.istio import build_snapshot
 from meshproxy.config.model import ProxyIdentity, RouteTable, Snapshot
 from meshproxy.core.routing import find_virtual_host, host_for_address
@@ -121,3 +123,40 @@ def test_translation_builds_the_address_table(tmp_path: Path) -> None:
 def test_no_addresses_no_table(tmp_path: Path) -> None:
     table = _snapshot(tmp_path, MESH.split("    ---\n")[2]).routes
     assert table.addresses == {} and table.address_ranges == ()
+
+
+WIDE = """\
+    apiVersion: networking.istio.io/v1
+    kind: ServiceEntry
+    metadata: {name: wide, namespace: ns}
+    spec:
+      hosts: [wide.example]
+      addresses: [10.0.0.0/8]
+      ports: [{number: 443, name: tls, protocol: TLS}, {number: 5432, name: pg, protocol: TCP}]
+      resolution: NONE
+"""
+NARROW = """\
+    apiVersion: networking.istio.io/v1
+    kind: ServiceEntry
+    metadata: {name: narrow, namespace: ns}
+    spec:
+      hosts: [narrow.example]
+      addresses: [10.1.0.0/16]
+      ports: [{number: 443, name: tls, protocol: TLS}]
+      resolution: NONE
+"""
+
+
+@pytest.mark.parametrize(
+    "docs", [(WIDE, NARROW), (NARROW, WIDE)], ids=["wide-first", "narrow-first"]
+)
+def test_overlapping_cidrs_match_the_longest_prefix_first(
+    tmp_path: Path, docs: tuple[str, str]
+) -> None:
+    """Envoy's filter-chain match picks the most specific prefix, whatever the document order."""
+    table = _snapshot(tmp_path, docs[0] + "    ---\n" + docs[1]).routes
+    assert [net.prefixlen for net, _ in table.address_ranges] == [16, 8]
+    assert host_for_address(table, "10.1.2.3", 443) == "narrow.example"
+    assert host_for_address(table, "10.2.0.1", 443) == "wide.example"
+    # the narrow range does not have the port: the wider one that does still matches
+    assert host_for_address(table, "10.1.2.3", 5432) == "wide.example"
