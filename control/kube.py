@@ -20,11 +20,15 @@ EndpointSlices and Pods, as a ServiceEntry -- see that module for the exact mapp
 each document goes through the file source's decoder and validator
 (:func:`control.istio.load.load_documents`) under the name ``k8s://Kind/NS/NAME``, so a
 problem reads ``k8s://VirtualService/default/reviews: VirtualService/reviews: spec...: msg``.
-As with files, a load is all or nothing over the Istio objects: one invalid object (or a
-failed cross-resource check) is reported in ``/status`` ``errors`` and nothing is pushed --
-proxies keep the last valid config. A document derived from a Kubernetes Service that does
-not validate is skipped with a warning instead (a Service is not mesh configuration; it must
-not freeze the mesh). Validation is reused per document while its content is unchanged.
+Unlike files (all or nothing), an invalid Istio object is *dropped*, as istiod does: an object
+that does not validate on its own, then one that fails a cross-resource check (a route to a
+subset no DestinationRule defines), is left out and reported in ``/status`` ``errors`` (logged
+once, by the control plane), and everything else is validated, versioned and pushed -- one bad
+object in one namespace must not freeze every sidecar's Services and endpoints, nor keep a
+restarted control plane without a config. The dropped set is a function of the content, so the
+same content still gives the same version. A document derived from a Kubernetes Service that
+does not validate is skipped with a warning (a Service is not mesh configuration). Validation is
+reused per document while its content is unchanged.
 The version is :func:`control.protocol.config_version` over the documents' digests in load
 order: the same cluster content gives the same version, also across restarts.
 
@@ -122,10 +126,10 @@ class KubeStore:
                     continue
                 report.problems.extend(got.problems)
                 report.warnings.extend(got.warnings)
-                if got.resource is not None:
+                if got.resource is not None and not got.problems:  # invalid: dropped alone
                     pairs.append((got.resource, src.document))
             self._docs = cache
-            return assemble(pairs, report, len(sources))
+            return assemble(pairs, report, len(sources), drop_invalid=True)
 
     def __repr__(self) -> str:
         return f"KubeStore(documents={len(self._docs)})"

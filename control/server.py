@@ -6,8 +6,10 @@ Theory of operation
 as ``meshproxy validate``); :meth:`ControlPlane.watch` reloads it once the files have been quiet
 for ``debounce`` seconds (``watchfiles``, ~100 ms). A load with problems is logged, counted and
 shown in ``/status`` ``errors``; nothing is pushed and the last valid :class:`Config` stays the
-one proxies get. A load whose version equals the live one (a touch, a comment, a rewrite with
-the same content) changes nothing and pushes nothing.
+one proxies get. (A source may instead leave invalid objects out and give a config anyway -- the
+Kubernetes one, :mod:`control.kube`: then those objects' problems are the ``errors``, each
+logged once, and the config is pushed.) A load whose version equals the live one (a touch, a
+comment, a rewrite with the same content) changes nothing and pushes nothing.
 
 **Scoping.** A proxy gets only the documents that can affect its translation (its namespace,
 ``exportTo``, workload selectors: :mod:`control.scope`). Proxies with the same namespace and
@@ -284,11 +286,17 @@ class ControlPlane:
     def _record(self, outcome: LoadOutcome) -> None:
         for w in outcome.warnings:
             log.warning("%s", w)
-        if outcome.problems:
+        if outcome.problems and outcome.config is None:
             self.metrics.reloads.labels("invalid").inc()
             self.metrics.validation_errors.inc(len(outcome.problems))
             for p in outcome.problems:
                 log.error("invalid config, not pushed: %s", p)
+        elif outcome.problems:  # the source left these objects out and kept the rest
+            before = set(self.errors)
+            new = [p for p in outcome.problems if p not in before]  # each logged once
+            self.metrics.validation_errors.inc(len(new))
+            for p in new:
+                log.error("invalid, left out of the config (the rest is pushed): %s", p)
         self.errors = outcome.problems
         self.metrics.current_errors.set(len(outcome.problems))
 

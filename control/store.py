@@ -10,9 +10,10 @@ document is what goes on the wire to the proxies that need it (see :mod:`control
 A load is all or nothing. When any file has a problem, :meth:`ConfigStore.load` returns a
 :class:`LoadOutcome` with the problem lines (``FILE: Kind/name: field.path: message``) and no
 config; the caller keeps serving the last valid :class:`Config`, so invalid content is never
-pushed. Files are re-parsed only when their bytes change (a per-file cache keyed by path and a
-BLAKE2b digest of the content), so an edit to one file of many costs one parse plus the
-cross-resource checks, which always run on the assembled set.
+pushed. (The Kubernetes source uses the same :func:`assemble` but drops invalid objects one by
+one instead: see :mod:`control.kube`.) Files are re-parsed only when their bytes change (a per-
+file cache keyed by path and a BLAKE2b digest of the content), so an edit to one file of many
+costs one parse plus the cross-resource checks, which always run on the assembled set.
 
 A :class:`Config` is immutable. Its ``version`` is :func:`control.protocol.config_version` over
 every document's digest in load order: the same content gives the same version, also across
@@ -60,7 +61,9 @@ class Config:
 
 @dataclass(frozen=True, slots=True)
 class LoadOutcome:
-    """What one load gave: ``config`` is None when there were ``problems``."""
+    """What one load gave: ``config`` is None when there were ``problems``, except from a
+    source that drops what is invalid and keeps the rest (:class:`control.kube.KubeStore`):
+    then ``problems`` are those of the objects left out of ``config``."""
 
     config: Config | None
     problems: tuple[str, ...]
@@ -77,19 +80,40 @@ class _File:
 
 
 def assemble(
-    pairs: Sequence[tuple[Resource[Any], dict[str, Any]]], report: ValidationReport, inputs: int
+    pairs: Sequence[tuple[Resource[Any], dict[str, Any]]],
+    report: ValidationReport,
+    inputs: int,
+    *,
+    drop_invalid: bool = False,
 ) -> LoadOutcome:
     """The outcome of one load: the valid resources with their documents, in load order,
-    renumbered, cross-checked and versioned (no config when ``report`` has any problem)."""
-    resources: list[Resource[Any]] = []
-    documents: list[dict[str, Any]] = []
-    for r, doc in pairs:
-        order = len(resources)
-        resources.append(r if r.order == order else replace(r, order=order))
-        documents.append(doc)
-    grouped = Resources.of(resources)
-    cross_checks(grouped, report)
-    if report.problems:
+    renumbered, cross-checked and versioned (no config when ``report`` has any problem).
+
+    With ``drop_invalid`` (the Kubernetes source: ``pairs`` then holds only the resources that
+    validated on their own), a resource that fails a cross-resource check is dropped instead
+    -- its problems stay in the outcome, the file part of each problem line naming it -- and
+    the rest is checked again, so the outcome has a config *and* problems."""
+    kept = list(pairs)
+    while True:
+        resources: list[Resource[Any]] = []
+        documents: list[dict[str, Any]] = []
+        for r, doc in kept:
+            order = len(resources)
+            resources.append(r if r.order == order else replace(r, order=order))
+            documents.append(doc)
+        grouped = Resources.of(resources)
+        checked = ValidationReport()
+        cross_checks(grouped, checked)
+        if not drop_invalid or not checked.problems:
+            break
+        bad = {p.split(": ", 1)[0] for p in checked.problems}
+        remaining = [(r, d) for r, d in kept if r.file not in bad]
+        if len(remaining) == len(kept):
+            break  # a problem no resource can be blamed for: reported, the rest still goes
+        report.problems.extend(checked.problems)
+        kept = remaining
+    report.extend(checked)
+    if report.problems and not drop_invalid:
         return LoadOutcome(None, tuple(report.problems), tuple(report.warnings), inputs)
     config = Config(
         version=config_version(r.digest for r in resources),
@@ -97,7 +121,7 @@ def assemble(
         documents=tuple(documents),
         warnings=tuple(report.warnings),
     )
-    return LoadOutcome(config, (), tuple(report.warnings), inputs)
+    return LoadOutcome(config, tuple(report.problems), tuple(report.warnings), inputs)
 
 
 class DocumentSource(Protocol):

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 from prometheus_client.exposition import generate_latest
@@ -277,20 +278,53 @@ def test_backoff_doubles_with_jitter_and_resets() -> None:
     assert Backoff(0.2, 1.0, rand=lambda: 0.0).next() == pytest.approx(0.1)
 
 
-def test_store_reports_invalid_istio_object_with_its_source() -> None:
+def test_store_leaves_an_invalid_istio_object_out_and_keeps_the_rest() -> None:
     bad = vs("reviews", "reviews")
     bad["spec"]["http"][0]["timeout"] = "forever"
+    good = vs("ratings", "ratings")
     store = KubeStore()
-    store.objects = {"VirtualService": {"default/reviews": bad}}
+    store.objects = {"VirtualService": {"default/ratings": good}}
+    alone = store.load()
+    assert alone.config is not None
+    store.objects = {"VirtualService": {"default/reviews": bad, "default/ratings": good}}
     out = store.load()
-    assert out.config is None
     assert out.problems == (
         "k8s://VirtualService/default/reviews: VirtualService/reviews: "
         "spec.http[0].timeout: invalid duration 'forever' (expected e.g. '10s', '500ms', '1h2m')",
     )
+    assert out.config is not None
+    assert [r.name for r in out.config.resources.all()] == ["ratings"]
+    # the same content gives the same version: that of the config without the bad object
+    assert out.config.version == alone.config.version
     assert store.parsed == 1
-    store.load()
+    again = store.load()
     assert store.parsed == 0  # an unchanged document is not validated again
+    assert again.config is not None and again.config.version == out.config.version
+
+
+def test_store_drops_an_object_failing_a_cross_resource_check() -> None:
+    """A route to a subset its DestinationRule does not define: that VirtualService goes, the
+    DestinationRule and the other routes stay."""
+    wrong = vs("reviews", "reviews", (50, 50))
+    wrong["spec"]["http"][0]["route"][1]["destination"]["subset"] = "v3"
+    rule = dr("reviews", "reviews")
+    fine = vs("ratings", "ratings")
+    store = KubeStore()
+    store.objects = {
+        "VirtualService": {"default/reviews": wrong, "default/ratings": fine},
+        "DestinationRule": {"default/reviews": rule},
+    }
+    out = store.load()
+    assert out.config is not None
+    assert sorted(f"{r.kind}/{r.name}" for r in out.config.resources.all()) == [
+        "DestinationRule/reviews",
+        "VirtualService/ratings",
+    ]
+    (problem,) = out.problems
+    assert problem.startswith(
+        "k8s://VirtualService/default/reviews: VirtualService/reviews: spec.http[0].route[1]"
+    )
+    assert "subset 'v3' is not defined by DestinationRule/reviews" in problem
 
 
 # --------------------------------------------------------------------------- against the API
@@ -597,24 +631,65 @@ async def test_history_overflow_while_disconnected_is_a_410(env: Env) -> None:
     await env.until(lambda: len(env.reflector("Service").objects) == 60)
 
 
-async def test_invalid_virtual_service_is_reported_not_pushed_last_good_kept(env: Env) -> None:
-    env.api.create(vs("reviews", "reviews"))
-    await env.until(lambda: "VirtualService/default/reviews" in env.docs())
-    good = env.cp.config
+async def test_an_invalid_virtual_service_is_left_out_and_the_rest_is_pushed(
+    tmp_path: Path,
+) -> None:
+    """istiod's behaviour: an invalid object present at start does not keep the control plane
+    without a config; it is reported, the rest (here a Service's scale-up) is pushed, and
+    fixing it pushes it and clears the error."""
+    api = FakeKubeAPI()
     bad = vs("reviews", "reviews")
-    bad["spec"]["http"][0]["timeout"] = "forever"
-    env.api.update(bad)
+    bad["spec"]["http"][0]["match"] = [{"uri": {"regex": "("}}]
+    api.create(bad)
+    api.create(vs("ratings", "ratings"))
+    api.create(service("ratings"))
+    api.create(endpoint_slice("ratings-a", "ratings", [("10.0.0.1", "ratings-1", True)]))
+    async with running(tmp_path, api) as env:
+        host, port = await env.cp.start("127.0.0.1", 0)
+        base = f"http://{host}:{port}"
+        await env.until(lambda: env.cp.config is not None)
+        assert "VirtualService/default/reviews" not in env.docs()
+        assert "VirtualService/default/ratings" in env.docs()
+        (problem,) = env.cp.errors
+        assert problem.startswith(
+            "k8s://VirtualService/default/reviews: VirtualService/reviews: "
+            "spec.http[0].match[0].uri.regex: "
+        )
+        async with aiohttp.ClientSession() as s:
+            async with s.get(base + "/ready") as r:
+                assert r.status == 200
+            async with s.get(base + "/status") as r:
+                assert (await r.json())["errors"] == [problem]
+        # an unrelated scale-up is pushed; the error stays, logged once
+        key = "ServiceEntry/default/ratings"
+        env.api.update(
+            endpoint_slice(
+                "ratings-a",
+                "ratings",
+                [("10.0.0.1", "ratings-1", True), ("10.0.0.2", "ratings-2", True)],
+            )
+        )
+        await env.until(lambda: len(env.docs()[key]["spec"]["endpoints"]) == 2)
+        assert env.cp.errors == (problem,)
+        # fixed: pushed, no errors
+        env.api.update(vs("reviews", "reviews2"))
+        await env.until(lambda: "VirtualService/default/reviews" in env.docs())
+        assert env.cp.errors == ()
+        assert env.docs()["VirtualService/default/reviews"]["spec"]["hosts"] == ["reviews2"]
+
+
+async def test_a_problem_is_logged_once_however_many_reloads(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = vs("reviews", "reviews")
+    bad["spec"]["http"][0]["timeout"] = "5x"
+    env.api.create(bad)
     await env.until(lambda: bool(env.cp.errors))
-    assert env.cp.config is good
-    assert env.cp.errors == (
-        "k8s://VirtualService/default/reviews: VirtualService/reviews: "
-        "spec.http[0].timeout: invalid duration 'forever' (expected e.g. '10s', '500ms', '1h2m')",
-    )
-    assert env.cp.status()["errors"] == list(env.cp.errors)
-    # fixed: a new version, no errors
-    env.api.update(vs("reviews", "reviews2"))
-    await env.until(lambda: not env.cp.errors and env.cp.config is not good)
-    assert env.docs()["VirtualService/default/reviews"]["spec"]["hosts"] == ["reviews2"]
+    for i in range(3):
+        env.api.create(service(f"s{i}"))
+        await env.until(lambda i=i: f"ServiceEntry/default/s{i}" in env.docs())
+    logged = [r for r in caplog.records if "k8s://VirtualService/default/reviews" in r.message]
+    assert len(logged) == 1 and logged[0].levelname == "ERROR"
 
 
 async def test_namespaced_watch_sees_only_its_namespace(tmp_path: Path) -> None:

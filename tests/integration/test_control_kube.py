@@ -215,7 +215,8 @@ async def test_routes_follow_the_kubernetes_api(world: World) -> None:
     w.api.update(unready)
     await wait_until(lambda: lands_on(w, {(503, None)}), timeout=CONVERGE)
 
-    # an invalid VirtualService is reported and not pushed: the sidecar keeps the last config
+    # an invalid VirtualService is reported and left out, as istiod does: the rest of the
+    # config is still pushed (the default route: v2 is unready, so all goes to v1)
     before = (await w.control.status())["version"]
     bad = virtual_service(0, 100)
     bad["spec"]["http"][0]["timeout"] = "soon"
@@ -225,24 +226,37 @@ async def test_routes_follow_the_kubernetes_api(world: World) -> None:
         return bool((await w.control.status())["errors"])
 
     await wait_until(reported, timeout=CONVERGE)
+    await wait_until(lambda: lands_on(w, {(200, "v1")}), timeout=CONVERGE)
+    await wait_until(lambda: synced(w), timeout=CONVERGE)
     st = await w.control.status()
-    assert st["version"] == before
-    assert st["errors"][0].startswith(
-        "k8s://VirtualService/default/reviews: VirtualService/reviews: spec.http[0].timeout:"
-    )
+    assert st["version"] != before
+    assert st["errors"] == [
+        "k8s://VirtualService/default/reviews: VirtualService/reviews: spec.http[0].timeout: "
+        "invalid duration 'soon' (expected e.g. '10s', '500ms', '1h2m')"
+    ]
     out = await asyncio.to_thread(run_cli, "status", "--control-plane", w.control.url)
     assert out.returncode == 0, out.stderr
     assert "productpage-1" in out.stdout and "SYNCED" in out.stdout
     assert "1 config problem(s), not pushed:" in out.stdout
+    assert "k8s://VirtualService/default/reviews" in out.stdout
+    # an unrelated change (v2 ready again) still reaches the sidecar
+    w.api.update(endpoint_slice("v2", w.v2.port))
+
+    async def both() -> bool:
+        got = set(await answers(w, 12))
+        return got == {(200, "v1"), (200, "v2")}
+
+    await wait_until(both, timeout=CONVERGE)
+    assert len((await w.control.status())["errors"]) == 1
 
     # fixed and shifted back; then the API server "restarts" (streams closed, history
     # compacted, a change made in the gap): the 410 relist still delivers the change
     w.api.update(virtual_service(100, 0))
     await wait_until(lambda: lands_on(w, {(200, "v1")}), timeout=CONVERGE)
+    assert (await w.control.status())["errors"] == []
     lists = w.api.request_count("virtualservices", watch=False)
     w.api.close_watches()
     w.api.update(virtual_service(0, 100))
-    w.api.update(endpoint_slice("v2", w.v2.port))
     w.api.compact()
     await wait_until(lambda: lands_on(w, {(200, "v2")}), timeout=CONVERGE)
     assert w.api.request_count("virtualservices", watch=False) == lists + 1  # one relist
@@ -250,11 +264,6 @@ async def test_routes_follow_the_kubernetes_api(world: World) -> None:
 
     # deleting the VirtualService: the default route spreads over both endpoints
     w.api.delete("VirtualService", "default", "reviews")
-
-    async def both() -> bool:
-        got = set(await answers(w, 12))
-        return got == {(200, "v1"), (200, "v2")}
-
     await wait_until(both, timeout=CONVERGE)
     # deleting the Service: the host is gone, the sidecar answers 404
     w.api.delete("Service", "default", "reviews")
@@ -279,3 +288,4 @@ async def test_bad_flags_and_kubeconfig_exit_2(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "cannot load the Kubernetes client config" in out.stderr
     assert "Traceback" not in out.stderr
+
