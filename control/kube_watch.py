@@ -201,6 +201,20 @@ class Backoff:
 # --------------------------------------------------------------------------- client
 
 
+def kubeconfig_path(kubeconfig: str | None) -> tuple[str, str]:
+    """The kubeconfig file to read and how to name it in an error: ``kubeconfig`` itself, else
+    the first existing file of ``$KUBECONFIG`` (a path list, kubectl's precedence), else
+    ``~/.kube/config``."""
+    if kubeconfig is not None:
+        return kubeconfig, f"kubeconfig {kubeconfig}"
+    listed = [p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p]
+    if listed:
+        path = next((p for p in listed if os.path.isfile(p)), listed[0])
+        return path, f"$KUBECONFIG {os.pathsep.join(listed)}"
+    path = os.path.expanduser("~/.kube/config")
+    return path, f"~/.kube/config ({path})"
+
+
 class KubeClient:
     """kubernetes_asyncio's configuration (URL, TLS, token) and raw streaming GETs."""
 
@@ -216,12 +230,19 @@ class KubeClient:
 
         cfg = client.Configuration()
         where = "in-cluster"
+        in_cluster = kubeconfig is None and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        if not in_cluster:
+            path, named = kubeconfig_path(kubeconfig)
+            where = path
+            if not os.path.isfile(path):  # the loader would say "Expected key current-context"
+                raise KubeError(
+                    f"{named}: no such file"
+                    + ("" if kubeconfig else " (and KUBERNETES_SERVICE_HOST is not set)")
+                )
         try:
-            if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            if in_cluster:
                 config.load_incluster_config(client_configuration=cfg)
             else:
-                path = kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None
-                where = path or "~/.kube/config"
                 await config.load_kube_config(
                     config_file=path, context=context, client_configuration=cfg
                 )

@@ -16,6 +16,8 @@ requests sent through the sidecar land, the control plane's ``/status`` and
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +27,11 @@ import aiohttp
 import pytest
 
 from tests.integration.proxyproc import (
+    REPO,
     Control,
     MeshProxy,
     Upstream,
+    meshproxy_argv,
     ready,
     run_cli,
     start_listening,
@@ -289,3 +293,29 @@ async def test_bad_flags_and_kubeconfig_exit_2(tmp_path: Path) -> None:
     assert "cannot load the Kubernetes client config" in out.stderr
     assert "Traceback" not in out.stderr
 
+
+@pytest.mark.parametrize("via", ["home", "env"])
+async def test_a_missing_default_kubeconfig_is_named(tmp_path: Path, via: str) -> None:
+    """Without --kubeconfig, outside a cluster: the file looked for is named (the loader alone
+    says "Expected key current-context")."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}  # fmt: skip
+    env["HOME"] = str(tmp_path)
+    if via == "env":
+        env["KUBECONFIG"] = str(tmp_path / "gone.yaml")
+        want = f"$KUBECONFIG {tmp_path / 'gone.yaml'}: no such file"
+    else:
+        want = f"~/.kube/config ({tmp_path / '.kube' / 'config'}): no such file"
+    out = await asyncio.to_thread(
+        subprocess.run,
+        meshproxy_argv("control", "--kubernetes", "--listen", "127.0.0.1:0"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=env,
+    )
+    assert out.returncode == 2, out.stderr
+    assert want in out.stderr and "KUBERNETES_SERVICE_HOST is not set" in out.stderr
+    assert "current-context" not in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
