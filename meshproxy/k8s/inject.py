@@ -35,7 +35,9 @@ What is added mirrors Istio's ``injection-template.yaml`` under the ``meshproxy.
   connection's destination to the pod IP) and ``--app`` is ``127.0.0.1:<first TCP containerPort
   of the first app container that declares one>``; a pod without a declared port gets no inbound
   listener (the proxy then serves outbound only, with ``--stop-order sidecar`` so that on
-  SIGTERM it keeps serving the app's outbound calls as a sidecar with an inbound side does).
+  SIGTERM it keeps serving the app's outbound calls as a sidecar with an inbound side does)
+  and no inbound capture (``--include-inbound-ports ''``, overriding ``includeInboundPorts``):
+  redirected to 15006, an inbound connection would find nothing listening and be refused.
   ``meshproxy run``'s ``--app`` takes one address today; the original-destination forwarding
   of capture makes the other ports work.
 - Ordering (holdApplicationUntilProxyStarts, ON by default here, off in Istio): the sidecar is
@@ -341,9 +343,10 @@ def _inject_pod(
         mounts.append({"name": TOKEN_VOLUME, "mountPath": TOKEN_MOUNT, "readOnly": True})
 
     resources = _resources(annotations, opts)
-    init = _init_container(annotations, opts, resources, tpl_path)
+    app_port = _first_app_port(app_containers)
+    init = _init_container(annotations, opts, resources, app_port is not None, tpl_path)
     sidecar = _sidecar_container(
-        app_containers, new_labels, annotations, opts, resources, mounts, tpl_path
+        app_port, new_labels, annotations, opts, resources, mounts, tpl_path
     )
     if native:
         sidecar["restartPolicy"] = "Always"
@@ -398,11 +401,14 @@ def _init_container(
     annotations: dict[str, str],
     opts: InjectOptions,
     resources: dict[str, dict[str, str]],
+    inbound: bool,
     tpl_path: tuple[str, ...],
 ) -> dict[str, Any]:
     """istio-init's arguments (-p -z -u -i -x -b -d -o) in ``meshproxy capture``'s names,
     checked with capture's own parser so that a bad annotation fails injection (naming the
-    annotation) rather than the pod's init container."""
+    annotation) rather than the pod's init container. Without an inbound listener
+    (``inbound`` false) nothing inbound is captured, whatever ``includeInboundPorts`` says:
+    a connection redirected to 15006 would find nothing listening there."""
     from meshproxy.k8s.capture import CaptureError, parse_options
 
     sources = {  # capture flag -> (the annotation that sets it, Istio's default)
@@ -416,6 +422,8 @@ def _init_container(
         flag: annotations.get(f"{TRAFFIC}/{name}", default).strip()
         for flag, (name, default) in sources.items()
     }
+    if not inbound:
+        values["--include-inbound-ports"] = ""
     exclude_inbound = [str(METRICS_PORT), str(HEALTH_PORT)]  # never captured, as in Istio
     for p in values["--exclude-inbound-ports"].split(","):
         if p.strip() and p.strip() not in exclude_inbound:
@@ -458,7 +466,7 @@ def _init_container(
 
 
 def _sidecar_container(
-    app_containers: list[dict[str, Any]],
+    app_port: int | None,
     labels: dict[str, str],
     annotations: dict[str, str],
     opts: InjectOptions,
@@ -478,7 +486,6 @@ def _sidecar_container(
     if opts.token_secret:
         args += ["--token-file", f"{TOKEN_MOUNT}/{TOKEN_KEY}"]
     args += ["--outbound", f"127.0.0.1:{OUTBOUND_PORT}"]
-    app_port = _first_app_port(app_containers)
     if app_port is not None:
         args += ["--inbound", f"0.0.0.0:{INBOUND_PORT}", "--app", f"127.0.0.1:{app_port}"]
     else:  # no inbound listener: still a sidecar, serving the app's calls while it stops

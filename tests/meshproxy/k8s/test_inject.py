@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshproxy.cli import UsageError, build_parser
+from meshproxy.k8s.capture import parse_options
 from meshproxy.k8s.inject import (
     HOLD_ANNOTATION,
     INIT_NAME,
@@ -222,6 +223,67 @@ def test_injected_command_lines_parse(name: str) -> None:
                 seen += 1
     if name != "skip":
         assert seen >= 2
+
+
+def _injected_pods(docs: list[Any]) -> list[dict[str, Any]]:
+    """The injected pod templates of a case's output documents."""
+    pods = []
+    for doc in docs:
+        for obj in doc.get("items", [doc]) if doc.get("kind") == "List" else [doc]:
+            if obj.get("kind") not in ("Pod", "Deployment", "StatefulSet", "DaemonSet", "Job",
+                                       "CronJob", "ReplicaSet"):  # fmt: skip
+                continue
+            pod = _pod_of(obj)
+            names = [c["name"] for c in pod["spec"].get("initContainers", [])]
+            if INIT_NAME in names:  # not skip.in.yaml's hand-written "already injected" pod
+                pods.append(pod)
+    return pods
+
+
+def _injected(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    spec = pod["spec"]
+    (c,) = [c for c in spec["containers"] + spec.get("initContainers", []) if c["name"] == name]
+    return c
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_inbound_capture_iff_inbound_listener(name: str) -> None:
+    """The init container redirects inbound connections to 15006 exactly when the sidecar
+    listens there: capture without a listener refuses every inbound connection."""
+    _, _, docs, _ = run_case(name)
+    parser = build_parser()
+    pods = _injected_pods(docs)
+    for pod in pods:
+        run = parser.parse_args(_injected(pod, SIDECAR_NAME)["args"])
+        capture = parser.parse_args(_injected(pod, INIT_NAME)["args"])
+
+        opts = parse_options(
+            include_inbound_ports=capture.include_inbound_ports,
+            exclude_inbound_ports=capture.exclude_inbound_ports,
+        )
+        captures_inbound = opts.include_inbound_ports != ()
+        assert captures_inbound == (run.inbound is not None), name
+    if name not in ("skip",):
+        assert pods
+
+
+def test_no_declared_port_no_inbound_capture() -> None:
+    """job.in.yaml declares no port: no --inbound, and capture is told to take no inbound
+    port even when the pod's annotation asks for every one."""
+    _, _, docs, _ = run_case("job")
+    (pod,) = _injected_pods(docs)
+    args = _injected(pod, INIT_NAME)["args"]
+    assert args[args.index("--include-inbound-ports") + 1] == ""
+    assert "--inbound" not in _injected(pod, SIDECAR_NAME)["args"]
+    annotated = copy.deepcopy(
+        _pod_of(load_documents("j", (DATA / "job.in.yaml").read_text())[0][1])
+    )
+    annotated.setdefault("metadata", {})["annotations"] = {
+        "traffic.sidecar.meshproxy.io/includeInboundPorts": "*"
+    }
+    out = inject({"kind": "Pod", **annotated}, InjectOptions()).obj
+    args = _injected(out, INIT_NAME)["args"]
+    assert args[args.index("--include-inbound-ports") + 1] == ""
 
 
 def test_annotations_case() -> None:
