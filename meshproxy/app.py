@@ -278,8 +278,11 @@ class Proxy:
         forced.cancel()
         if not done.done():
             done.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await done
+            # asyncio.wait, not `await done`: the wait's own cancellation is not raised here,
+            # while a cancellation of this task (serve() itself) still is
+            await asyncio.wait({done})
+            if not done.cancelled():
+                done.result()  # it ended by itself meanwhile: its error, if any, is raised
             log.warning("second signal: not waiting any longer")
             return None
         return done.result()
