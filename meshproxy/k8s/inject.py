@@ -59,8 +59,9 @@ What is added mirrors Istio's ``injection-template.yaml`` under the ``meshproxy.
   unless the pod already has its own.
 
 A malformed workload (``containers`` not a list, an annotation that must be a number and is
-not...) raises :class:`InjectError` naming the field path; the commands turn it into exit 2 or
-a refused admission.
+not, a volume of its own named ``meshproxy-tmp`` or an init container named ``meshproxy-init``
+that the injection would duplicate...) raises :class:`InjectError` naming the field path; the
+commands turn it into exit 2 or a refused admission.
 """
 
 from __future__ import annotations
@@ -342,6 +343,7 @@ def _inject_pod(
         )
         mounts.append({"name": TOKEN_VOLUME, "mountPath": TOKEN_MOUNT, "readOnly": True})
 
+    _check_collisions(spec, [v["name"] for v in volumes], tpl_path)
     resources = _resources(annotations, opts)
     app_port = _first_app_port(app_containers)
     init = _init_container(annotations, opts, resources, app_port is not None, tpl_path)
@@ -380,6 +382,27 @@ def _inject_pod(
         separators=(",", ":"),
     )
     meta["annotations"] = new_annotations
+
+
+def _check_collisions(spec: dict[str, Any], volumes: list[str], tpl_path: tuple[str, ...]) -> None:
+    """A volume or init container of the workload's own that has a name the injection adds
+    would be emitted twice, which the API server rejects: refuse it here, naming the field.
+    (A container named ``meshproxy`` means "already injected" and never gets this far.)"""
+    base = (*tpl_path, "spec")
+    for i, v in enumerate(_list(spec, "volumes", tpl_path)):
+        name = v.get("name") if isinstance(v, dict) else None
+        if name in volumes:
+            raise InjectError(
+                f"{_dotted((*base, 'volumes'))}[{i}].name: {name!r} is the name of a volume "
+                "the injection adds; rename it"
+            )
+    for key in ("initContainers", "containers"):
+        for i, c in enumerate(_containers(spec, key, tpl_path)):
+            if c.get("name") == INIT_NAME:
+                raise InjectError(
+                    f"{_dotted((*base, key))}[{i}].name: {INIT_NAME!r} is the name of the "
+                    "init container the injection adds; rename it"
+                )
 
 
 def _tmp_volume() -> dict[str, Any]:

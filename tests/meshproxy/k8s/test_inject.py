@@ -487,6 +487,59 @@ def test_inject_errors_name_the_field(doc: dict[str, Any], message: str) -> None
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize(
+    ("spec", "opts", "message"),
+    [
+        (
+            {
+                "containers": [{"name": "a"}],
+                "volumes": [{"name": "data"}, {"name": "meshproxy-tmp"}],
+            },
+            InjectOptions(),
+            "spec.template.spec.volumes[1].name: 'meshproxy-tmp' is the name of a volume the "
+            "injection adds; rename it",
+        ),
+        (
+            {"containers": [{"name": "a"}], "volumes": [{"name": "meshproxy-ca"}]},
+            InjectOptions(ca_configmap="mesh-ca"),
+            "spec.template.spec.volumes[0].name: 'meshproxy-ca' is the name of a volume the "
+            "injection adds; rename it",
+        ),
+        (
+            {"containers": [{"name": "a"}], "volumes": [{"name": "meshproxy-token"}]},
+            InjectOptions(token_secret="tok"),
+            "spec.template.spec.volumes[0].name: 'meshproxy-token' is the name of a volume the "
+            "injection adds; rename it",
+        ),
+        (
+            {"containers": [{"name": "a"}], "initContainers": [{"name": "meshproxy-init"}]},
+            InjectOptions(),
+            "spec.template.spec.initContainers[0].name: 'meshproxy-init' is the name of the init "
+            "container the injection adds; rename it",
+        ),
+        (
+            {"containers": [{"name": "a"}, {"name": "meshproxy-init"}]},
+            InjectOptions(),
+            "spec.template.spec.containers[1].name: 'meshproxy-init' is the name of the init "
+            "container the injection adds; rename it",
+        ),
+    ],
+)
+def test_name_collisions_are_refused(
+    spec: dict[str, Any], opts: InjectOptions, message: str
+) -> None:
+    """The workload's own volume or container with a name the injection adds would be emitted
+    twice (the API server rejects duplicate names): refused, naming the field."""
+    doc = {"kind": "Deployment", "metadata": {"name": "d"}, "spec": {"template": {"spec": spec}}}
+    with pytest.raises(InjectError) as e:
+        inject(doc, opts)
+    assert str(e.value) == message
+    # a volume that merely shares the prefix is fine
+    spec = {"containers": [{"name": "a"}], "volumes": [{"name": "meshproxy-tmp2"}]}
+    doc["spec"]["template"]["spec"] = spec
+    assert inject(doc, opts).injected
+
+
 def test_cli_level_errors_name_file_and_document() -> None:
     with pytest.raises(UsageError) as e:
         load_documents("f.yaml", "kind: Service\n---\nkind: Pod\nspec: [unclosed\n")
