@@ -39,7 +39,12 @@ What is added mirrors Istio's ``injection-template.yaml`` under the ``meshproxy.
   and no inbound capture (``--include-inbound-ports ''``, overriding ``includeInboundPorts``):
   redirected to 15006, an inbound connection would find nothing listening and be refused.
   ``meshproxy run``'s ``--app`` takes one address today; the original-destination forwarding
-  of capture makes the other ports work.
+  of capture makes the other ports work. The inbound listener speaks HTTP/1.1 only, so a
+  declared port whose name says (Istio's protocol selection by prefix: ``grpc-x``, ``tcp``...)
+  anything but HTTP / HTTP_PROXY / undeclared -- ``grpc``, ``grpc-web``, ``http2``,
+  ``https``, ``tls``, ``tcp``, ``mongo``, ``redis``, ``mysql`` -- is
+  added to ``--exclude-inbound-ports`` and is never ``--app``: its clients reach the app
+  directly (no mTLS, no policy on that port, as with Istio's ``excludeInboundPorts``).
 - Ordering (holdApplicationUntilProxyStarts, ON by default here, off in Istio): the sidecar is
   the first container and has a ``postStart`` hook running ``meshproxy wait`` against its health
   endpoint, so the kubelet starts the app only once the proxy is ready.
@@ -153,6 +158,10 @@ TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
     "Job": ("spec", "template"),
     "CronJob": ("spec", "jobTemplate", "spec", "template"),
 }
+
+# what the inbound listener (HTTP/1.1) serves: Istio's protocols that are HTTP/1, and None
+# (no protocol declared: Istio sniffs, the listener tries HTTP/1)
+HTTP1_PROTOCOLS = frozenset({"HTTP", "HTTP_PROXY", None})
 
 _TRUE = ("y", "yes", "true", "on")
 _FALSE = ("n", "no", "false", "off")
@@ -345,8 +354,10 @@ def _inject_pod(
 
     _check_collisions(spec, [v["name"] for v in volumes], tpl_path)
     resources = _resources(annotations, opts)
-    app_port = _first_app_port(app_containers)
-    init = _init_container(annotations, opts, resources, app_port is not None, tpl_path)
+    ports = _declared_ports(app_containers)
+    app_port = next((port for port, http1 in ports if http1), None)
+    not_http1 = [port for port, http1 in ports if not http1]
+    init = _init_container(annotations, opts, resources, app_port is not None, not_http1, tpl_path)
     sidecar = _sidecar_container(
         app_port, new_labels, annotations, opts, resources, mounts, tpl_path
     )
@@ -425,13 +436,15 @@ def _init_container(
     opts: InjectOptions,
     resources: dict[str, dict[str, str]],
     inbound: bool,
+    not_http1: list[int],
     tpl_path: tuple[str, ...],
 ) -> dict[str, Any]:
     """istio-init's arguments (-p -z -u -i -x -b -d -o) in ``meshproxy capture``'s names,
     checked with capture's own parser so that a bad annotation fails injection (naming the
     annotation) rather than the pod's init container. Without an inbound listener
     (``inbound`` false) nothing inbound is captured, whatever ``includeInboundPorts`` says:
-    a connection redirected to 15006 would find nothing listening there."""
+    a connection redirected to 15006 would find nothing listening there. ``not_http1``: the
+    declared ports whose protocol the HTTP/1.1 inbound listener cannot serve, never captured."""
     from meshproxy.k8s.capture import CaptureError, parse_options
 
     sources = {  # capture flag -> (the annotation that sets it, Istio's default)
@@ -448,7 +461,7 @@ def _init_container(
     if not inbound:
         values["--include-inbound-ports"] = ""
     exclude_inbound = [str(METRICS_PORT), str(HEALTH_PORT)]  # never captured, as in Istio
-    for p in values["--exclude-inbound-ports"].split(","):
+    for p in [*values["--exclude-inbound-ports"].split(","), *map(str, not_http1)]:
         if p.strip() and p.strip() not in exclude_inbound:
             exclude_inbound.append(p.strip())
     values["--exclude-inbound-ports"] = ",".join(exclude_inbound)
@@ -622,7 +635,14 @@ def _field_env(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
 
-def _first_app_port(containers: list[dict[str, Any]]) -> int | None:
+def _declared_ports(containers: list[dict[str, Any]]) -> list[tuple[int, bool]]:
+    """The app containers' TCP ``containerPort`` s in order, each with whether the inbound
+    listener (HTTP/1.1) can serve it: Istio's protocol selection by the port name's prefix says
+    HTTP or HTTP_PROXY, or nothing (unnamed, or a prefix Istio does not know: Istio would sniff).
+    A ContainerPort has no ``appProtocol`` (a Service port has), so the name is all there is."""
+    from control.kube_registry import port_protocol
+
+    out: list[tuple[int, bool]] = []
     for c in containers:
         for p in _list_or_empty(c.get("ports")):
             if not isinstance(p, dict):
@@ -630,8 +650,11 @@ def _first_app_port(containers: list[dict[str, Any]]) -> int | None:
             port = p.get("containerPort")
             if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
                 if str(p.get("protocol", "TCP")).upper() == "TCP":
-                    return port
-    return None
+                    name = p.get("name")
+                    protocol = port_protocol(name if isinstance(name, str) else "", None)
+                    if all(port != seen for seen, _ in out):
+                        out.append((port, protocol in HTTP1_PROTOCOLS))
+    return out
 
 
 def _workload_name(kind: str, own_meta: dict[str, Any], labels: dict[str, str]) -> str:
