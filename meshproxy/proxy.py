@@ -448,7 +448,9 @@ class OutboundConnection(HttpConnection):
             self._timer.cancel()
             self._timer = None
         self._no_more = True
-        self.tunnel = tunnel = TcpTunnel(t, data, proxy.tunnels.discard)
+        settings = self.ctx.settings
+        limits = (settings.high_water, settings.low_water)
+        self.tunnel = tunnel = TcpTunnel(t, data, proxy.tunnels.discard, limits)
         proxy.tunnels.add(tunnel)  # the idle sweep's
         self.__class__ = _TunnelOutbound
         self._rebind()

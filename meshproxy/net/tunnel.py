@@ -13,7 +13,11 @@ client's bytes go to the original destination unchanged and the answer comes bac
   received (held, never more than one read's worth) are written first.
 * **Back-pressure both ways**: a side whose write buffer passes its high-water mark pauses
   reading on the other side (``pause_writing`` / ``resume_writing``), so neither buffers more
-  than the transports' limits.
+  than the transports' limits (the upstream gets the same limits as the client, the
+  listener's ``high_water`` / ``low_water``). Each side's "paused writing" is remembered, so
+  the end of the connect (which writes the held bytes, possibly pausing at once) resumes the
+  client only if the upstream is not full, and an upstream connected while the client's
+  buffer is full starts paused.
 * **Half-close** is passed on (``write_eof``), so request/response protocols that end with a
   shutdown work. The EOF of each direction is recorded: once both directions have ended (or
   one has and the other side is already closing) the tunnel closes both transports (pending
@@ -43,6 +47,11 @@ class _Upstream(asyncio.Protocol):
     def __init__(self, tunnel: TcpTunnel) -> None:
         self.tunnel = tunnel
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        limits = self.tunnel.limits
+        if limits is not None:
+            transport.set_write_buffer_limits(*limits)  # type: ignore[attr-defined]
+
     def data_received(self, data: bytes) -> None:
         tunnel = self.tunnel
         tunnel.moved += 1
@@ -55,23 +64,33 @@ class _Upstream(asyncio.Protocol):
         self.tunnel.upstream_lost()
 
     def pause_writing(self) -> None:
-        self.tunnel.client.pause_reading()
+        tunnel = self.tunnel
+        tunnel.up_full = True
+        tunnel.client.pause_reading()
 
     def resume_writing(self) -> None:
-        self.tunnel.client.resume_reading()
+        tunnel = self.tunnel
+        tunnel.up_full = False
+        if tunnel._up is not None:  # while connecting the client stays paused
+            tunnel.client.resume_reading()
 
 
 class TcpTunnel:
     """Pipes ``client`` (an accepted transport whose protocol forwards its events here) to
-    ``host:port``. ``first`` is what the client sent before the tunnel existed."""
+    ``host:port``. ``first`` is what the client sent before the tunnel existed; ``limits``
+    the upstream transport's write buffer (high, low) water marks (the client's, normally)."""
 
     def __init__(
         self,
         client: asyncio.Transport,
         first: bytes,
         on_close: Callable[[TcpTunnel], None] | None = None,
+        limits: tuple[int, int] | None = None,
     ) -> None:
         self.client = client
+        self.limits = limits
+        self.up_full = False  # the upstream's write buffer is past its high-water mark
+        self.client_full = False  # the client's write buffer is past its high-water mark
         self._held: list[bytes] = [first] if first else []
         self._client_eof = False  # the client half-closed (held back while connecting)
         self._up_eof = False  # the upstream half-closed
@@ -114,7 +133,10 @@ class TcpTunnel:
                 self.close()
                 return
             up.write_eof()
-        self.client.resume_reading()
+        if self.client_full:  # upstream bytes that came while connecting filled the client
+            up.pause_reading()
+        if not self.up_full:  # the held bytes may have filled the upstream already
+            self.client.resume_reading()
 
     # ------------------------------------------------------------------ client events
 
@@ -155,10 +177,12 @@ class TcpTunnel:
         return True
 
     def client_paused_writing(self) -> None:
+        self.client_full = True
         if self._up is not None:
             self._up.pause_reading()
 
     def client_resumed_writing(self) -> None:
+        self.client_full = False
         if self._up is not None:
             self._up.resume_reading()
 

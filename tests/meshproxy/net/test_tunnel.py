@@ -9,6 +9,7 @@ simulated; sockets, listener and upstream are real. Every scenario runs on async
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Awaitable, Callable
 
@@ -150,6 +151,139 @@ def test_an_idle_tunnel_is_closed_after_tcp_idle_timeout(
                 for w in (idle_w, busy_w):
                     w.close()
                 assert await until(lambda: p.dp.active_connections == 0)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run_on(loop, scenario)
+
+
+class Stalled:
+    """An upstream with a tiny receive buffer that reads nothing until ``go`` is set, then
+    everything to EOF (kept in :attr:`got`)."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.got = bytearray()
+        self.finished = asyncio.Event()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await self.go.wait()
+        try:
+            while data := await r.read(1 << 20):
+                self.got += data
+        finally:
+            self.finished.set()
+            w.close()
+
+    async def __aenter__(self) -> Stalled:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by accepted ones
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)  # and a small MSS
+        sock.bind(("127.0.0.1", 0))
+        self.server = await asyncio.start_server(self.handle, sock=sock, limit=1 << 20)
+        self.port = int(sock.getsockname()[1])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+LIMIT = 64 << 20  # what the client tries to push while the upstream reads nothing
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_upstream_that_does_not_read_pauses_the_client(
+    redirect: list[tuple[str, int] | None], loop: str
+) -> None:
+    """Back-pressure from the first byte: the client's first read (held while connecting) is
+    more than the upstream takes, so the upstream pauses writing at once; the client must then
+    stay paused (it used to be resumed right after the connect, and never paused again), so
+    what the proxy buffers stays bounded whatever the client sends. Once the upstream reads,
+    every byte arrives, in order.
+
+    The client's first read is its whole first send up to the proxy's initial receive window
+    (~128 KiB); the upstream's small MSS keeps the proxy's kernel send buffer small, so the
+    held bytes overflow the upstream transport's high-water mark during the connect."""
+
+    async def scenario() -> None:
+        settings = Settings(high_water=16 * 1024, low_water=4 * 1024)
+        aloop = asyncio.get_running_loop()
+        async with Stalled() as up:
+            redirect[0] = ("127.0.0.1", up.port)
+            async with running_dataplane(service_snapshot("svc", [1]), settings) as p:
+                client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                client.setblocking(False)
+                await aloop.sock_connect(client, (p.host, p.port))
+                data = memoryview(TLS_HELLO + bytes(range(251)) * (LIMIT // 251))
+                sent = 0
+                stalled = 0.0
+                try:
+                    while sent < len(data) and stalled < 0.5:
+                        try:
+                            sent += client.send(data[sent : sent + (1 << 20)])
+                            stalled = 0.0
+                        except BlockingIOError:
+                            await asyncio.sleep(0.02)
+                            stalled += 0.02
+                    # kernel buffers (client's, proxy's) take some MiB; the proxy itself little
+                    assert sent < len(data) // 2, f"the proxy took {sent} of {len(data)} bytes"
+                    assert p.dp._proxy is not None
+                    (tunnel,) = p.dp._proxy.tunnels
+                    assert not tunnel.client.is_reading()  # the client side is paused
+                    assert tunnel._up is not None
+                    assert tunnel._up.get_write_buffer_size() <= 1 << 20
+                    up.go.set()  # the upstream reads now: the rest flows
+                    await aloop.sock_sendall(client, data[sent:])
+                    client.shutdown(socket.SHUT_WR)
+                    await asyncio.wait_for(up.finished.wait(), 30)
+                    assert len(up.got) == len(data) and up.got == data  # nothing lost or reordered
+                finally:
+                    client.close()
+
+    run_on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_client_that_does_not_read_pauses_the_upstream(
+    redirect: list[tuple[str, int] | None], loop: str
+) -> None:
+    """The other direction: the upstream sends much more than the client reads; the proxy
+    stops reading the upstream (its own buffer stays bounded) until the client reads again."""
+
+    async def scenario() -> None:
+        data = bytes(range(251)) * (LIMIT // 251)
+        pushed: list[int] = [0]
+
+        async def talker(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await r.readexactly(len(TLS_HELLO))
+            view = memoryview(data)
+            for i in range(0, len(view), 1 << 20):
+                w.write(view[i : i + (1 << 20)])
+                await w.drain()
+                pushed[0] = i + (1 << 20)
+            w.close()
+
+        server = await asyncio.start_server(talker, "127.0.0.1", 0)
+        redirect[0] = ("127.0.0.1", server.sockets[0].getsockname()[1])
+        settings = Settings(high_water=16 * 1024, low_water=4 * 1024)
+        try:
+            async with running_dataplane(service_snapshot("svc", [1]), settings) as p:
+                reader, writer = await asyncio.open_connection(p.host, p.port, limit=1 << 20)
+                writer.write(TLS_HELLO)
+                await asyncio.sleep(0.5)  # the client reads nothing meanwhile
+                assert pushed[0] < len(data) // 2, f"the upstream pushed {pushed[0]} bytes"
+                assert p.dp._proxy is not None
+                (tunnel,) = p.dp._proxy.tunnels
+                assert tunnel._up is not None and not tunnel._up.is_reading()
+                assert tunnel.client.get_write_buffer_size() <= 1 << 20
+                got = await asyncio.wait_for(reader.readexactly(len(data)), 30)
+                assert got == data
+                writer.close()
         finally:
             server.close()
             await server.wait_closed()
