@@ -200,6 +200,10 @@ class Proxy:
         except UsageError:
             await self._close_admin()
             raise
+        # a connection redirected to the inbound listener is never forwarded to these
+        for addr in (self.admin_addr, self.status.health, self.status.metrics):
+            if addr is not None:
+                self.dataplane.own_ports.add(addr[1])
         try:
             await self.certs.load_initial_async()
         except IdentityError as e:

@@ -74,6 +74,9 @@ class DataPlane:
         self._inbound: InboundContext | None = None
         self._inbound_ctx: ServerContext | None = None
         self.inbound_listener: InboundListener | None = None
+        # the ports this process serves (the owner adds admin, health...): the inbound side
+        # never forwards a redirected connection to one of them (nor to Istio's reserved ones)
+        self.own_ports: set[int] = set()
         gc_stats = getattr(metrics, "gc", None)  # test fakes may have no GC hook
         if gc_stats is not None:
             gc_stats.install()
@@ -107,6 +110,7 @@ class DataPlane:
             lambda: OutboundConnection(ctx, proxy), host, port, reuse_port=reuse_port
         )
         self._servers.append(server)
+        self.own_ports.add(addr[1])
         if self._idle_timer is None:
             self._arm_idle_sweep()
         return addr
@@ -138,7 +142,7 @@ class DataPlane:
         self._inbound_ctx = ctx = ServerContext(
             self._settings, self._metrics, inbound.make_exchange
         )
-        listener = InboundListener(inbound, ctx, self._settings)
+        listener = InboundListener(inbound, ctx, self._settings, self.own_ports)
         addr = await listener.start(host, port, reuse_port=reuse_port)
         self.inbound_listener = listener
         if self._idle_timer is None:
@@ -153,6 +157,7 @@ class DataPlane:
         view["app"] = self._inbound.app_port
         view["refused_plaintext"] = self.inbound_listener.refused_plaintext
         view["handshake_failures"] = self.inbound_listener.handshake_failures
+        view["refused_proxy_port"] = self.inbound_listener.refused_proxy_port
         return view
 
     def _server_contexts(self) -> list[ServerContext]:

@@ -41,7 +41,12 @@ listener carries its original destination (``SO_ORIGINAL_DST``, read once at acc
 forwarded to ``127.0.0.1:<original port>``, the pod's application port, instead of ``--app``,
 through a per-port :class:`InboundContext` (:meth:`InboundContext.for_port`: cluster
 ``inbound|PORT||``, PeerAuthentication and AuthorizationPolicy evaluated for that port).
-Connections that were not redirected go to ``--app`` as before.
+Connections that were not redirected go to ``--app`` as before. A redirected connection whose
+original port is one of the proxy's own (Istio's reserved ``ISTIO_PROXY_PORTS`` and every
+port this process listens on: outbound, inbound, admin, health, metrics) is closed at accept
+and counted, never forwarded to ``127.0.0.1:<port>``: Istio blackholes 15006 and binds its
+other listeners to localhost, so a peer can never reach the sidecar's admin API or its
+outbound listener through the pod IP.
 """
 
 from __future__ import annotations
@@ -103,6 +108,11 @@ _BAD_REQUEST = local_reply(Failure.BAD_REQUEST)
 _XFCC_LEN = len(XFCC)
 _INBOUND_META = Meta(kind="Inbound", name="app", namespace="")
 POD_LOCALHOST = "127.0.0.1"  # where a redirected connection's original port is served
+# Istio's reserved sidecar ports (admin, outbound, tunnel, inbound, HBONE, agent, health, DNS,
+# Prometheus): a connection redirected to one is closed, never served from the pod IP
+ISTIO_PROXY_PORTS = frozenset(
+    {15000, 15001, 15004, 15006, 15008, 15009, 15020, 15021, 15053, 15090}
+)
 
 
 def app_cluster_name(port: int) -> str:
@@ -414,10 +424,21 @@ class InboundListener:
     """Accepts, sniffs TLS from plaintext by the first byte, and hands each connection to the
     event loop with or without the current identity's server TLS context."""
 
-    def __init__(self, ctx: InboundContext, server_ctx: ServerContext, settings: Settings) -> None:
+    def __init__(
+        self,
+        ctx: InboundContext,
+        server_ctx: ServerContext,
+        settings: Settings,
+        own_ports: set[int] | None = None,
+    ) -> None:
         self._ctx = ctx
         self._server_ctx = server_ctx
         self._settings = settings
+        # ports a redirected connection is never forwarded to (shared with the owner, which
+        # adds the ports it binds)
+        self.own_ports: set[int] = set() if own_ports is None else own_ports
+        self.own_ports.update(ISTIO_PROXY_PORTS)
+        self.refused_proxy_port = 0
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, tuple[socket.socket, asyncio.TimerHandle, InboundContext]] = {}
@@ -445,6 +466,7 @@ class InboundListener:
         self._sock = sock
         loop.add_reader(sock.fileno(), self._on_accept)
         name = sock.getsockname()
+        self.own_ports.add(int(name[1]))
         return str(name[0]), int(name[1])
 
     @property
@@ -468,7 +490,25 @@ class InboundListener:
                 return
             conn.setblocking(False)
             orig = original_dst(conn)  # redirected by meshproxy capture: that port's context
-            self._sniff(conn, self._ctx if orig is None else self._ctx.for_port(orig[1]))
+            if orig is None:
+                self._sniff(conn, self._ctx)
+            elif orig[1] in self.own_ports:
+                self._refuse_proxy_port(conn, orig[1])
+            else:
+                self._sniff(conn, self._ctx.for_port(orig[1]))
+
+    def _refuse_proxy_port(self, conn: socket.socket, port: int) -> None:
+        """A peer tried the sidecar's own port through the pod IP: closed, counted; logged at
+        the first and every 1000th (a scanner must not flood the log)."""
+        conn.close()
+        self.refused_proxy_port += 1
+        n = self.refused_proxy_port
+        if n == 1 or n % 1000 == 0:
+            log.warning(
+                "inbound: connection redirected to the proxy's own port %d closed (%d so far)",
+                port,
+                n,
+            )
 
     def _sniff(self, conn: socket.socket, pctx: InboundContext) -> None:
         loop = self._loop

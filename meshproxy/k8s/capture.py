@@ -15,8 +15,13 @@ namespace, the nat table sends
   listener (``--inbound-port``, 15006), for the ``--include-inbound-ports`` (``*`` = every port)
   except the sidecar's own ports 15090 (Prometheus), 15021 (health) and 15020 (merged metrics;
   Istio's injection template passes these three with ``-d``) and ``--exclude-inbound-ports``.
-  The admin port 15000 needs no exclusion: it listens on 127.0.0.1, which inbound capture
-  (``PREROUTING``: traffic from outside the pod) never sees.
+  The admin port 15000 and the outbound port 15001 are captured like any other port (Istio
+  excludes neither): a peer's connection to the pod IP's 15000 is redirected to the inbound
+  listener with original port 15000, and forwarding it to ``127.0.0.1:15000`` would expose
+  the admin API. The inbound listener therefore closes (and counts) every redirected
+  connection whose original port is one of the proxy's own (Istio's reserved ports and every
+  port the process listens on), as Istio's localhost-bound listeners are unreachable from
+  the pod IP and its 15006 is blackholed (meshproxy/inbound.py).
 
 The chains, rules and their order are istio-iptables' (``tools/istio-iptables/pkg/capture``,
 REDIRECT mode, DNS capture off), including its special cases:

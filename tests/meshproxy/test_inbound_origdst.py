@@ -124,3 +124,65 @@ async def test_the_original_port_decides_authorization(
         for s in (main, other):
             s.close()
             await s.wait_closed()
+
+
+async def _counting_server(port: int) -> tuple[asyncio.Server | None, list[int]]:
+    """A listener on 127.0.0.1:``port`` counting what reaches it (None if the port is taken)."""
+    seen: list[int] = []
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        seen.append(1)
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nadmin")
+        await w.drain()
+        w.close()
+
+    try:
+        return await asyncio.start_server(handle, "127.0.0.1", port), seen
+    except OSError:
+        return None, seen
+
+
+async def test_redirected_connections_to_the_proxys_own_ports_are_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Istio's reserved proxy ports (admin 15000, outbound 15001...) and the ports this process
+    listens on are never served from the pod IP: a redirected connection to one is closed
+    (counted, logged once), not forwarded to 127.0.0.1:<port>."""
+    main = await _app(b"main")
+    main_port = main.sockets[0].getsockname()[1]
+    orig: list[tuple[str, int] | None] = [None]
+    monkeypatch.setattr(inbound_mod, "original_dst", lambda sock: orig[0])
+    stand_ins = [await _counting_server(p) for p in (15000, 15001)]
+    try:
+        async with sidecar(_snapshot(tmp_path), main_port) as (dp, port):
+            _, out_port = await dp.start_outbound("127.0.0.1", 0)
+            targets = [15000, 15001, port, out_port]
+            for n, target in enumerate(targets, 1):
+                orig[0] = ("10.1.2.3", target)
+                with caplog.at_level("DEBUG", logger="meshproxy.inbound"):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.write(get("/", host="web"))
+                    try:
+                        got = await asyncio.wait_for(reader.read(), 5)
+                    except ConnectionResetError:
+                        got = b""
+                    writer.close()
+                assert got == b"", (target, got)
+                assert dp.inbound_listener is not None
+                assert dp.inbound_listener.refused_proxy_port == n
+            assert sum("proxy's own port" in r.getMessage() for r in caplog.records) == 1
+            assert dp.active_connections == 0
+            view = dp.inbound_view()
+            assert view is not None and view["refused_proxy_port"] == len(targets)
+            orig[0] = ("10.1.2.3", main_port)  # an application port still works
+            r = await request("127.0.0.1", port, get("/", host="web"))
+            assert r.status == 200 and r.body == b"main"
+        for _, seen in stand_ins:
+            assert seen == []  # never forwarded to the admin / outbound port
+    finally:
+        for server, _ in stand_ins:
+            if server is not None:
+                server.close()
+                await server.wait_closed()
+        main.close()
+        await main.wait_closed()
