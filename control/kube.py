@@ -37,6 +37,11 @@ labels stay the ones of its ``hello`` (the injector passes the Pod's): the proxy
 with that identity, so scoping its documents with another one (say, the Pod's labels edited
 since) would break :mod:`control.scope`'s invariant.
 
+A collection that cannot be listed -- 403 (missing RBAC), 404 (an Istio CRD not installed:
+tolerated, taken as empty) -- or keeps failing is reported, while it lasts, in ``/status``
+``errors`` (and so by ``meshproxy status``) and, before the first config, in ``/ready``'s 503
+body (:meth:`KubeSource.problems`), not only in the log.
+
 Its metrics join the control plane's ``/metrics`` (a collector read at scrape time, nothing
 counted twice): ``meshproxy_control_k8s_events_total{kind,event}`` and, per kind, ``lists``
 (first list and relists), ``watches``, ``gone`` (410s), ``errors`` and ``bookmarks``.
@@ -188,6 +193,10 @@ class KubeSource:
         """Until every reflector's first list is in."""
         await asyncio.gather(*(r.synced.wait() for r in self.reflectors))
 
+    def problems(self) -> list[str]:
+        """The reflectors' current trouble (:meth:`~control.kube_watch.Reflector.problem`)."""
+        return [p for r in self.reflectors if (p := r.problem()) is not None]
+
     def snapshot(self) -> Objects:
         out: Objects = {}
         for r in self.reflectors:
@@ -229,6 +238,7 @@ class KubeSource:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError):  # already registered (run again)
             cp.metrics.registry.register(self)
+        cp.source_problems = self.problems  # /status errors and /ready say why
         await self.synced()
         while True:
             first = loop.time()

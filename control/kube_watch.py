@@ -25,7 +25,10 @@ following the protocol of the Kubernetes API concepts page, "Efficient detection
    (0.2 s doubling to 30 s, reset after a healthy stream); a failed list is retried the same way.
    A collection the server does not serve (404 on the first list: Istio's CRDs not installed)
    counts as synced and empty, so it does not hold back the first config, and is listed
-   again with backoff until it appears.
+   again with backoff until it appears. Any other failing first list (403: the control
+   plane's RBAC rules are missing) holds the first config back -- an empty config would
+   remove every Service from every sidecar. :meth:`Reflector.problem` says either while it
+   lasts, for ``/status`` ``errors`` and ``/ready``.
 
 ``on_event(kind, type, key, obj)`` is called for every change, from the event loop; it must not
 block. A ``transform`` may slim objects before they are kept (client-go's TransformFunc: the
@@ -333,6 +336,8 @@ class Reflector:
         self.gone = 0
         self.errors = 0
         self.last_error: str | None = None
+        self.failing = 0  # failed requests since the last success
+        self.not_served = False  # the last list got 404 (a CRD not installed)
 
     def __repr__(self) -> str:
         return (
@@ -364,6 +369,7 @@ class Reflector:
                 relisted = True
             except KubeError as e:
                 self.errors += 1
+                self.failing += 1
                 self.last_error = str(e)
                 delay = backoff.next()
                 if e.status == 404 and need_list and not self.synced.is_set():
@@ -371,10 +377,30 @@ class Reflector:
                     # as listed and empty, so the rest of the config is not held back, and keep
                     # trying to list it
                     log.warning("%s: not served by this API server; retrying", self.path)
+                    self.not_served = True
                     self._mark_synced()
                 else:
                     log.warning("%s (retrying in %.1f s)", e, delay)
             await asyncio.sleep(delay)
+
+    def problem(self) -> str | None:
+        """What ``/status`` ``errors`` should say about this collection now, if anything: a
+        collection the server does not serve (taken as empty), a first list that keeps
+        failing (a 403: the RBAC rules are missing; the first config waits for it), or
+        requests that keep failing (3 in a row) after it."""
+        where = f"k8s://{self.kind.kind}"
+        if self.not_served:
+            return (
+                f"{where}: {self.path} is not served by the API server (CRD not installed?): "
+                "taken as empty, listed again with backoff"
+            )
+        if not self.failing:
+            return None
+        if not self.synced.is_set():
+            return f"{where}: {self.last_error} (no config until it is listed; retrying)"
+        if self.failing >= 3:
+            return f"{where}: {self.last_error} ({self.failing} failures in a row; retrying)"
+        return None
 
     def _mark_synced(self) -> None:
         if not self.synced.is_set():
@@ -404,6 +430,7 @@ class Reflector:
         old, self.objects = self.objects, new
         self.resource_version = rv
         self.lists += 1
+        self.failing, self.not_served = 0, False
         for typ, key, o in diff(old, new):
             self.on_event(self.kind.kind, typ, key, o)
         self._mark_synced()
@@ -429,6 +456,7 @@ class Reflector:
             params.append(("resourceVersion", self.resource_version))
         resp = await self.client.get(self.path, params, timeout + s.read_margin)
         self.watches += 1
+        self.failing = 0
         started = asyncio.get_running_loop().time()
         events = 0
         lines = LineSplitter()

@@ -267,6 +267,8 @@ class ControlPlane:
         self._nonce_seq = 0
         self._runner: web.AppRunner | None = None
         self.on_push: Callable[[ProxyConn], None] | None = None  # tests observe sends
+        # the source's own trouble now (control.kube: a 403 list), read by /status and /ready
+        self.source_problems: Callable[[], Sequence[str]] | None = None
 
     def __repr__(self) -> str:
         v = self.config.version if self.config else None
@@ -518,7 +520,7 @@ class ControlPlane:
     def status(self) -> dict[str, Any]:
         return {
             "version": self.config.version if self.config is not None else "",
-            "errors": list(self.errors),
+            "errors": [*self.errors, *(self.source_problems() if self.source_problems else ())],
             "proxies": [c.view() for c in sorted(self.conns.values(), key=lambda c: c.node_id)],
         }
 
@@ -526,8 +528,10 @@ class ControlPlane:
         return web.json_response(self.status(), dumps=lambda o: encode(o) + "\n")
 
     async def handle_ready(self, request: web.Request) -> web.Response:
-        ok = self.config is not None
-        return web.Response(status=200 if ok else 503, text="ok\n" if ok else "no config\n")
+        if self.config is not None:
+            return web.Response(text="ok\n")
+        why = self.source_problems() if self.source_problems else ()
+        return web.Response(status=503, text="no config\n" + "".join(f"{p}\n" for p in why))
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         if self.signer is not None:

@@ -362,10 +362,11 @@ class Env:
 
 @contextlib.asynccontextmanager
 async def running(
-    tmp_path: Path, api: FakeKubeAPI | None = None, **settings: float
+    tmp_path: Path, api: FakeKubeAPI | None = None, wait: bool = True, **settings: float
 ) -> AsyncIterator[Env]:
     """The fake API server, a :class:`KubeSource` on it and a :class:`ControlPlane` it
-    reloads, all synced; ``settings``: :class:`ReflectorSettings` fields."""
+    reloads, all synced (unless not ``wait``); ``settings``: :class:`ReflectorSettings`
+    fields."""
     api = api or FakeKubeAPI(history=50)
     kubeconfig = str(tmp_path / "kubeconfig")
     await api.start(kubeconfig)
@@ -386,7 +387,8 @@ async def running(
     source.start()
     task = asyncio.create_task(source.run(cp))
     try:
-        await asyncio.wait_for(source.synced(), 10)
+        if wait:
+            await asyncio.wait_for(source.synced(), 10)
         yield e
     finally:
         task.cancel()
@@ -812,6 +814,64 @@ async def test_an_uninstalled_crd_does_not_hold_back_the_config(tmp_path: Path) 
             }
         )
         await env.until(lambda: "AuthorizationPolicy/default/deny" in env.docs())
+
+
+async def test_forbidden_and_missing_collections_are_reported_while_they_last(
+    tmp_path: Path,
+) -> None:
+    """A 403 on a first list (RBAC missing) holds the first config back and says why in
+    /status errors, /ready and meshproxy status; a 404 (CRD not installed) is tolerated (the
+    config comes without it) but reported too. Both clear once the API serves them."""
+    from control.cli import fetch_status, format_status
+
+    api = FakeKubeAPI()
+    api.forbidden = {"Service"}
+    api.missing = {"AuthorizationPolicy"}
+    api.create(vs("a", "a"))
+    async with running(tmp_path, api, wait=False) as env:
+        host, port = await env.cp.start("127.0.0.1", 0)
+        base = f"http://{host}:{port}"
+        forbidden = (
+            "k8s://Service: GET /api/v1/services: 403: services is forbidden: User "
+            '"system:serviceaccount:istio-system:meshproxy" cannot list resource "services" in '
+            'API group "" at the cluster scope (no config until it is listed; retrying)'
+        )
+        missing = (
+            "k8s://AuthorizationPolicy: /apis/security.istio.io/v1/authorizationpolicies is not "
+            "served by the API server (CRD not installed?): taken as empty, listed again with "
+            "backoff"
+        )
+        await env.until(lambda: env.cp.status()["errors"] == [missing, forbidden])
+        assert env.cp.config is None
+        async with aiohttp.ClientSession() as s:
+            async with s.get(base + "/ready") as r:
+                assert r.status == 503
+                assert (await r.text()) == f"no config\n{missing}\n{forbidden}\n"
+            async with s.get(base + "/status") as r:
+                assert (await r.json())["errors"] == [missing, forbidden]
+        shown = format_status(await asyncio.to_thread(fetch_status, base))
+        assert f"  {forbidden}" in shown.splitlines()
+        # RBAC fixed: the config comes; the missing CRD is still said
+        api.forbidden = set()
+        await env.until(lambda: env.cp.config is not None)
+        assert "VirtualService/default/a" in env.docs()
+        await env.until(lambda: env.cp.status()["errors"] == [missing])
+        async with aiohttp.ClientSession() as s:
+            async with s.get(base + "/ready") as r:
+                assert r.status == 200
+        # the CRD installed: nothing to say any more
+        api.missing = set()
+        await env.until(lambda: env.cp.status()["errors"] == [])
+
+
+async def test_a_watch_that_keeps_failing_is_reported(env: Env) -> None:
+    await env.until(lambda: env.api.watch_count() == 9)
+    env.api.forbidden = {"DestinationRule"}  # the RBAC rule removed while running
+    env.api.close_watches()
+    await env.until(lambda: any(e.startswith("k8s://DestinationRule: ") and "403" in e
+                                for e in env.cp.status()["errors"]))  # fmt: skip
+    env.api.forbidden = set()
+    await env.until(lambda: env.cp.status()["errors"] == [])
 
 
 def test_version_does_not_depend_on_arrival_order() -> None:

@@ -28,7 +28,8 @@ concepts page describes ("Efficient detection of changes", "Watch bookmarks"):
 Test hooks (synchronous, call them from the server's event loop): :meth:`create`,
 :meth:`update`, :meth:`apply`, :meth:`delete`, :meth:`compact`, :meth:`close_watches`,
 :meth:`bookmark`; ``gone_as_http`` (above), ``missing`` (kinds answered 404, as when a CRD is
-not installed), ``hang_watches`` (watch streams that stay open and silent past their timeout,
+not installed), ``forbidden`` (kinds answered 403 with the apiserver's RBAC message),
+``hang_watches`` (watch streams that stay open and silent past their timeout,
 a stuck connection); ``requests`` records each request's path and query. :meth:`start` serves over
 HTTPS with a trustme CA and writes a kubeconfig (certificate-authority-data + token) that
 kubernetes_asyncio loads like any other.
@@ -136,6 +137,7 @@ class FakeKubeAPI:
         self.watchers: set[_Watcher] = set()
         self.gone_as_http = False
         self.missing: set[str] = set()  # kinds answered 404 (their CRD "not installed")
+        self.forbidden: set[str] = set()  # kinds answered 403 (no RBAC rule lets us read them)
         self.hang_watches = False  # new watch streams stay silent and open, ignoring timeouts
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.url = ""
@@ -291,6 +293,14 @@ class FakeKubeAPI:
                 status(404, "NotFound", "the server could not find the requested resource"),
                 status=404,
             )
+        if rtype.kind in self.forbidden:
+            verb = "watch" if request.query.get("watch") in ("1", "true") else "list"
+            scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+            message = (
+                f'{rtype.plural} is forbidden: User "system:serviceaccount:istio-system:meshproxy" '
+                f'cannot {verb} resource "{rtype.plural}" in API group "{rtype.group}" {scope}'
+            )
+            return web.json_response(status(403, "Forbidden", message), status=403)
         if request.query.get("watch") in ("1", "true"):
             return await self._watch(request, rtype, namespace)
         items = [
