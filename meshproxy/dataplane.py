@@ -158,6 +158,8 @@ class DataPlane:
         view["refused_plaintext"] = self.inbound_listener.refused_plaintext
         view["handshake_failures"] = self.inbound_listener.handshake_failures
         view["refused_proxy_port"] = self.inbound_listener.refused_proxy_port
+        view["refused_port_limit"] = self.inbound_listener.refused_port_limit
+        view["ports"] = len(self._inbound._ports)
         return view
 
     def _server_contexts(self) -> list[ServerContext]:

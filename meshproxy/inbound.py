@@ -47,6 +47,14 @@ port this process listens on: outbound, inbound, admin, health, metrics) is clos
 and counted, never forwarded to ``127.0.0.1:<port>``: Istio blackholes 15006 and binds its
 other listeners to localhost, so a peer can never reach the sidecar's admin API or its
 outbound listener through the pod IP.
+
+The per-port table is bounded (``Settings.max_inbound_ports``, 256): peers connecting to ever
+new ports must not grow memory (each context holds its snapshot, a pool state and metric
+series). A redirected connection holds a :class:`_PortLease` on its context from accept to
+close (whichever way it ends: sniff timeout, refused plaintext, failed handshake, normal
+close); a new port past the cap evicts the least recently used context without a lease (its
+pool state and per-cluster counters are dropped), and when every context is leased the
+connection is closed and counted (``refused_port_limit``).
 """
 
 from __future__ import annotations
@@ -194,6 +202,7 @@ class InboundContext(ProxyContext):
         "app_port",
         "identity",
         "mesh_state",
+        "users",
         "workload",
     )
 
@@ -215,7 +224,8 @@ class InboundContext(ProxyContext):
         self.workload = workload
         self.app_host = app[0]
         self.app_port = app[1]
-        self._ports: dict[int, InboundContext] = {}
+        self._ports: dict[int, InboundContext] = {}  # least recently acquired first
+        self.users = 0  # connections holding a lease on this (per-port) context
         self.identity = identity
         self._policy_snap: Snapshot | None = None
         self._policy: InboundPolicy | None = None
@@ -235,15 +245,21 @@ class InboundContext(ProxyContext):
         ident = store.current if store is not None else None
         return ident.spiffe_id if ident is not None else None
 
-    def for_port(self, port: int) -> InboundContext:
+    def for_port(self, port: int) -> InboundContext | None:
         """The context serving connections redirected to this pod's ``port``: the application
         at ``127.0.0.1:port`` (this context itself when that is ``--app``), made on first use
-        and kept (a pod has few ports); it shares pools, metrics, identity and access log."""
+        and kept while the table has room; it shares pools, metrics, identity and access log.
+        A per-port context returned here is leased (``users`` + 1): the caller releases it
+        with :meth:`release` when the connection ends. None: the table is full of contexts
+        in use (the connection must be refused)."""
         if port == self.app_port and self.app_host == POD_LOCALHOST:
             return self
-        got = self._ports.get(port)
+        table = self._ports
+        got = table.pop(port, None)
         if got is None:
-            got = self._ports[port] = InboundContext(
+            if len(table) >= self.settings.max_inbound_ports and not self._evict_idle():
+                return None
+            got = InboundContext(
                 self.mesh_state,
                 self.workload,
                 (POD_LOCALHOST, port),
@@ -253,7 +269,27 @@ class InboundContext(ProxyContext):
                 self.settings,
                 self.access_log,
             )
+        table[port] = got  # now the most recently used
+        got.users += 1
         return got
+
+    def release(self, ctx: InboundContext) -> None:
+        """A connection leasing ``ctx`` (from :meth:`for_port`) ended."""
+        ctx.users -= 1
+
+    def _evict_idle(self) -> bool:
+        """Forget the least recently used context no connection holds, with its pool state
+        and per-cluster counters; False if every one is in use."""
+        for port, ctx in self._ports.items():
+            if ctx.users == 0:
+                del self._ports[port]
+                name = app_cluster_name(port)
+                self.pools.drop(name)
+                forget = getattr(self.metrics, "forget_cluster", None)
+                if forget is not None:
+                    forget(name)
+                return True
+        return False
 
     @property
     def make_exchange(self) -> Callable[[HttpConnection, RequestHead], Exchange]:
@@ -272,17 +308,35 @@ class InboundContext(ProxyContext):
         )
 
 
+class _PortLease:
+    """A redirected connection's hold on its per-port context, released exactly once however
+    the connection ends (so a context in use is never evicted)."""
+
+    __slots__ = ("ctx", "root")
+
+    def __init__(self, root: InboundContext, ctx: InboundContext) -> None:
+        self.root: InboundContext | None = root
+        self.ctx = ctx
+
+    def release(self) -> None:
+        root = self.root
+        if root is not None:
+            self.root = None
+            root.release(self.ctx)
+
+
 class InboundConnection(HttpConnection):
     """A downstream connection of the inbound listener: knows its peer's verified identity."""
 
-    __slots__ = ("mtls", "peer_id", "port_ctx")
+    __slots__ = ("lease", "mtls", "peer_id", "port_ctx")
 
-    def __init__(self, ctx: ServerContext, port_ctx: InboundContext | None = None) -> None:
+    def __init__(self, ctx: ServerContext, lease: _PortLease | None = None) -> None:
         super().__init__(ctx)
         self.mtls = False
         self.peer_id: str | None = None
-        # redirected by iptables to a port other than --app's: that port's context
-        self.port_ctx = port_ctx
+        # redirected by iptables to a port other than --app's: that port's context, leased
+        self.lease = lease
+        self.port_ctx = None if lease is None else lease.ctx
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         sslobj = transport.get_extra_info("ssl_object")
@@ -297,6 +351,11 @@ class InboundConnection(HttpConnection):
             self.scheme_b = b"https"
             self.peer_id = peer_spiffe_id(sslobj)
         super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.lease is not None:
+            self.lease.release()
+        super().connection_lost(exc)
 
 
 def _expired(ssl_object: Any) -> bool:
@@ -439,9 +498,12 @@ class InboundListener:
         self.own_ports: set[int] = set() if own_ports is None else own_ports
         self.own_ports.update(ISTIO_PROXY_PORTS)
         self.refused_proxy_port = 0
+        self.refused_port_limit = 0
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: dict[int, tuple[socket.socket, asyncio.TimerHandle, InboundContext]] = {}
+        self._pending: dict[
+            int, tuple[socket.socket, asyncio.TimerHandle, InboundContext, _PortLease | None]
+        ] = {}
         self._handshakes: set[asyncio.Task[Any]] = set()
         self.refused_plaintext = 0
         self.handshake_failures = 0
@@ -491,11 +553,31 @@ class InboundListener:
             conn.setblocking(False)
             orig = original_dst(conn)  # redirected by meshproxy capture: that port's context
             if orig is None:
-                self._sniff(conn, self._ctx)
+                self._sniff(conn, self._ctx, None)
             elif orig[1] in self.own_ports:
                 self._refuse_proxy_port(conn, orig[1])
             else:
-                self._sniff(conn, self._ctx.for_port(orig[1]))
+                root = self._ctx
+                pctx = root.for_port(orig[1])
+                if pctx is None:
+                    self._refuse_port_limit(conn)
+                elif pctx is root:
+                    self._sniff(conn, root, None)
+                else:
+                    self._sniff(conn, pctx, _PortLease(root, pctx))
+
+    def _refuse_port_limit(self, conn: socket.socket) -> None:
+        """Every per-port context is in use: the connection to yet another port is closed."""
+        conn.close()
+        self.refused_port_limit += 1
+        n = self.refused_port_limit
+        if n == 1 or n % 1000 == 0:
+            log.warning(
+                "inbound: connection to a new port closed: %d ports in use (max_inbound_ports)"
+                " (%d so far)",
+                len(self._ctx._ports),
+                n,
+            )
 
     def _refuse_proxy_port(self, conn: socket.socket, port: int) -> None:
         """A peer tried the sidecar's own port through the pod IP: closed, counted; logged at
@@ -510,23 +592,30 @@ class InboundListener:
                 n,
             )
 
-    def _sniff(self, conn: socket.socket, pctx: InboundContext) -> None:
+    def _sniff(self, conn: socket.socket, pctx: InboundContext, lease: _PortLease | None) -> None:
         loop = self._loop
         assert loop is not None
         if pctx.policy().mode is MtlsMode.DISABLE:
-            self._serve(conn, None, pctx)
+            self._serve(conn, None, pctx, lease)
             return
         fd = conn.fileno()
         timer = loop.call_later(self._settings.first_byte_timeout, self._sniff_timeout, fd)
-        self._pending[fd] = (conn, timer, pctx)
+        self._pending[fd] = (conn, timer, pctx, lease)
         loop.add_reader(fd, self._first_byte, fd)
+
+    @staticmethod
+    def _drop(conn: socket.socket, lease: _PortLease | None) -> None:
+        """Close a connection that is not served (its lease ends with it)."""
+        conn.close()
+        if lease is not None:
+            lease.release()
 
     def _sniff_timeout(self, fd: int) -> None:
         entry = self._pending.pop(fd, None)
         if entry is not None:
             assert self._loop is not None
             self._loop.remove_reader(fd)
-            entry[0].close()
+            self._drop(entry[0], entry[3])
 
     def _first_byte(self, fd: int) -> None:
         entry = self._pending.pop(fd, None)
@@ -535,20 +624,20 @@ class InboundListener:
         loop.remove_reader(fd)
         if entry is None:
             return
-        conn, timer, pctx = entry
+        conn, timer, pctx, lease = entry
         timer.cancel()
         try:
             first = conn.recv(1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):  # spurious wake-up: wait again, same deadline
             timer = loop.call_at(timer.when(), self._sniff_timeout, fd)
-            self._pending[fd] = (conn, timer, pctx)
+            self._pending[fd] = (conn, timer, pctx, lease)
             loop.add_reader(fd, self._first_byte, fd)
             return
         except OSError:
-            conn.close()
+            self._drop(conn, lease)
             return
         if not first:
-            conn.close()
+            self._drop(conn, lease)
             return
         mode = pctx.policy().mode
         if first[0] == TLS_HANDSHAKE and mode is not MtlsMode.DISABLE:
@@ -561,9 +650,9 @@ class InboundListener:
                         "inbound: a TLS connection arrived but this proxy has no workload "
                         "certificate (--cert-dir): closed"
                     )
-                conn.close()
+                self._drop(conn, lease)
                 return
-            self._serve(conn, ident.server_context, pctx)
+            self._serve(conn, ident.server_context, pctx, lease)
             return
         if mode is MtlsMode.STRICT:
             self.refused_plaintext += 1
@@ -573,14 +662,20 @@ class InboundListener:
                     "(%d so far)",
                     self.refused_plaintext,
                 )
-            conn.close()
+            self._drop(conn, lease)
             return
-        self._serve(conn, None, pctx)
+        self._serve(conn, None, pctx, lease)
 
-    def _serve(self, conn: socket.socket, ctx: ssl.SSLContext | None, pctx: InboundContext) -> None:
+    def _serve(
+        self,
+        conn: socket.socket,
+        ctx: ssl.SSLContext | None,
+        pctx: InboundContext,
+        lease: _PortLease | None,
+    ) -> None:
         loop = self._loop
         assert loop is not None
-        inner = InboundConnection(self._server_ctx, None if pctx is self._ctx else pctx)
+        inner = InboundConnection(self._server_ctx, lease)
         layer: TlsLayer | None = None
         timer: asyncio.TimerHandle | None = None
         if ctx is None:
@@ -588,15 +683,20 @@ class InboundListener:
         else:
             layer = TlsLayer(ctx, inner, server_side=True, loop=loop)
             timer = loop.call_later(self._settings.tls_handshake_timeout, _handshake_timeout, layer)
-            layer.handshake.add_done_callback(partial(self._handshake_done, timer))
+            layer.handshake.add_done_callback(partial(self._handshake_done, timer, lease))
             proto = layer
         task = loop.create_task(loop.connect_accepted_socket(lambda: proto, conn))
         self._handshakes.add(task)
-        task.add_done_callback(partial(self._served, conn, layer, timer))
+        task.add_done_callback(partial(self._served, conn, layer, timer, lease))
 
-    def _handshake_done(self, timer: asyncio.TimerHandle, fut: asyncio.Future[None]) -> None:
+    def _handshake_done(
+        self, timer: asyncio.TimerHandle, lease: _PortLease | None, fut: asyncio.Future[None]
+    ) -> None:
         timer.cancel()
         exc = None if fut.cancelled() else fut.exception()
+        if exc is not None or fut.cancelled():
+            if lease is not None:  # the inner connection never started: nothing else releases
+                lease.release()
         if exc is not None:
             self.handshake_failures += 1
             n = self.handshake_failures
@@ -613,11 +713,12 @@ class InboundListener:
         conn: socket.socket,
         layer: TlsLayer | None,
         timer: asyncio.TimerHandle | None,
+        lease: _PortLease | None,
         task: asyncio.Task[Any],
     ) -> None:
         self._handshakes.discard(task)
         if task.cancelled() or task.exception() is not None:
-            conn.close()
+            self._drop(conn, lease)
             if timer is not None:
                 timer.cancel()
             if layer is not None and not layer.handshake.done():
@@ -631,10 +732,10 @@ class InboundListener:
         if loop is not None:
             if sock is not None:
                 loop.remove_reader(sock.fileno())
-            for fd, (conn, timer, _) in list(self._pending.items()):
+            for fd, (conn, timer, _, lease) in list(self._pending.items()):
                 timer.cancel()
                 loop.remove_reader(fd)
-                conn.close()
+                self._drop(conn, lease)
         self._pending.clear()
         if sock is not None:
             sock.close()

@@ -455,6 +455,12 @@ class Metrics:
         d = self.counters[family]
         d[cluster_name] = d.get(cluster_name, 0) + 1
 
+    def forget_cluster(self, cluster_name: str) -> None:
+        """Drop a cluster's per-cluster counters (a cluster the data plane made itself and
+        forgot, e.g. an evicted inbound port's: its series end instead of piling up)."""
+        for d in self.counters.values():
+            d.pop(cluster_name, None)
+
     # ------------------------------------------------------------------ config
 
     def config_reload(self, result: str) -> None:

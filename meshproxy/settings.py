@@ -28,6 +28,10 @@ class Settings:
     # inbound listener: a new connection's first byte tells TLS from plaintext; a client
     # that sends nothing for this long is closed (Envoy's listener_filters_timeout, 15 s)
     first_byte_timeout: float = 15.0
+    # transparent capture: distinct original ports the inbound listener keeps a context (and a
+    # pool) for; past it the least recently used idle one is evicted, or, all busy, a
+    # connection to a new port is closed
+    max_inbound_ports: int = 256
     tls_handshake_timeout: float = 10.0  # inbound mTLS handshake deadline
     cert_poll_interval: float = 1.0  # --cert-dir files are checked for changes this often
     # upstream (server side)

@@ -9,6 +9,7 @@ tests/integration/test_capture_netns.py does it with real iptables in network na
 from __future__ import annotations
 
 import asyncio
+import socket
 import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +24,7 @@ from meshproxy.dataplane import DataPlane
 from meshproxy.metrics import Metrics
 from meshproxy.settings import Settings
 from meshproxy.state import State
-from tests.support.rawhttp import get, request
+from tests.support.rawhttp import get, read_response, request
 
 WORKLOAD = ProxyIdentity(namespace="shop", labels={"app": "web"})
 
@@ -186,3 +187,117 @@ async def test_redirected_connections_to_the_proxys_own_ports_are_closed(
                 await server.wait_closed()
         main.close()
         await main.wait_closed()
+
+
+async def test_the_per_port_table_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Peers connecting to ever new ports never grow the per-port contexts (and their pool
+    states) past ``Settings.max_inbound_ports``: the least recently used idle one is evicted
+    (its pool dropped); with every slot busy a new port is refused (closed, counted); a port
+    in use keeps working throughout."""
+    main, other = await _app(b"main"), await _app(b"other")
+    main_port = main.sockets[0].getsockname()[1]
+    other_port = other.sockets[0].getsockname()[1]
+    orig: list[tuple[str, int] | None] = [None]
+    monkeypatch.setattr(inbound_mod, "original_dst", lambda sock: orig[0])
+    cap = 4
+    state = State()
+    state.apply(_snapshot(tmp_path))
+    dp = DataPlane(state, Metrics(WORKLOAD), Settings(max_inbound_ports=cap))
+    _, port = await dp.start_inbound("127.0.0.1", 0, ("127.0.0.1", main_port), WORKLOAD)
+    free = []  # ports nothing listens on: a 503 each, but each makes a context and a pool
+    for _ in range(3 * cap):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        free.append(s)
+    try:
+        assert dp._inbound is not None and dp._inbound_pools is not None
+        # a keep-alive connection to a legit port stays open throughout
+        orig[0] = ("10.1.2.3", other_port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(get("/", host="web"))
+        assert (await read_response(reader)).body == b"other"
+        for s in free:
+            orig[0] = ("10.1.2.3", s.getsockname()[1])
+            r = await request("127.0.0.1", port, get("/", host="web"))
+            assert r.status == 503
+            assert len(dp._inbound._ports) <= cap
+            clusters = [k for k in dp._inbound_pools.states() if k.startswith("inbound|")]
+            assert len(clusters) <= cap + 1, clusters  # + --app's own
+        assert other_port in dp._inbound._ports  # busy: never evicted
+        writer.write(get("/", host="web"))  # the busy port still answers on its connection
+        assert (await read_response(reader)).body == b"other"
+        # every slot busy: a new port is refused, not added
+        held = []
+        for s in free[: cap - 1]:
+            orig[0] = ("10.1.2.3", s.getsockname()[1])
+            held.append(await asyncio.open_connection("127.0.0.1", port))
+        await asyncio.sleep(0.1)
+        orig[0] = ("10.1.2.3", free[-1].getsockname()[1])
+        r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+        w2.write(get("/", host="web"))
+        assert await asyncio.wait_for(r2.read(), 5) == b""
+        w2.close()
+        assert dp.inbound_listener is not None and dp.inbound_listener.refused_port_limit == 1
+        assert len(dp._inbound._ports) == cap
+        for _, w in held:
+            w.close()
+        writer.close()
+        await asyncio.sleep(0.1)
+        assert all(c.users == 0 for c in dp._inbound._ports.values())
+        # slots free again: a new port is served
+        orig[0] = ("10.1.2.3", main_port)
+        r = await request("127.0.0.1", port, get("/", host="web"))
+        assert r.status == 200 and r.body == b"main"
+        orig[0] = ("10.1.2.3", other_port)
+        r = await request("127.0.0.1", port, get("/", host="web"))
+        assert r.status == 200 and r.body == b"other"
+    finally:
+        await dp.close()
+        for s in free:
+            s.close()
+        for srv in (main, other):
+            srv.close()
+            await srv.wait_closed()
+
+
+@pytest.mark.parametrize("ending", ["silent", "eof", "tls-without-identity", "served"])
+async def test_every_ending_releases_the_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """However a redirected connection ends (first-byte timeout, EOF before a byte, TLS with
+    no workload certificate, a served request), its context is free for eviction after."""
+    other = await _app(b"other")
+    other_port = other.sockets[0].getsockname()[1]
+    monkeypatch.setattr(inbound_mod, "original_dst", lambda sock: ("10.1.2.3", other_port))
+    state = State()
+    state.apply(_snapshot(tmp_path))
+    dp = DataPlane(state, Metrics(WORKLOAD), Settings(first_byte_timeout=0.2))
+    _, port = await dp.start_inbound("127.0.0.1", 0, ("127.0.0.1", 1), WORKLOAD)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        if ending == "eof":
+            writer.write_eof()
+        elif ending == "tls-without-identity":
+            writer.write(b"\x16\x03\x01\x00\x05hello")
+        elif ending == "served":
+            writer.write(get("/", host="web"))
+            assert (await read_response(reader)).body == b"other"
+            writer.close()
+        assert dp._inbound is not None
+        ctx = dp._inbound._ports[other_port]
+        try:
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        except ConnectionResetError:  # closed with the client's bytes unread
+            pass
+        writer.close()
+        for _ in range(100):
+            if ctx.users == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert ctx.users == 0
+    finally:
+        await dp.close()
+        other.close()
+        await other.wait_closed()
