@@ -164,7 +164,7 @@ class Proxy:
             self.state, self.metrics, settings, self.access_log, identity=self.certs
         )
         self.admin = Admin(self)
-        self.status = StatusListeners(self)  # --health, --metrics
+        self.status = StatusListeners(self, opts.app_probers)  # --health, --metrics
         self.outbound: Addr | None = None
         self.inbound: Addr | None = None
         self.admin_addr: Addr | None = None

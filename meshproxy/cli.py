@@ -18,11 +18,17 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from meshproxy import __version__
-from meshproxy.lifecycle import STOP_ORDERS, AppTarget, parse_app_target
+from meshproxy.lifecycle import (
+    STOP_ORDERS,
+    AppProber,
+    AppTarget,
+    parse_app_probers,
+    parse_app_target,
+)
 from meshproxy.settings import DEFAULT_SETTINGS
 
 # meshproxy's default retry budget (Settings), as --retry-budget takes it
@@ -201,6 +207,8 @@ class RunOptions:
     min_drain_seconds: float = DEFAULT_SETTINGS.min_drain_seconds
     stop_order: str = "auto"  # auto: the sidecar order with --inbound, else the full drain
     exit_with_app: AppTarget | None = None  # drain and exit once the application is gone
+    # --health also answers GET /app-health/<container>/<kind> by performing these probes
+    app_probers: Mapping[str, AppProber] | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -384,6 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
         "port refuses connections after having accepted one (Jobs) [off]",
     )
     run.add_argument(
+        "--app-probers",
+        type=parse_app_probers,
+        default=None,
+        metavar="JSON",
+        help="the application's original probes, as Istio's ISTIO_KUBE_APP_PROBERS: "
+        '{"/app-health/<container>/readyz": {"httpGet": {"path": "/ready", "port": 8080}, '
+        '"timeoutSeconds": 1}, ...}; --health answers each path by performing the probe '
+        "against the application on localhost (written by meshproxy inject) [none]",
+    )
+    run.add_argument(
         "--outbound-traffic-policy",
         choices=("ALLOW_ANY", "REGISTRY_ONLY"),
         default=DEFAULT_SETTINGS.outbound_traffic_policy,
@@ -501,6 +519,7 @@ def _run(ns: argparse.Namespace) -> int:
         min_drain_seconds=ns.min_drain_seconds,
         stop_order=ns.stop_order,
         exit_with_app=ns.exit_with_app,
+        app_probers=ns.app_probers,
     )
     _check_paths(opts.config)
     _check_source(opts)

@@ -22,6 +22,20 @@ path), so the kubelet and Prometheus reach them on the pod IP (Istio's 15021 and
 the admin port (15000, with ``/drain`` and ``/quitquitquit``) stays on localhost. With
 ``--workers N`` the supervisor serves them from its aggregated view.
 
+*Application probes (Istio's rewriteAppHTTPProbe).* Under PeerAuthentication STRICT the
+kubelet's plaintext probes of a captured application port are refused by the inbound
+listener, so the injector rewrites each application container's httpGet / tcpSocket probe to
+``GET /app-health/<container>/readyz|livez|startupz`` on the health port and hands the
+originals to ``run --app-probers JSON`` (the format of pilot-agent's
+``ISTIO_KUBE_APP_PROBERS``: path -> ``{"httpGet": {...}|"tcpSocket": {...},
+"timeoutSeconds": N}``; :func:`parse_app_probers`). The health listener answers those paths
+by performing the original probe from inside the pod, over localhost, which capture never
+redirects (:func:`run_app_probe`): an httpGet as the kubelet sends it (its scheme, https
+without certificate verification, its host [127.0.0.1], path and headers, ``User-Agent:
+kube-probe``), answered 200 when the application answers 2xx/3xx (the kubelet's success
+range), else with the application's status; a tcpSocket probe is a connect, 200 or 503. No
+answer within the probe's ``timeoutSeconds`` [1], or no connection, is 503.
+
 *Shutdown (Istio issue 7136).* Kubernetes sends SIGTERM to the application and the sidecar at
 the same time. A sidecar (``run --inbound``) then: answers 503 on ``/ready`` and
 ``/healthz/ready``, stops accepting inbound connections (the ones open finish their in-flight
@@ -59,13 +73,13 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
-    from meshproxy.admin import Admin, AdminBackend
+    from meshproxy.admin import Admin, AdminBackend, AdminRequest, AdminResponse, Handler
 
 log = logging.getLogger("meshproxy.lifecycle")
 
@@ -270,11 +284,15 @@ def drain_window(drain_seconds: float, min_drain_seconds: float) -> tuple[float,
 
 
 class StatusListeners:
-    """``--health`` (``GET /healthz/ready``) and ``--metrics`` (``GET /stats/prometheus``):
-    admin servers restricted to that path, answering from ``backend``."""
+    """``--health`` (``GET /healthz/ready``, and ``probers``' ``/app-health/...`` paths) and
+    ``--metrics`` (``GET /stats/prometheus``): admin servers restricted to those paths,
+    answering from ``backend``."""
 
-    def __init__(self, backend: AdminBackend) -> None:
+    def __init__(
+        self, backend: AdminBackend, probers: Mapping[str, AppProber] | None = None
+    ) -> None:
         self.backend = backend
+        self.probers = dict(probers or {})
         self.health: Addr | None = None
         self.metrics: Addr | None = None
         self._servers: list[Admin] = []
@@ -290,7 +308,8 @@ class StatusListeners:
         ):
             if addr is None:
                 continue
-            server = Admin(self.backend, only=frozenset({path}))
+            extra = _prober_routes(self.probers) if what == "health" else {}
+            server = Admin(self.backend, extra, only=frozenset({path, *self.probers}))
             try:
                 bound = await server.start(*addr)
             except OSError as e:
@@ -309,6 +328,150 @@ class StatusListeners:
 
     def __repr__(self) -> str:
         return f"StatusListeners(health={self.health!r}, metrics={self.metrics!r})"
+
+
+# --------------------------------------------------------------------------- app probes
+
+APP_HEALTH_PREFIX = "/app-health/"
+DEFAULT_PROBE_TIMEOUT = 1  # the kubelet's timeoutSeconds default
+PROBE_USER_AGENT = "kube-probe/1.30"
+
+
+@dataclass(frozen=True, slots=True)
+class AppProber:
+    """One original application probe: ``tcp`` connects, else an httpGet."""
+
+    port: int
+    tcp: bool = False
+    host: str = "127.0.0.1"
+    path: str = "/"
+    https: bool = False
+    headers: tuple[tuple[str, str], ...] = ()
+    timeout: float = DEFAULT_PROBE_TIMEOUT
+
+
+def parse_app_probers(text: str) -> dict[str, AppProber]:
+    """``--app-probers``: Istio's ``ISTIO_KUBE_APP_PROBERS`` JSON -> path -> :class:`AppProber`;
+    anything malformed is an ``ArgumentTypeError`` naming the path and field (exit 2)."""
+    import json
+
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object of path -> probe")
+    return {path: _prober(path, spec) for path, spec in doc.items()}
+
+
+def _prober(path: str, spec: Any) -> AppProber:
+    def bad(what: str) -> argparse.ArgumentTypeError:
+        return argparse.ArgumentTypeError(f"{path}: {what}")
+
+    if not path.startswith(APP_HEALTH_PREFIX) or len(path) == len(APP_HEALTH_PREFIX):
+        raise bad(f"a path must start with {APP_HEALTH_PREFIX}")
+    if not isinstance(spec, dict):
+        raise bad("expected an object")
+    timeout = spec.get("timeoutSeconds", DEFAULT_PROBE_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 1:
+        raise bad("timeoutSeconds: expected a whole number >= 1")
+    handlers = [k for k in ("httpGet", "tcpSocket") if k in spec]
+    if len(handlers) != 1 or not isinstance(spec[handlers[0]], dict):
+        raise bad("expected exactly one of httpGet, tcpSocket (an object)")
+    kind = handlers[0]
+    action = spec[kind]
+    port = action.get("port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise bad(f"{kind}.port: expected a port number (1-65535)")
+    host = action.get("host") or "127.0.0.1"
+    if not isinstance(host, str):
+        raise bad(f"{kind}.host: expected a string")
+    if kind == "tcpSocket":
+        return AppProber(port, tcp=True, host=host, timeout=float(timeout))
+    probe_path = action.get("path") or "/"
+    if not isinstance(probe_path, str) or not probe_path.startswith("/"):
+        raise bad("httpGet.path: expected an absolute path")
+    if any(ch in probe_path for ch in " \r\n"):
+        raise bad("httpGet.path: no spaces or line breaks")
+    scheme = str(action.get("scheme") or "HTTP").upper()
+    if scheme not in ("HTTP", "HTTPS"):
+        raise bad("httpGet.scheme: expected HTTP or HTTPS")
+    headers: list[tuple[str, str]] = []
+    for h in action.get("httpHeaders") or []:
+        name, value = (h.get("name"), h.get("value")) if isinstance(h, dict) else (None, None)
+        if not isinstance(name, str) or not isinstance(value, str) or not name:
+            raise bad("httpGet.httpHeaders: expected [{name, value}] strings")
+        if any(ch in name + value for ch in "\r\n") or ":" in name:
+            raise bad(f"httpGet.httpHeaders: bad header {name!r}")
+        headers.append((name, value))
+    return AppProber(
+        port,
+        host=host,
+        path=probe_path,
+        https=scheme == "HTTPS",
+        headers=tuple(headers),
+        timeout=float(timeout),
+    )
+
+
+async def run_app_probe(prober: AppProber) -> int:
+    """Perform the original probe against the application: the status to answer the kubelet
+    (200 on success; the application's status for an HTTP failure; 503 without an answer)."""
+    import ssl
+
+    from meshproxy.net.listen import strip_brackets
+
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(prober.timeout):
+            ctx: ssl.SSLContext | None = None
+            if prober.https:  # as the kubelet: TLS, but no certificate verification
+                ctx = ssl.create_default_context()
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            host = strip_brackets(prober.host)
+            reader, writer = await asyncio.open_connection(host, prober.port, ssl=ctx)
+            if prober.tcp:
+                return 200
+            names = {n.lower() for n, _ in prober.headers}
+            authority = f"[{host}]" if ":" in host else host
+            lines = [f"GET {prober.path} HTTP/1.1"]
+            if "host" not in names:
+                lines.append(f"Host: {authority}:{prober.port}")
+            if "user-agent" not in names:
+                lines.append(f"User-Agent: {PROBE_USER_AGENT}")
+            if "accept" not in names:
+                lines.append("Accept: */*")
+            lines += [f"{n}: {v}" for n, v in prober.headers]
+            lines.append("Connection: close")
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            status_line = await reader.readline()
+        parts = status_line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+            return 503
+        status = int(parts[1])
+        if 200 <= status < 400:
+            return 200
+        return status if 400 <= status < 600 else 503
+    except (OSError, TimeoutError, UnicodeError, ValueError):
+        return 503
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _prober_routes(probers: Mapping[str, AppProber]) -> dict[tuple[str, str], Handler]:
+    routes: dict[tuple[str, str], Handler] = {}
+    for path, prober in probers.items():
+
+        async def handler(req: AdminRequest, prober: AppProber = prober) -> AdminResponse:
+            from meshproxy.admin import AdminResponse
+
+            status = await run_app_probe(prober)
+            return AdminResponse.text("OK\n" if status == 200 else "probe failed\n", status)
+
+        routes[("GET", path)] = handler
+    return routes
 
 
 # --------------------------------------------------------------------------- --exit-with-app

@@ -155,7 +155,7 @@ class Supervisor:
         self.inbound = inbound
         self.workers = [Worker(i) for i in range(opts.workers)]
         self.admin = Admin(self, extra={("GET", "/workers"): self._workers_handler})
-        self.status = StatusListeners(self)  # --health, --metrics
+        self.status = StatusListeners(self, opts.app_probers)  # --health, --metrics
         self.admin_addr: Addr | None = None
         self.draining = False
         self.stopping = False

@@ -52,6 +52,13 @@ What is added mirrors Istio's ``injection-template.yaml`` under the ``meshproxy.
   With native sidecars (``--native-sidecar`` or ``sidecar.meshproxy.io/nativeSidecar: "true"``)
   the sidecar is an init container right after ``meshproxy-init`` with ``restartPolicy: Always``;
   its startup probe then gates the app containers, so no hook is needed.
+- Application probes (Istio's rewriteAppHTTPProbe, on unless
+  ``sidecar.meshproxy.io/rewriteAppHTTPProbers: "false"``): a plaintext kubelet probe of a
+  captured port is refused under PeerAuthentication STRICT, so each app container's httpGet /
+  tcpSocket readiness, liveness and startup probe becomes ``httpGet`` on 15021 at
+  ``/app-health/<container>/readyz|livez|startupz`` (timings kept), and the originals (named
+  ports resolved) go to ``run --app-probers`` as Istio's ``ISTIO_KUBE_APP_PROBERS`` JSON; the
+  sidecar's health listener performs them on localhost (:mod:`meshproxy.lifecycle`).
 - Jobs: ``sidecar.meshproxy.io/exitWithApp: "port:8080"`` passes ``--exit-with-app`` so the
   sidecar drains and exits once the app's port is gone and the Job can complete (without it,
   the app calls ``POST 127.0.0.1:15000/quitquitquit``, or use native sidecars).
@@ -95,6 +102,7 @@ NATIVE_ANNOTATION = f"sidecar.{DOMAIN}/nativeSidecar"
 IMAGE_ANNOTATION = f"sidecar.{DOMAIN}/proxyImage"
 LOG_LEVEL_ANNOTATION = f"sidecar.{DOMAIN}/logLevel"
 EXIT_WITH_APP_ANNOTATION = f"sidecar.{DOMAIN}/exitWithApp"
+REWRITE_PROBES_ANNOTATION = f"sidecar.{DOMAIN}/rewriteAppHTTPProbers"
 TLS_MODE_LABEL = f"security.{DOMAIN}/tlsMode"
 CANONICAL_NAME_LABEL = f"service.{DOMAIN}/canonical-name"
 CANONICAL_REVISION_LABEL = f"service.{DOMAIN}/canonical-revision"
@@ -116,6 +124,12 @@ METRICS_PORT = 15090
 HEALTH_PATH = "/healthz/ready"
 METRICS_PATH = "/stats/prometheus"
 HEALTH_URL = f"http://127.0.0.1:{HEALTH_PORT}{HEALTH_PATH}"
+# probe field -> the /app-health/<container>/<suffix> the rewritten probe asks (Istio's names)
+APP_PROBES = (
+    ("readinessProbe", "readyz"),
+    ("livenessProbe", "livez"),
+    ("startupProbe", "startupz"),
+)
 WAIT_COMMAND = ["meshproxy", "wait", "--url", HEALTH_URL, "--timeout", "60s"]
 
 DEFAULT_IMAGE = "meshproxy:0.1.0"
@@ -354,12 +368,15 @@ def _inject_pod(
 
     _check_collisions(spec, [v["name"] for v in volumes], tpl_path)
     resources = _resources(annotations, opts)
+    probers: dict[str, Any] = {}
+    if _flag(annotations, REWRITE_PROBES_ANNOTATION, True, tpl_path):
+        probers = _rewrite_probes(app_containers)
     ports = _declared_ports(app_containers)
     app_port = next((port for port, http1 in ports if http1), None)
     not_http1 = [port for port, http1 in ports if not http1]
     init = _init_container(annotations, opts, resources, app_port is not None, not_http1, tpl_path)
     sidecar = _sidecar_container(
-        app_port, new_labels, annotations, opts, resources, mounts, tpl_path
+        app_port, probers, new_labels, annotations, opts, resources, mounts, tpl_path
     )
     if native:
         sidecar["restartPolicy"] = "Always"
@@ -503,6 +520,7 @@ def _init_container(
 
 def _sidecar_container(
     app_port: int | None,
+    probers: dict[str, Any],
     labels: dict[str, str],
     annotations: dict[str, str],
     opts: InjectOptions,
@@ -559,6 +577,8 @@ def _sidecar_container(
             where = _annotation_path(tpl_path, EXIT_WITH_APP_ANNOTATION)
             raise InjectError(f"{where}: {e}") from None
         args += ["--exit-with-app", target]
+    if probers:
+        args += ["--app-probers", json.dumps(probers, separators=(",", ":"), sort_keys=True)]
 
     probe_handler = {"httpGet": {"path": HEALTH_PATH, "port": HEALTH_PORT}}
     readiness = {
@@ -633,6 +653,49 @@ def _base_container(
 
 def _field_env(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def _rewrite_probes(containers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Istio's rewriteAppHTTPProbe, in place on the (copied) app containers: each httpGet or
+    tcpSocket readiness / liveness / startup probe becomes ``httpGet`` on the health port at
+    ``/app-health/<container>/readyz|livez|startupz`` (thresholds and timings kept), and the
+    original, its named port resolved against the container's ports, goes into the returned
+    ``--app-probers`` map. A probe whose port name the container does not declare (the kubelet
+    would fail it anyway), an exec or grpc probe, or a container without a name is left as is."""
+    probers: dict[str, Any] = {}
+    for c in containers:
+        name = c.get("name")
+        if not isinstance(name, str) or not name:
+            continue
+        named: dict[str, int] = {}
+        for p in _list_or_empty(c.get("ports")):
+            if isinstance(p, dict) and isinstance(p.get("name"), str):
+                port = p.get("containerPort")
+                if isinstance(port, int) and not isinstance(port, bool):
+                    named.setdefault(p["name"], port)
+        for field_name, suffix in APP_PROBES:
+            probe = c.get(field_name)
+            if not isinstance(probe, dict):
+                continue
+            kinds = [k for k in ("httpGet", "tcpSocket") if isinstance(probe.get(k), dict)]
+            if len(kinds) != 1:
+                continue
+            kind = kinds[0]
+            action = dict(probe[kind])
+            port = action.get("port")
+            if isinstance(port, str):
+                port = int(port) if port.isdigit() else named.get(port)
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+                continue
+            action["port"] = port
+            timeout = probe.get("timeoutSeconds", 1)
+            path = f"/app-health/{name}/{suffix}"
+            probers[path] = {kind: action, "timeoutSeconds": timeout}
+            c[field_name] = {
+                "httpGet": {"path": path, "port": HEALTH_PORT, "scheme": "HTTP"},
+                **{k: v for k, v in probe.items() if k != kind},
+            }
+    return probers
 
 
 def _declared_ports(containers: list[dict[str, Any]]) -> list[tuple[int, bool]]:

@@ -263,6 +263,15 @@ def test_deployments(docs: list[tuple[Path, Doc]]) -> None:
             ports = {p["name"] for p in c.get("ports", []) if "name" in p} | {
                 p["containerPort"] for p in c.get("ports", [])
             }
+            # the kubelet probes the pod IP: a rewritten app probe (Istio's
+            # rewriteAppHTTPProbe) asks the sidecar's declared health port
+            if c["name"] != inject.SIDECAR_NAME:
+                ports |= {
+                    p["containerPort"]
+                    for s, _ in containers(pod)
+                    if s["name"] == inject.SIDECAR_NAME
+                    for p in s.get("ports", [])
+                }
             for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
                 probe = c.get(kind)
                 if probe is None:

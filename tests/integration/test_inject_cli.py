@@ -200,6 +200,7 @@ async def test_injected_sidecar_runs_as_written(tmp_path: Path) -> None:
             "spec:\n  template:\n    metadata:\n      labels: {app: web, version: v2}\n"
             "    spec:\n      containers:\n      - name: web\n        image: web:2\n"
             "        ports: [{containerPort: 8080}]\n"
+            "        readinessProbe: {httpGet: {path: /hello, port: 8080}}\n"
         )
         proc = inject("-f", "-", "--control-plane", control.url, stdin=workload)
         assert proc.returncode == 0, proc.stderr
@@ -218,8 +219,8 @@ async def test_injected_sidecar_runs_as_written(tmp_path: Path) -> None:
         for a in container["args"]:
             for var, value in env.items():
                 a = a.replace(var, value)
-            args.append(fixed.get(a, a))
-        assert sum(a != b for a, b in zip(args, container["args"], strict=True)) == 8
+            args.append(fixed.get(a, a).replace('"port":8080', f'"port":{app.port}'))
+        assert sum(a != b for a, b in zip(args, container["args"], strict=True)) == 9
         sidecar, fields = await start_listening(args, tmp_path / "sidecar.log", "sidecar")
         assert set(fields) == {"outbound", "inbound", "admin", "health", "metrics"}
 
@@ -235,6 +236,11 @@ async def test_injected_sidecar_runs_as_written(tmp_path: Path) -> None:
         probe = container["readinessProbe"]["httpGet"]
         async with aiohttp.ClientSession() as s:
             async with s.get(f"http://{fields['health']}{probe['path']}") as r:
+                assert r.status == 200
+            # the app's own probe, rewritten by the injector, performed by the sidecar
+            app_probe = pod["spec"]["containers"][1]["readinessProbe"]["httpGet"]
+            assert app_probe["path"] == "/app-health/web/readyz" and app_probe["port"] == 15021
+            async with s.get(f"http://{fields['health']}{app_probe['path']}") as r:
                 assert r.status == 200
             async with s.get(f"http://{fields['metrics']}/stats/prometheus") as r:
                 assert r.status == 200 and "meshproxy_" in await r.text()

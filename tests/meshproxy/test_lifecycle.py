@@ -9,6 +9,8 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -16,16 +18,20 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+import trustme
 
 from meshproxy.admin import Admin, AdminRequest
 from meshproxy.cli import UsageError, build_parser, listening_line
 from meshproxy.config.model import ProxyIdentity
 from meshproxy.dataplane import DataPlane
 from meshproxy.lifecycle import (
+    AppProber,
     AppTarget,
+    StatusListeners,
     _pid_ended,
     check_app_target,
     drain_window,
+    parse_app_probers,
     parse_app_target,
     parse_duration,
     parse_http_url,
@@ -243,6 +249,126 @@ async def test_admin_also_answers_healthz_ready() -> None:
     admin = Admin(backend)
     assert (await admin.dispatch(AdminRequest("GET", "/healthz/ready", {}))).status == 200
     assert (await admin.dispatch(AdminRequest("POST", "/drain", {}))).status == 200
+
+
+# --------------------------------------------------------------------------- app probes
+
+
+def test_app_probers_parse_istio_format() -> None:
+    got = parse_app_probers(
+        '{"/app-health/web/readyz": {"httpGet": {"path": "/ready", "port": 8080, '
+        '"scheme": "HTTPS", "httpHeaders": [{"name": "X-A", "value": "1"}]}, '
+        '"timeoutSeconds": 3}, "/app-health/web/livez": {"tcpSocket": {"port": 9000}}}'
+    )
+    assert got == {
+        "/app-health/web/readyz": AppProber(
+            8080, path="/ready", https=True, headers=(("X-A", "1"),), timeout=3.0
+        ),
+        "/app-health/web/livez": AppProber(9000, tcp=True, timeout=1.0),
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{", "not JSON"),
+        ("[]", "expected a JSON object"),
+        ('{"/x": {"tcpSocket": {"port": 1}}}', "/x: a path must start with /app-health/"),
+        ('{"/app-health/a/livez": {"tcpSocket": {"port": "http"}}}', "tcpSocket.port"),
+        ('{"/app-health/a/livez": {"exec": {}}}', "exactly one of httpGet, tcpSocket"),
+        ('{"/app-health/a/livez": {"httpGet": {"port": 1, "scheme": "FTP"}}}', "scheme"),
+        ('{"/app-health/a/livez": {"httpGet": {"port": 1}, "timeoutSeconds": 0}}', "timeout"),
+        ('{"/app-health/a/livez": {"httpGet": {"port": 1, "path": "/a b"}}}', "httpGet.path"),
+    ],
+)
+def test_bad_app_probers_exit_2(
+    text: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["run", "--config", "x", "--app-probers", text])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--app-probers" in err and message in err and "Traceback" not in err
+
+
+async def _get(addr: tuple[str, int], path: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection(*addr)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_health_listener_performs_the_app_probes_over_real_sockets() -> None:
+    """The kubelet's rewritten probe reaches --health's /app-health/...; the listener probes
+    the real application on localhost: its 200 is 200, its 500 is 500, a redirect is
+    success (the kubelet's 2xx/3xx), a closed port and a silent application are 503, a
+    tcpSocket probe is a connect; the original headers and path go to the application."""
+    seen: list[bytes] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head)
+        path = head.split()[1]
+        if path == b"/silent":
+            await asyncio.sleep(5)
+        status = {b"/ready": 200, b"/broken": 500, b"/moved": 302}.get(path, 404)
+        writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n".encode())
+        await writer.drain()
+        writer.close()
+
+    app_server = await asyncio.start_server(app, "127.0.0.1", 0)
+    port = app_server.sockets[0].getsockname()[1]
+    # https as the kubelet probes it: TLS, the certificate (of an unknown CA) not verified
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("app.internal").configure_cert(server_ctx)
+    tls_server = await asyncio.start_server(app, "127.0.0.1", 0, ssl=server_ctx)
+    tls_port = tls_server.sockets[0].getsockname()[1]
+    closed = socket_port_closed()
+    probers = {
+        "/app-health/web/readyz": AppProber(port, path="/ready", headers=(("X-Probe", "k"),)),
+        "/app-health/web/livez": AppProber(port, path="/broken"),
+        "/app-health/web/startupz": AppProber(port, path="/moved"),
+        "/app-health/tcp/livez": AppProber(port, tcp=True),
+        "/app-health/tls/readyz": AppProber(tls_port, path="/ready", https=True),
+        "/app-health/tls/livez": AppProber(tls_port, path="/broken", https=True),
+        "/app-health/down/readyz": AppProber(closed, path="/ready"),
+        "/app-health/down/livez": AppProber(closed, tcp=True),
+        "/app-health/slow/readyz": AppProber(port, path="/silent", timeout=0.3),
+    }
+    status = StatusListeners(Backend(), probers)
+    try:
+        await status.start(("127.0.0.1", 0), None)
+        assert status.health is not None
+        assert (await _get(status.health, "/app-health/web/readyz"))[0] == 200
+        head = seen[-1].decode().lower()
+        assert head.startswith("get /ready http/1.1\r\n")
+        assert "x-probe: k\r\n" in head and "user-agent: kube-probe/" in head
+        assert (await _get(status.health, "/app-health/web/livez"))[0] == 500
+        assert (await _get(status.health, "/app-health/web/startupz"))[0] == 200
+        assert (await _get(status.health, "/app-health/tcp/livez"))[0] == 200
+        assert (await _get(status.health, "/app-health/tls/readyz"))[0] == 200
+        assert (await _get(status.health, "/app-health/tls/livez"))[0] == 500
+        assert (await _get(status.health, "/app-health/down/readyz"))[0] == 503
+        assert (await _get(status.health, "/app-health/down/livez"))[0] == 503
+        started = time.monotonic()
+        assert (await _get(status.health, "/app-health/slow/readyz"))[0] == 503
+        assert time.monotonic() - started < 2
+        assert (await _get(status.health, "/app-health/other/readyz"))[0] == 404
+        assert (await _get(status.health, "/healthz/ready"))[0] == 200
+    finally:
+        await status.close()
+        for server in (app_server, tls_server):
+            server.close()
+            await server.wait_closed()
+
+
+def socket_port_closed() -> int:
+    """A localhost port nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- app watchers

@@ -286,6 +286,62 @@ def test_no_declared_port_no_inbound_capture() -> None:
     assert args[args.index("--include-inbound-ports") + 1] == ""
 
 
+def test_app_probes_are_rewritten_to_the_health_port() -> None:
+    """rewriteAppHTTPProbe: httpGet (named port resolved) and tcpSocket probes become
+    httpGet :15021/app-health/<container>/<kind> with their timings, the originals reach
+    the sidecar as --app-probers (accepted by run's parser); exec probes stay; the
+    annotation "false" turns it off."""
+    pod = {
+        "kind": "Pod",
+        "metadata": {"name": "p"},
+        "spec": {
+            "containers": [
+                {
+                    "name": "web",
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                    "readinessProbe": {
+                        "httpGet": {"path": "/r", "port": "http", "scheme": "HTTPS"},
+                        "periodSeconds": 7,
+                        "timeoutSeconds": 2,
+                    },
+                    "livenessProbe": {"tcpSocket": {"port": 8080}, "failureThreshold": 9},
+                    "startupProbe": {"exec": {"command": ["true"]}},
+                }
+            ]
+        },
+    }
+    out = inject(pod, InjectOptions()).obj
+    web = _injected(out, "web")
+    assert web["readinessProbe"] == {
+        "httpGet": {"path": "/app-health/web/readyz", "port": 15021, "scheme": "HTTP"},
+        "periodSeconds": 7,
+        "timeoutSeconds": 2,
+    }
+    assert web["livenessProbe"] == {
+        "httpGet": {"path": "/app-health/web/livez", "port": 15021, "scheme": "HTTP"},
+        "failureThreshold": 9,
+    }
+    assert web["startupProbe"] == {"exec": {"command": ["true"]}}
+    args = _injected(out, SIDECAR_NAME)["args"]
+    probers = json.loads(args[args.index("--app-probers") + 1])
+    assert probers == {
+        "/app-health/web/readyz": {
+            "httpGet": {"path": "/r", "port": 8080, "scheme": "HTTPS"},
+            "timeoutSeconds": 2,
+        },
+        "/app-health/web/livez": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 1},
+    }
+    ns = build_parser().parse_args(args)
+    assert set(ns.app_probers) == set(probers)
+    assert pod["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] == "http"
+
+    off = copy.deepcopy(pod)
+    off["metadata"]["annotations"] = {"sidecar.meshproxy.io/rewriteAppHTTPProbers": "false"}
+    out = inject(off, InjectOptions()).obj
+    assert _injected(out, "web")["readinessProbe"] == pod["spec"]["containers"][0]["readinessProbe"]
+    assert "--app-probers" not in _injected(out, SIDECAR_NAME)["args"]
+
+
 def test_annotations_case() -> None:
     _, _, docs, _ = run_case("deployment-annotations")
     spec = _pod_of(docs[0])["spec"]
