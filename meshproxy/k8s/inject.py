@@ -370,7 +370,7 @@ def _inject_pod(
     resources = _resources(annotations, opts)
     probers: dict[str, Any] = {}
     if _flag(annotations, REWRITE_PROBES_ANNOTATION, True, tpl_path):
-        probers = _rewrite_probes(app_containers)
+        probers = _rewrite_probes(app_containers, tpl_path)
     ports = _declared_ports(app_containers)
     app_port = next((port for port, http1 in ports if http1), None)
     not_http1 = [port for port, http1 in ports if not http1]
@@ -655,15 +655,21 @@ def _field_env(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
 
-def _rewrite_probes(containers: list[dict[str, Any]]) -> dict[str, Any]:
+def _rewrite_probes(containers: list[dict[str, Any]], tpl_path: tuple[str, ...]) -> dict[str, Any]:
     """Istio's rewriteAppHTTPProbe, in place on the (copied) app containers: each httpGet or
     tcpSocket readiness / liveness / startup probe becomes ``httpGet`` on the health port at
     ``/app-health/<container>/readyz|livez|startupz`` (thresholds and timings kept), and the
     original, its named port resolved against the container's ports, goes into the returned
     ``--app-probers`` map. A probe whose port name the container does not declare (the kubelet
-    would fail it anyway), an exec or grpc probe, or a container without a name is left as is."""
+    would fail it anyway), an exec or grpc probe, or a container without a name is left as is.
+    Each original is checked with ``run --app-probers``' own parser, so a malformed probe
+    fails injection naming its field rather than the sidecar at start-up."""
+    from argparse import ArgumentTypeError
+
+    from meshproxy.lifecycle import parse_app_probers
+
     probers: dict[str, Any] = {}
-    for c in containers:
+    for i, c in enumerate(containers):
         name = c.get("name")
         if not isinstance(name, str) or not name:
             continue
@@ -690,7 +696,14 @@ def _rewrite_probes(containers: list[dict[str, Any]]) -> dict[str, Any]:
             action["port"] = port
             timeout = probe.get("timeoutSeconds", 1)
             path = f"/app-health/{name}/{suffix}"
-            probers[path] = {kind: action, "timeoutSeconds": timeout}
+            entry = {kind: action, "timeoutSeconds": timeout}
+            try:
+                parse_app_probers(json.dumps({path: entry}))
+            except ArgumentTypeError as e:
+                where = _dotted((*tpl_path, "spec", "containers"))
+                problem = str(e).removeprefix(f"{path}: ")
+                raise InjectError(f"{where}[{i}].{field_name}: {problem}") from None
+            probers[path] = entry
             c[field_name] = {
                 "httpGet": {"path": path, "port": HEALTH_PORT, "scheme": "HTTP"},
                 **{k: v for k, v in probe.items() if k != kind},

@@ -342,6 +342,28 @@ def test_app_probes_are_rewritten_to_the_health_port() -> None:
     assert "--app-probers" not in _injected(out, SIDECAR_NAME)["args"]
 
 
+@pytest.mark.parametrize(
+    ("probe", "message"),
+    [
+        (
+            {"httpGet": {"port": 80}, "timeoutSeconds": "3"},
+            "timeoutSeconds: expected a whole number >= 1",
+        ),
+        ({"httpGet": {"port": 80, "scheme": "FTP"}}, "httpGet.scheme: expected HTTP or HTTPS"),
+        ({"httpGet": {"port": 80, "path": "ready"}}, "httpGet.path: expected an absolute path"),
+    ],
+)
+def test_malformed_app_probes_name_the_field(probe: dict[str, Any], message: str) -> None:
+    """A probe the sidecar's --app-probers parser would refuse fails injection, naming it."""
+    doc = {
+        "kind": "Pod",
+        "spec": {"containers": [{"name": "a"}, {"name": "b", "livenessProbe": probe}]},
+    }
+    with pytest.raises(InjectError) as e:
+        inject(doc, InjectOptions())
+    assert str(e.value) == f"spec.containers[1].livenessProbe: {message}"
+
+
 def test_annotations_case() -> None:
     _, _, docs, _ = run_case("deployment-annotations")
     spec = _pod_of(docs[0])["spec"]
