@@ -180,6 +180,17 @@ PASSTHROUGH = Cluster(
 _BLACKHOLED = LocalReply(502, "NR", b"")
 _UNREAD = ("", -1)  # OutboundConnection: SO_ORIGINAL_DST not read yet
 _CRLF = (0x0D, 0x0A)  # empty lines may precede a request line (RFC 9112 2.2)
+# HTTP/2 with prior knowledge (plaintext gRPC, h2c) opens with this preface (RFC 9113 3.4):
+# upper-case like a request line, but not HTTP/1.x, so a redirected one is tunnelled too.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n"
+
+
+def _is_h2_preface(data: bytes) -> bool:
+    """``data`` is (the start of) the HTTP/2 connection preface."""
+    n = min(len(data), len(_H2_PREFACE))
+    return data[:n] == _H2_PREFACE[:n]
+
+
 TCP_CONNECT_TIMEOUT = ConnectionPool().connect_timeout  # Istio's connectTimeout (10 s)
 # attempt failure -> what outlier detection is told (a local-origin failure of this kind)
 _LOST = {
@@ -380,10 +391,11 @@ class OutboundConnection(HttpConnection):
     iptables redirected it here: ``SO_ORIGINAL_DST``, read at most once per connection and
     only when it matters (routed HTTP never pays the system call).
 
-    Its first bytes decide what it is, once: a request line (an upper-case method) makes it an
-    HTTP connection for good (the class becomes :class:`_HttpOutbound`, whose
-    ``data_received`` is the HTTP server's own: nothing more per read); anything else (TLS, a
-    database protocol) on a redirected connection is tunnelled byte for byte to the original
+    Its first bytes decide what it is, once: a request line (an upper-case method, but not
+    HTTP/2's prior-knowledge preface ``PRI * HTTP/2.0``) makes it an HTTP connection for good
+    (the class becomes :class:`_HttpOutbound`, whose ``data_received`` is the HTTP server's
+    own: nothing more per read); anything else (TLS, h2c / plaintext gRPC, a database
+    protocol) on a redirected connection is tunnelled byte for byte to the original
     destination (:class:`_TunnelOutbound`, Envoy's ``tcp_proxy`` to ``PassthroughCluster``;
     under REGISTRY_ONLY only to a ServiceEntry address, else it is closed). Not redirected, it
     stays HTTP (and gets its 400)."""
@@ -415,7 +427,9 @@ class OutboundConnection(HttpConnection):
             cls.data_received(self, data)
             return
         b = data[0] if data else 0x41
-        if not (0x41 <= b <= 0x5A or b in _CRLF) and self._tunnel_to_original(data):
+        if (
+            not (0x41 <= b <= 0x5A or b in _CRLF) or (b == 0x50 and _is_h2_preface(data))
+        ) and self._tunnel_to_original(data):
             return
         self.__class__ = _HttpOutbound
         self._rebind()

@@ -192,6 +192,34 @@ async def test_non_http_redirected_connection_is_tunnelled(kernel: Kernel) -> No
         await echo.wait_closed()
 
 
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+async def test_h2_prior_knowledge_redirected_is_tunnelled(kernel: Kernel) -> None:
+    """Plaintext gRPC / h2c starts with an upper-case preface; it is not HTTP/1.1, so a
+    redirected connection carrying it goes to its original destination byte for byte."""
+    echo, got = await _echo_server()
+    kernel.orig = ("127.0.0.1", echo.sockets[0].getsockname()[1])
+    try:
+        async with running_dataplane(service_snapshot("svc", [1])) as p:
+            reader, writer = await asyncio.open_connection(p.host, p.port)
+            writer.write(H2_PREFACE)
+            assert await asyncio.wait_for(reader.readexactly(len(H2_PREFACE)), 5) == H2_PREFACE
+            writer.close()
+            assert b"".join(got) == H2_PREFACE
+            assert p.metrics.requests == []
+    finally:
+        echo.close()
+        await echo.wait_closed()
+
+
+def test_h2_preface_prefixes() -> None:
+    assert proxy_mod._is_h2_preface(H2_PREFACE)
+    assert proxy_mod._is_h2_preface(b"PRI")  # a first read cut short still counts
+    assert not proxy_mod._is_h2_preface(b"PRINT / HTTP/1.1\r\n")
+    assert not proxy_mod._is_h2_preface(b"POST / HTTP/1.1\r\n")
+
+
 async def test_non_http_not_redirected_is_a_bad_request(kernel: Kernel) -> None:
     async with running_dataplane(service_snapshot("svc", [1])) as p:
         r = await request(p.host, p.port, TLS_HELLO)
