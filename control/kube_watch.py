@@ -24,11 +24,14 @@ following the protocol of the Kubernetes API concepts page, "Efficient detection
    (connection refused, 5xx, 401/403) are retried with exponential backoff and jitter
    (0.2 s doubling to 30 s, reset after a healthy stream); a failed list is retried the same way.
    A collection the server does not serve (404 on the first list: Istio's CRDs not installed)
-   counts as synced and empty, so it does not hold back the first config, and is listed
-   again with backoff until it appears. Any other failing first list (403: the control
-   plane's RBAC rules are missing) holds the first config back -- an empty config would
-   remove every Service from every sidecar. :meth:`Reflector.problem` says either while it
-   lasts, for ``/status`` ``errors`` and ``/ready``.
+   counts as synced and empty, so it does not hold back the first config, and is listed again
+   with backoff until it appears -- after trying the kind's older version: Istio before 1.22
+   serves its CRDs at ``v1beta1`` only, so on a 404 at ``v1`` the reflector lists (and then
+   watches) that kind at ``v1beta1``, whose objects the validator accepts as well. Any other
+   failing first list (403: the control plane's RBAC rules are missing) holds the first config
+   back -- an empty config would remove every Service from every sidecar.
+   :meth:`Reflector.problem` says either while it lasts, for ``/status`` ``errors`` and
+   ``/ready``.
 
 ``on_event(kind, type, key, obj)`` is called for every change, from the event loop; it must not
 block. A ``transform`` may slim objects before they are kept (client-go's TransformFunc: the
@@ -82,25 +85,27 @@ class Kind:
     group: str  # "" for the core group
     version: str
     plural: str
+    older: str | None = None  # the version to fall back to when ``version`` is not served
 
     @property
     def api_version(self) -> str:
         return f"{self.group}/{self.version}" if self.group else self.version
 
-    def path(self, namespace: str | None = None) -> str:
-        root = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+    def path(self, namespace: str | None = None, version: str | None = None) -> str:
+        version = version or self.version
+        root = f"/apis/{self.group}/{version}" if self.group else f"/api/{version}"
         if namespace is None:
             return f"{root}/{self.plural}"
         return f"{root}/namespaces/{namespace}/{self.plural}"
 
 
 KINDS: tuple[Kind, ...] = (
-    Kind("VirtualService", "networking.istio.io", "v1", "virtualservices"),
-    Kind("DestinationRule", "networking.istio.io", "v1", "destinationrules"),
-    Kind("ServiceEntry", "networking.istio.io", "v1", "serviceentries"),
-    Kind("WorkloadEntry", "networking.istio.io", "v1", "workloadentries"),
-    Kind("PeerAuthentication", "security.istio.io", "v1", "peerauthentications"),
-    Kind("AuthorizationPolicy", "security.istio.io", "v1", "authorizationpolicies"),
+    Kind("VirtualService", "networking.istio.io", "v1", "virtualservices", "v1beta1"),
+    Kind("DestinationRule", "networking.istio.io", "v1", "destinationrules", "v1beta1"),
+    Kind("ServiceEntry", "networking.istio.io", "v1", "serviceentries", "v1beta1"),
+    Kind("WorkloadEntry", "networking.istio.io", "v1", "workloadentries", "v1beta1"),
+    Kind("PeerAuthentication", "security.istio.io", "v1", "peerauthentications", "v1beta1"),
+    Kind("AuthorizationPolicy", "security.istio.io", "v1", "authorizationpolicies", "v1beta1"),
     Kind("Service", "", "v1", "services"),
     Kind("EndpointSlice", "discovery.k8s.io", "v1", "endpointslices"),
     Kind("Pod", "", "v1", "pods"),
@@ -323,6 +328,7 @@ class Reflector:
         self.transform = transform
         self.kind = kind
         self.namespace = namespace
+        self.version = kind.version
         self.path = kind.path(namespace)
         self.on_event = on_event
         self.settings = settings or ReflectorSettings()
@@ -371,7 +377,11 @@ class Reflector:
                 self.errors += 1
                 self.failing += 1
                 self.last_error = str(e)
+                if e.status == 404 and need_list and self._use_older():
+                    continue  # list again at once at the older version
                 delay = backoff.next()
+                if e.status == 404 and need_list:
+                    self._use(self.kind.version)  # the next attempt: the newest first again
                 if e.status == 404 and need_list and not self.synced.is_set():
                     # the resource type is not served (Istio's CRDs not installed): count it
                     # as listed and empty, so the rest of the config is not held back, and keep
@@ -383,6 +393,20 @@ class Reflector:
                     log.warning("%s (retrying in %.1f s)", e, delay)
             await asyncio.sleep(delay)
 
+    def _use(self, version: str) -> None:
+        self.version = version
+        self.path = self.kind.path(self.namespace, version)
+
+    def _use_older(self) -> bool:
+        """Fall back to the kind's older version (Istio before 1.22 serves its CRDs at v1beta1
+        only) unless already there; whether it did."""
+        older = self.kind.older
+        if older is None or self.version == older:
+            return False
+        log.info("%s: not served; trying %s", self.path, older)
+        self._use(older)
+        return True
+
     def problem(self) -> str | None:
         """What ``/status`` ``errors`` should say about this collection now, if anything: a
         collection the server does not serve (taken as empty), a first list that keeps
@@ -390,9 +414,10 @@ class Reflector:
         requests that keep failing (3 in a row) after it."""
         where = f"k8s://{self.kind.kind}"
         if self.not_served:
+            older = f" (nor at {self.kind.older})" if self.kind.older else ""
             return (
-                f"{where}: {self.path} is not served by the API server (CRD not installed?): "
-                "taken as empty, listed again with backoff"
+                f"{where}: {self.path}{older} is not served by the API server (CRD not "
+                "installed?): taken as empty, listed again with backoff"
             )
         if not self.failing:
             return None

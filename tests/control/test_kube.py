@@ -837,9 +837,9 @@ async def test_forbidden_and_missing_collections_are_reported_while_they_last(
             'API group "" at the cluster scope (no config until it is listed; retrying)'
         )
         missing = (
-            "k8s://AuthorizationPolicy: /apis/security.istio.io/v1/authorizationpolicies is not "
-            "served by the API server (CRD not installed?): taken as empty, listed again with "
-            "backoff"
+            "k8s://AuthorizationPolicy: /apis/security.istio.io/v1/authorizationpolicies (nor at "
+            "v1beta1) is not served by the API server (CRD not installed?): taken as empty, "
+            "listed again with backoff"
         )
         await env.until(lambda: env.cp.status()["errors"] == [missing, forbidden])
         assert env.cp.config is None
@@ -872,6 +872,37 @@ async def test_a_watch_that_keeps_failing_is_reported(env: Env) -> None:
                                 for e in env.cp.status()["errors"]))  # fmt: skip
     env.api.forbidden = set()
     await env.until(lambda: env.cp.status()["errors"] == [])
+
+
+async def test_istio_before_1_22_is_listed_and_watched_at_v1beta1(tmp_path: Path) -> None:
+    """A kind served only at v1beta1 (Istio < 1.22): after the 404 at v1 the reflector uses
+    v1beta1 for that kind only; a kind served at neither is not served (both tried)."""
+    api = FakeKubeAPI()
+    api.versions = {"VirtualService": "v1beta1", "PeerAuthentication": "v1beta1"}
+    api.missing = {"AuthorizationPolicy"}
+    api.create(vs("a", "a"))
+    async with running(tmp_path, api) as env:
+        key = "VirtualService/default/a"
+        await env.until(lambda: key in env.docs())
+        ref = env.reflector("VirtualService")
+        assert ref.path == "/apis/networking.istio.io/v1beta1/virtualservices"
+        assert env.docs()[key]["apiVersion"] == "networking.istio.io/v1beta1"
+        assert env.reflector("PeerAuthentication").path == (
+            "/apis/security.istio.io/v1beta1/peerauthentications"
+        )
+        assert env.reflector("DestinationRule").path == (
+            "/apis/networking.istio.io/v1/destinationrules"
+        )
+        env.api.update(vs("a", "b"))
+        await env.until(lambda: env.docs()[key]["spec"]["hosts"] == ["b"])
+        watched = {p for p, q in env.api.requests if "watch" in q and "virtualservices" in p}
+        assert watched == {"/apis/networking.istio.io/v1beta1/virtualservices"}
+        tried = {p for p, _ in env.api.requests if p.endswith("/authorizationpolicies")}
+        assert tried == {
+            "/apis/security.istio.io/v1/authorizationpolicies",
+            "/apis/security.istio.io/v1beta1/authorizationpolicies",
+        }
+        assert [e.split(":")[1] for e in env.cp.status()["errors"]] == ["//AuthorizationPolicy"]
 
 
 def test_version_does_not_depend_on_arrival_order() -> None:

@@ -29,10 +29,11 @@ Test hooks (synchronous, call them from the server's event loop): :meth:`create`
 :meth:`update`, :meth:`apply`, :meth:`delete`, :meth:`compact`, :meth:`close_watches`,
 :meth:`bookmark`; ``gone_as_http`` (above), ``missing`` (kinds answered 404, as when a CRD is
 not installed), ``forbidden`` (kinds answered 403 with the apiserver's RBAC message),
-``hang_watches`` (watch streams that stay open and silent past their timeout,
-a stuck connection); ``requests`` records each request's path and query. :meth:`start` serves over
-HTTPS with a trustme CA and writes a kubeconfig (certificate-authority-data + token) that
-kubernetes_asyncio loads like any other.
+``versions`` (kind -> the one version served instead of v1, as Istio before 1.22 served
+only v1beta1: objects go out converted to it), ``hang_watches`` (watch streams that stay
+open and silent past their timeout, a stuck connection); ``requests`` records each request's
+path and query. :meth:`start` serves over HTTPS with a trustme CA and writes a kubeconfig
+(certificate-authority-data + token) that kubernetes_asyncio loads like any other.
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ class FakeKubeAPI:
         self.gone_as_http = False
         self.missing: set[str] = set()  # kinds answered 404 (their CRD "not installed")
         self.forbidden: set[str] = set()  # kinds answered 403 (no RBAC rule lets us read them)
+        self.versions: dict[str, str] = {}  # kind -> the only version served (older Istio)
         self.hang_watches = False  # new watch streams stay silent and open, ignoring timeouts
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.url = ""
@@ -159,9 +161,13 @@ class FakeKubeAPI:
             if w.wants(ev):
                 w.queue.put_nowait({"type": typ, "object": self._wire(rtype, obj)})
 
-    @staticmethod
-    def _wire(rtype: ResourceType, obj: dict[str, Any]) -> dict[str, Any]:
-        return {"apiVersion": rtype.api_version, "kind": rtype.kind, **copy.deepcopy(obj)}
+    def _api_version(self, rtype: ResourceType) -> str:
+        """What the server answers for ``rtype`` (its objects converted to that version)."""
+        version = self.versions.get(rtype.kind)
+        return rtype.api_version if version is None else f"{rtype.group}/{version}"
+
+    def _wire(self, rtype: ResourceType, obj: dict[str, Any]) -> dict[str, Any]:
+        return {**copy.deepcopy(obj), "apiVersion": self._api_version(rtype), "kind": rtype.kind}
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Store a new object (``kind`` and ``metadata.name`` required); its stored copy."""
@@ -242,7 +248,7 @@ class FakeKubeAPI:
             "type": "BOOKMARK",
             "object": {
                 "kind": rtype.kind,
-                "apiVersion": rtype.api_version,
+                "apiVersion": self._api_version(rtype),
                 "metadata": {"resourceVersion": str(self.rv)},
             },
         }
@@ -273,7 +279,8 @@ class FakeKubeAPI:
         if len(rest) != 1:
             return None
         for r in RESOURCES:
-            if (r.group, r.version, r.plural) == (group, version, rest[0]):
+            served = self.versions.get(r.kind, r.version)
+            if (r.group, served, r.plural) == (group, version, rest[0]):
                 return r, namespace
         return None
 
@@ -310,15 +317,14 @@ class FakeKubeAPI:
         ]
         body = {
             "kind": rtype.kind + "List",
-            "apiVersion": rtype.api_version,
+            "apiVersion": self._api_version(rtype),
             "metadata": {"resourceVersion": str(self.rv)},
             "items": [self._item(rtype, o) for o in items],
         }
         return web.json_response(body)
 
-    @staticmethod
-    def _item(rtype: ResourceType, obj: dict[str, Any]) -> dict[str, Any]:
-        o = copy.deepcopy(obj)
+    def _item(self, rtype: ResourceType, obj: dict[str, Any]) -> dict[str, Any]:
+        o = self._wire(rtype, obj)
         if rtype.builtin:
             o.pop("kind", None)
             o.pop("apiVersion", None)
