@@ -247,8 +247,9 @@ class KubeSource:
                 wait = min(self.debounce, first + self.max_delay - loop.time())
                 if wait <= 0:
                     break
-                try:
-                    await asyncio.wait_for(self._changed.wait(), wait)
+                try:  # not wait_for: on 3.11 it loses a cancel that comes with the event
+                    async with asyncio.timeout(wait):
+                        await self._changed.wait()
                 except TimeoutError:
                     break
             self.store.objects = self.snapshot()

@@ -905,6 +905,30 @@ async def test_istio_before_1_22_is_listed_and_watched_at_v1beta1(tmp_path: Path
         assert [e.split(":")[1] for e in env.cp.status()["errors"]] == ["//AuthorizationPolicy"]
 
 
+async def test_a_cancel_arriving_with_a_change_stops_the_loop() -> None:
+    """Python 3.11's asyncio.wait_for returned the result of an inner wait that completed in
+    the same loop iteration as the cancellation, losing it: a SIGTERM during churn left
+    ``meshproxy control --kubernetes`` running forever. The debounce wait must not swallow a
+    cancel."""
+    source = KubeSource(KubeClient(None), debounce=0.5, max_delay=10.0)
+    cp = ControlPlane([], ControlSettings(), store=source.store)
+    for r in source.reflectors:
+        r.synced.set()
+    task = asyncio.create_task(source.run(cp))
+    while cp.config is None:  # the first (empty) config
+        await asyncio.sleep(0.01)
+    source._changed.set()  # a change: the loop is now in its debounce wait
+    await asyncio.sleep(0.05)
+    source._changed.set()  # another change, in the same iteration as the cancel
+    task.cancel()
+    try:
+        done, _ = await asyncio.wait([task], timeout=2)
+        assert done == {task} and task.cancelled()
+    finally:
+        task.cancel()  # (a lost cancel: end it anyway)
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def test_version_does_not_depend_on_arrival_order() -> None:
     objs = [vs(f"v{i}", f"h{i}") for i in range(8)] + [dr(f"d{i}", f"h{i}") for i in range(8)]
     for i, o in enumerate(objs):
