@@ -254,6 +254,7 @@ class ControlPlane:
         self.store: DocumentSource = store if store is not None else ConfigStore(self.paths)
         self.config: Config | None = None
         self.errors: tuple[str, ...] = ()
+        self._warned: frozenset[str] = frozenset()  # the last load's warnings (logged)
         self.conns: dict[str, ProxyConn] = {}  # node_id -> its live stream
         self.metrics = _Metrics()
         self.signer = signer
@@ -286,8 +287,10 @@ class ControlPlane:
         return outcome
 
     def _record(self, outcome: LoadOutcome) -> None:
-        for w in outcome.warnings:
-            log.warning("%s", w)
+        for w in outcome.warnings:  # once: not again on every reload (an endpoint's churn)
+            if w not in self._warned:
+                log.warning("%s", w)
+        self._warned = frozenset(outcome.warnings)
         if outcome.problems and outcome.config is None:
             self.metrics.reloads.labels("invalid").inc()
             self.metrics.validation_errors.inc(len(outcome.problems))

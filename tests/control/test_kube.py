@@ -686,12 +686,15 @@ async def test_a_problem_is_logged_once_however_many_reloads(
     bad = vs("reviews", "reviews")
     bad["spec"]["http"][0]["timeout"] = "5x"
     env.api.create(bad)
-    await env.until(lambda: bool(env.cp.errors))
+    env.api.create(vs("ratings", "ratings", (50, 50)))  # subsets without a DestinationRule
+    await env.until(lambda: bool(env.cp.errors) and "VirtualService/default/ratings" in env.docs())
     for i in range(3):
         env.api.create(service(f"s{i}"))
         await env.until(lambda i=i: f"ServiceEntry/default/s{i}" in env.docs())
     logged = [r for r in caplog.records if "k8s://VirtualService/default/reviews" in r.message]
     assert len(logged) == 1 and logged[0].levelname == "ERROR"
+    warned = [r for r in caplog.records if "k8s://VirtualService/default/ratings" in r.message]
+    assert len(warned) == 2 and {r.levelname for r in warned} == {"WARNING"}  # v1 and v2
 
 
 async def test_namespaced_watch_sees_only_its_namespace(tmp_path: Path) -> None:
