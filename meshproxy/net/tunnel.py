@@ -196,14 +196,17 @@ class TcpTunnel:
             self._seen_at = now
         elif now - self._seen_at >= timeout:
             log.debug("tcp passthrough to %s idle for %.0fs: closed", self.target, timeout)
-            self.close()
+            # aborted, not closed: a peer that stopped reading would keep a flushing close
+            # (and its buffered bytes) forever; Envoy's idle timeout closes with NoFlush too
+            self.close(flush=False)
 
     def upstream_lost(self) -> None:
         self._up = None
         self.close()
 
-    def close(self) -> None:
-        """End the tunnel: cancel a connect in progress, close both sides (idempotent)."""
+    def close(self, flush: bool = True) -> None:
+        """End the tunnel: cancel a connect in progress, close both sides (idempotent);
+        ``flush=False`` aborts them, dropping what their write buffers still hold."""
         if self.closed:
             return
         self.closed = True
@@ -212,8 +215,10 @@ class TcpTunnel:
             self._task = None
         up, self._up = self._up, None
         if up is not None:
-            up.close()
-        if not self.client.is_closing():
+            up.close() if flush else up.abort()
+        if not flush:
+            self.client.abort()
+        elif not self.client.is_closing():
             self.client.close()
         if self._on_close is not None:
             self._on_close(self)

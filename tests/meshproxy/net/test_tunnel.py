@@ -115,6 +115,48 @@ def test_both_half_closes_end_the_tunnel(
 
 
 @pytest.mark.parametrize("loop", LOOPS)
+def test_a_stalled_tunnel_is_released_by_the_idle_timeout(
+    redirect: list[tuple[str, int] | None], loop: str
+) -> None:
+    """A client that stops reading while the upstream still has bytes for it: nothing moves,
+    so the idle timeout ends the tunnel, and it must release the connection although the
+    proxy's write buffer towards that client can never drain (a flushing close would wait
+    for it forever)."""
+
+    async def scenario() -> None:
+        async def flood(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                await r.read(64)
+                w.write(b"x" * (8 << 20))  # far more than the buffers on the way hold
+                await w.drain()
+                await r.read()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                w.close()
+
+        server = await asyncio.start_server(flood, "127.0.0.1", 0)
+        redirect[0] = ("127.0.0.1", server.sockets[0].getsockname()[1])
+        settings = Settings(tcp_idle_timeout=0.4)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.setblocking(False)
+        try:
+            async with running_dataplane(service_snapshot("svc", [1]), settings) as p:
+                await asyncio.get_running_loop().sock_connect(client, (p.host, p.port))
+                client.send(TLS_HELLO)  # and then never reads
+                assert await until(lambda: p.dp.active_connections == 1)
+                assert await until(lambda: p.dp.active_connections == 0, 6.0), p.dp
+                assert p.dp._proxy is not None and not p.dp._proxy.tunnels
+        finally:
+            client.close()
+            server.close()
+            await server.wait_closed()
+
+    run_on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 def test_an_idle_tunnel_is_closed_after_tcp_idle_timeout(
     redirect: list[tuple[str, int] | None], loop: str
 ) -> None:
