@@ -186,9 +186,10 @@ _H2_PREFACE = b"PRI * HTTP/2.0\r\n"
 
 
 def _is_h2_preface(data: bytes) -> bool:
-    """``data`` is (the start of) the HTTP/2 connection preface."""
+    """``data`` is (the start of) the HTTP/2 connection preface: at least ``PRI``, so a
+    request line cut after its first byte or two (``P``, ``PO``) stays HTTP/1.1."""
     n = min(len(data), len(_H2_PREFACE))
-    return data[:n] == _H2_PREFACE[:n]
+    return n >= 3 and data[:n] == _H2_PREFACE[:n]
 
 
 TCP_CONNECT_TIMEOUT = ConnectionPool().connect_timeout  # Istio's connectTimeout (10 s)

@@ -216,6 +216,8 @@ async def test_h2_prior_knowledge_redirected_is_tunnelled(kernel: Kernel) -> Non
 def test_h2_preface_prefixes() -> None:
     assert proxy_mod._is_h2_preface(H2_PREFACE)
     assert proxy_mod._is_h2_preface(b"PRI")  # a first read cut short still counts
+    assert not proxy_mod._is_h2_preface(b"P")  # ... but not before it could be told from POST
+    assert not proxy_mod._is_h2_preface(b"PR")
     assert not proxy_mod._is_h2_preface(b"PRINT / HTTP/1.1\r\n")
     assert not proxy_mod._is_h2_preface(b"POST / HTTP/1.1\r\n")
 
