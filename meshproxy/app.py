@@ -204,6 +204,7 @@ class Proxy:
         for addr in (self.admin_addr, self.status.health, self.status.metrics):
             if addr is not None:
                 self.dataplane.own_ports.add(addr[1])
+        self.dataplane.own_ports.update(self.opts.own_ports)  # a --workers supervisor's
         try:
             await self.certs.load_initial_async()
         except IdentityError as e:

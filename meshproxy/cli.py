@@ -201,6 +201,7 @@ class RunOptions:
     outbound_traffic_policy: str = DEFAULT_SETTINGS.outbound_traffic_policy
     reuse_port: bool = False  # set by the supervisor for its workers
     parent_pid: int | None = None  # a worker exits when its supervisor is gone
+    own_ports: tuple[int, ...] = ()  # the supervisor's ports: never forwarded to by inbound
     # start-up and shutdown order (meshproxy.lifecycle)
     health: Addr | None = None  # GET /healthz/ready on its own listener (Istio's 15021)
     metrics: Addr | None = None  # GET /stats/prometheus on its own listener (Istio's 15090)
@@ -412,6 +413,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="[info]")
     run.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument(
+        "--own-port",
+        type=int,
+        action="append",
+        default=[],
+        dest="own_ports",
+        help=argparse.SUPPRESS,
+    )
 
     val = sub.add_parser(
         "validate",
@@ -513,6 +522,7 @@ def _run(ns: argparse.Namespace) -> int:
         idempotent_503_retry=ns.idempotent_503_retry,
         reuse_port=ns.reuse_port,
         parent_pid=ns.parent_pid,
+        own_ports=tuple(ns.own_ports),
         outbound_traffic_policy=ns.outbound_traffic_policy,
         health=ns.health,
         metrics=ns.metrics,

@@ -4,9 +4,11 @@ Theory of operation
 -------------------
 Each worker is an ordinary single-process proxy (``python -m meshproxy run ...``) started with
 ``--reuse-port`` so all of them bind the same outbound port with SO_REUSEPORT and the kernel
-spreads connections across them, ``--admin 127.0.0.1:0`` for a private admin port, and
-``--parent-pid`` so a worker stops by itself if the supervisor disappears. The supervisor reads
-each worker's ``listening ...`` line from its stdout to learn that private admin address.
+spreads connections across them, ``--admin 127.0.0.2:0`` for a private admin port (not
+127.0.0.1, where inbound capture forwards), ``--own-port`` for the supervisor's fixed ports
+(never forwarded to either), and ``--parent-pid`` so a worker stops by itself if the
+supervisor disappears. The supervisor reads each worker's ``listening ...`` line from its
+stdout to learn that private admin address.
 
 When ``--outbound`` asks for port 0, the supervisor first binds (without listening) a
 SO_REUSEPORT socket to pick a concrete port, keeps it bound for its lifetime (so the port stays
@@ -70,6 +72,10 @@ log = logging.getLogger("meshproxy.workers")
 
 WORKER_START_TIMEOUT = 30.0  # seconds for a worker to print its listening line
 WORKER_ADMIN_TIMEOUT = 5.0  # seconds for one admin call to a worker
+# A worker's private admin listens on a loopback address other than 127.0.0.1: a connection
+# that capture redirected to the inbound listener is forwarded to 127.0.0.1:<its port> only,
+# so a peer can never reach a worker's admin (/quitquitquit, /config_dump) through the pod IP.
+WORKER_ADMIN = "127.0.0.2:0"
 RESTART_BACKOFF_MAX = 5.0  # seconds between restarts of a worker that keeps dying
 STOP_GRACE = 5.0  # seconds after --drain-seconds before a worker is killed
 PUMP_FINISH_TIMEOUT = 1.0  # seconds to copy a stopped worker's last stdout lines
@@ -185,7 +191,7 @@ class Supervisor:
             "--outbound",
             format_addr(self.outbound),
             "--admin",
-            "127.0.0.1:0",
+            WORKER_ADMIN,
             "--namespace",
             o.namespace,
             "--labels",
@@ -216,6 +222,9 @@ class Supervisor:
             argv += ["--inbound", format_addr(self.inbound), "--app", format_addr(o.app)]
         if o.cert_dir is not None:
             argv += ["--cert-dir", os.path.abspath(o.cert_dir)]
+        for addr in (o.admin, o.health, o.metrics):  # the supervisor's own listeners
+            if addr is not None and addr[1] != 0:
+                argv += ["--own-port", str(addr[1])]
         return argv
 
     async def spawn(self, w: Worker) -> None:
