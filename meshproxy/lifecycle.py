@@ -96,23 +96,20 @@ PORT_CONNECT_TIMEOUT = 1.0  # a --exit-with-app port probe that takes longer pro
 # --------------------------------------------------------------------------- durations
 
 _NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|h|m|s)")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_duration(text: str) -> float:
-    """``60s``, ``500ms``, ``1m30s`` (Go's units ms/s/m/h), or a bare number of seconds
-    -> seconds; an argparse type."""
+    """``60s``, ``500ms``, ``1m30s`` (Go's duration syntax, as Istio's fields take it: the
+    one parser, :func:`control.istio.schema.parse_duration`), or a bare number of seconds
+    -> seconds, never negative; an argparse type."""
+    from control.istio.schema import parse_duration as go_duration
+
     s = text.strip()
-    if _NUMBER.fullmatch(s):
-        total = float(s)
-    else:
-        parts = _DURATION_PART.findall(s)
-        if not parts or "".join(n + u for n, u in parts) != s:
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: expected a duration such as 60s, 500ms or 1m30s"
-            )
-        total = sum(float(n) * _UNIT[u] for n, u in parts)
+    total = float(s) if _NUMBER.fullmatch(s) else go_duration(s)
+    if total is None or total < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a duration such as 60s, 500ms or 1m30s"
+        )
     if total == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r}: too long")
     return total
